@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh clone:
+#   make repro   set up, then run the whole pipeline (dvc repro) on the built-in digits
+#   make test    set up, then run the test suite
+# Set-up is a virtual environment in .venv, installed from the pinned requirements.lock; it is
+# redone only when requirements.lock changes.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-from-lock
+
+# Stages call `python` and `dvc`: make them the virtual environment's.
+export PATH := $(BIN):$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: setup repro test check-deploy ui plots clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet --requirement requirements.lock
+	touch $@
+
+repro: setup  ## run every stage that is out of date
+	dvc repro
+
+test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro)
+	python -m pytest
+
+check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
+	python -m pipeline.gate --check --out metrics/gate.json
+
+ui: setup  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+plots: setup  ## render the DVC plots to dvc_plots/index.html
+	dvc plots show
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,65 @@
+"""Manifest rows to a ``tf.data`` input pipeline: decode, resize, cache, shuffle, batch, prefetch.
+
+Pixels come from :func:`pipeline.images.load_pixels`, the same rules ingest used to accept the
+files, so anything in the manifest decodes here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.images import load_pixels
+
+
+def encode_targets(label_indices: Sequence[int], num_classes: int) -> np.ndarray:
+    """Targets in the shape the output layer has: one 0/1 column for two classes, else one-hot."""
+    indices = np.asarray(label_indices, dtype=np.int64)
+    if num_classes == 2:
+        return indices.astype(np.float32).reshape(-1, 1)
+    return np.eye(num_classes, dtype=np.float32)[indices]
+
+
+def decode_predictions(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model outputs to ``(class indices, per-class probabilities)`` for any head shape."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape[-1] == 1:
+        positive = probabilities[:, 0]
+        probabilities = np.stack([1.0 - positive, positive], axis=1)
+    return probabilities.argmax(axis=1), probabilities
+
+
+def image_dataset(paths: Sequence[str], image_size: int, channels: int) -> tf.data.Dataset:
+    """Decoded images (uint8, ``(size, size, channels)``), in order, decoded on every core."""
+
+    def load(path: tf.Tensor) -> np.ndarray:
+        return load_pixels(path.decode("utf-8"), image_size, channels)
+
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        pixels = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+        pixels.set_shape((image_size, image_size, channels))
+        return pixels
+
+    return (tf.data.Dataset.from_tensor_slices(list(paths))
+            .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+
+
+def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_classes: int, *,
+                     image_size: int, channels: int, batch_size: int,
+                     shuffle_seed: int | None) -> tf.data.Dataset:
+    """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded."""
+    images = image_dataset(paths, image_size, channels)
+    targets = tf.data.Dataset.from_tensor_slices(encode_targets(label_indices, num_classes))
+    dataset = tf.data.Dataset.zip((images, targets)).cache()
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load_images(paths: Sequence[str], image_size: int, channels: int) -> np.ndarray:
+    """All images of a list as one uint8 array (for prediction and small evaluation sets)."""
+    if not paths:
+        return np.zeros((0, image_size, image_size, channels), dtype=np.uint8)
+    return np.stack(list(image_dataset(paths, image_size, channels).as_numpy_iterator()))

@@ -1,0 +1,43 @@
+"""The pictures logged to MLflow: training curves and confusion matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def training_curves(history: pd.DataFrame, title: str) -> Figure:
+    """Loss and accuracy per epoch, training against validation: the deck's overfitting picture."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        axis.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """A labelled confusion matrix (rows: actual class, columns: predicted class)."""
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    fig, axis = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=axis, colorbar=False, xticks_rotation=45)
+    axis.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,249 @@
+"""Stage ``ingest``: turn an image source into a manifest of decodable, labelled images.
+
+A source is either ``sklearn:digits`` (the handwritten digits that ship with scikit-learn,
+written out as PNG files) or a folder with one subfolder per class. Every file is decoded for
+real; the unusable ones go to a rejected-files report with the reason. The user's files are only
+ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import cli
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_write_text, write_json
+from pipeline.images import ImageRejected, inspect_image
+from pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTED_FILE, SOURCE_FILE
+from pipeline.params import load_params
+from pipeline.seeding import seed_everything
+
+log = logging.getLogger("pipeline.ingest")
+
+DIGITS_SOURCE = "sklearn:digits"
+BUILTIN_IMAGES_DIR = "images"
+REJECTED_COLUMNS = ["path", "reason"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The accepted images, the rejected files, and the duplicate groups found among them."""
+
+    manifest: pd.DataFrame
+    rejected: pd.DataFrame
+    duplicate_files: int
+
+
+def export_digits(destination: Path) -> None:
+    """Write scikit-learn's 1,797 digits as 8x8 grayscale PNGs in ``destination/<digit>/``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values run 0..16; stretch them to the 0..255 of an ordinary 8-bit image.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for index, (image, target) in enumerate(zip(pixels, digits.target)):
+        folder = destination / str(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{index:04d}.png", optimize=False)
+
+
+def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Walk a class-per-folder tree in sorted order.
+
+    Returns ``(candidates, rejected)``: ``(relative path, label)`` pairs to decode, and
+    ``(relative path, reason)`` pairs for entries that are not candidates at all.
+    """
+    root_real = root.resolve()
+    candidates: list[tuple[str, str]] = []
+    rejected: list[tuple[str, str]] = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        relative = entry.name
+        if entry.name.startswith("."):
+            rejected.append((relative, "hidden file or folder"))
+        elif entry.is_dir() and not entry.is_symlink():
+            label = entry.name
+            for path in _walk_files(entry):
+                rel = path.relative_to(root).as_posix()
+                reason = _path_problem(path, root, root_real)
+                if reason:
+                    rejected.append((rel, reason))
+                else:
+                    candidates.append((rel, label))
+        else:
+            rejected.append((relative, "not inside a class folder (expected <source>/<class>/<image>)"))
+    return candidates, rejected
+
+
+def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None, seed: int = 0,
+                  workers: int | None = None) -> IngestResult:
+    """Decode every candidate image under ``root`` and build the manifest and the rejected report."""
+    if not root.is_dir():
+        raise PipelineError(f"ingest.source: {root} is not a folder (expected one subfolder per class)")
+    candidates, rejected = find_candidates(root)
+    class_folders = sorted({label for _, label in candidates})
+    log.info("found %d candidate files in %d class folders under %s", len(candidates), len(class_folders), root)
+
+    rows: list[dict] = []
+    for (rel, label), outcome in zip(candidates, _inspect_all(root, [rel for rel, _ in candidates],
+                                                               max_pixels, workers)):
+        if isinstance(outcome, str):
+            rejected.append((rel, outcome))
+        else:
+            rows.append({"path": rel, "label": label, "sha256": outcome.sha256, "width": outcome.width,
+                         "height": outcome.height, "channels": outcome.channels})
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest, conflicts = _drop_cross_label_duplicates(manifest)
+    rejected.extend(conflicts)
+    if max_per_class is not None:
+        # A seeded shuffle, then the first max_per_class of each class: a random sample per class.
+        shuffled = manifest.sort_values("path", kind="stable").sample(frac=1.0, random_state=seed)
+        manifest = shuffled.groupby("label", sort=False).head(max_per_class)
+    manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
+    rejected_frame = (pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+                      .sort_values("path", kind="stable").reset_index(drop=True))
+    duplicate_files = int(manifest["sha256"].duplicated().sum())
+    return IngestResult(manifest, rejected_frame, duplicate_files)
+
+
+def summarise(result: IngestResult) -> dict:
+    """Counts for ``metrics/ingest.json``: accepted and rejected, per class and in total."""
+    per_class = result.manifest["label"].value_counts().sort_index()
+    rejected_per_class = {}
+    for path in result.rejected["path"]:
+        label = path.split("/", 1)[0] if "/" in path else "(root)"
+        rejected_per_class[label] = rejected_per_class.get(label, 0) + 1
+    return {
+        "accepted": int(len(result.manifest)),
+        "rejected": int(len(result.rejected)),
+        "classes": int(per_class.size),
+        "duplicate_files": result.duplicate_files,
+        "accepted_per_class": {str(label): int(count) for label, count in per_class.items()},
+        "rejected_per_class": dict(sorted(rejected_per_class.items())),
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    seed_everything(params.base.seed)
+    out = Path(args.out)
+    source = params.ingest.source
+    if source == DIGITS_SOURCE:
+        root = out / BUILTIN_IMAGES_DIR
+        log.info("writing the built-in %s images to %s", source, root)
+        export_digits(root)
+        stored_root = root.as_posix()
+    else:
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise PipelineError(f"ingest.source: {source} does not exist (use {DIGITS_SOURCE} or a folder "
+                                "with one subfolder per class)")
+        stored_root = root.as_posix() if not root.is_absolute() else str(root)
+    out.mkdir(parents=True, exist_ok=True)
+    result = ingest_folder(root, params.ingest.max_image_pixels, params.ingest.max_per_class,
+                           params.base.seed)
+    result.manifest.to_csv(out / MANIFEST_FILE, index=False, lineterminator="\n")
+    result.rejected.to_csv(out / REJECTED_FILE, index=False, lineterminator="\n")
+    atomic_write_text(out / SOURCE_FILE, json.dumps({"source": source, "root": stored_root}, indent=2) + "\n")
+    summary = summarise(result)
+    write_json(Path(args.metrics), summary)
+    check_classes(result.manifest, result.rejected, root)
+    log.info("accepted %d images in %d classes, rejected %d files (see %s)", summary["accepted"],
+             summary["classes"], summary["rejected"], out / REJECTED_FILE)
+    for label, count in summary["accepted_per_class"].items():
+        log.info("  %-20s accepted %6d  rejected %6d", label, count, summary["rejected_per_class"].get(label, 0))
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    """Every file under a class folder, nested folders included, in a stable order."""
+    for directory, subdirs, files in os.walk(folder, followlinks=False):
+        subdirs.sort()
+        for name in sorted(files):
+            yield Path(directory) / name
+        for name in subdirs:
+            path = Path(directory) / name
+            if path.is_symlink():
+                yield path
+
+
+def _path_problem(path: Path, root: Path, root_real: Path) -> str | None:
+    """Why a path is not a candidate image, or None if it is."""
+    if any(part.startswith(".") for part in path.relative_to(root).parts):
+        return "hidden file or folder"
+    if path.name.lower() in ("thumbs.db", "desktop.ini"):
+        return "not an image (system file)"
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            return "broken symbolic link"
+        if not target.is_relative_to(root_real):
+            return "symbolic link to a file outside the source folder"
+        if target.is_dir():
+            return "symbolic link to a folder"
+    return None
+
+
+def _inspect_one(root: Path, max_pixels: int, relative: str):
+    try:
+        return inspect_image(root / relative, max_pixels)
+    except ImageRejected as rejected:
+        return rejected.reason
+
+
+def _inspect_all(root: Path, relatives: list[str], max_pixels: int, workers: int | None):
+    """Inspect files on every core, results in input order."""
+    workers = workers or os.cpu_count() or 1
+    task = partial(_inspect_one, root, max_pixels)
+    if workers == 1 or len(relatives) < 64:
+        return [task(rel) for rel in relatives]
+    chunk = max(1, min(256, len(relatives) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(task, relatives, chunksize=chunk))
+
+
+def _drop_cross_label_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The same picture under two labels cannot be right for both: leave every copy out."""
+    labels_per_hash = manifest.groupby("sha256")["label"].nunique()
+    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
+    if not conflicting:
+        return manifest, []
+    bad = manifest["sha256"].isin(conflicting)
+    reasons = []
+    for _, row in manifest[bad].iterrows():
+        labels = sorted(manifest.loc[manifest["sha256"] == row["sha256"], "label"].unique())
+        reasons.append((row["path"], f"same picture under several labels ({', '.join(labels)})"))
+    return manifest[~bad], reasons
+
+
+def check_classes(manifest: pd.DataFrame, rejected: pd.DataFrame, root: Path) -> None:
+    """Fail unless at least two classes have images and no class folder came out empty."""
+    if manifest.empty:
+        raise PipelineError(f"ingest.source: no usable image under {root} ({len(rejected)} files rejected; "
+                            "expected <source>/<class>/<image>)")
+    labels = manifest["label"].unique()
+    if len(labels) < 2:
+        raise PipelineError(f"ingest.source: only one class ({labels[0]}) has usable images under {root}; "
+                            "a classifier needs at least two class folders")
+    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    empty = [name for name in class_dirs if name not in set(labels)]
+    if empty:
+        raise PipelineError(f"ingest.source: class folder {root / empty[0]} has no usable image "
+                            "(remove it or add images; see the rejected-files report)")
+
+
+if __name__ == "__main__":
+    parser = cli.stage_parser("ingest", __doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/ingest", help="output folder (manifest, rejected report)")
+    parser.add_argument("--metrics", default="metrics/ingest.json", help="summary counts (JSON)")
+    cli.main_entry("ingest", main, parser)

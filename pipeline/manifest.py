@@ -1,0 +1,67 @@
+"""The files ``ingest`` and ``split`` hand on, and the one place that reads them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.files import read_json
+
+MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "channels"]
+MANIFEST_FILE = "manifest.csv"
+REJECTED_FILE = "rejected.csv"
+SOURCE_FILE = "source.json"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """The split manifest with the folder its relative paths start from."""
+
+    root: Path
+    frame: pd.DataFrame
+
+    @property
+    def class_names(self) -> list[str]:
+        """Labels in a fixed order: index i of a model's output is ``class_names[i]``."""
+        return sorted(self.frame["label"].astype(str).unique())
+
+    def subset(self, split: str) -> pd.DataFrame:
+        """Rows of one split, in manifest order."""
+        return self.frame[self.frame["split"] == split].reset_index(drop=True)
+
+    def paths(self, split: str) -> list[str]:
+        """Absolute-or-cwd-relative file paths of one split."""
+        return [str(self.root / rel) for rel in self.subset(split)["path"]]
+
+    def label_indices(self, split: str) -> list[int]:
+        """Class indices of one split, aligned with :meth:`paths`."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return [index[label] for label in self.subset(split)["label"].astype(str)]
+
+
+def read_manifest(ingest_dir: Path) -> pd.DataFrame:
+    """The manifest written by ``ingest``."""
+    return _read_csv(Path(ingest_dir) / MANIFEST_FILE)
+
+
+def source_root(ingest_dir: Path) -> Path:
+    """The folder the manifest's relative paths start from."""
+    path = Path(ingest_dir) / SOURCE_FILE
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run the ingest stage first (dvc repro ingest)")
+    return Path(read_json(path)["root"])
+
+
+def read_split(ingest_dir: Path, split_file: Path) -> SplitImages:
+    """The split manifest and its image root, as the training and evaluation stages need them."""
+    return SplitImages(source_root(ingest_dir), _read_csv(Path(split_file)))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run the earlier stages first (dvc repro)")
+    return pd.read_csv(path, dtype={"label": str, "path": str, "sha256": str}, keep_default_na=False)

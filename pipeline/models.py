@@ -1,0 +1,136 @@
+"""The two models, built from arguments only. Both take raw pixels (0-255) as input.
+
+Preprocessing lives inside each model, as built-in Keras layers, so a saved model loads with
+``keras.models.load_model`` (safe mode on) and needs nothing from this package to predict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.models")
+
+# keras.applications.resnet50.preprocess_input ("caffe" mode): RGB -> BGR, minus the ImageNet
+# channel means. Written as a fixed Dense layer so the saved model needs no custom code.
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks: Sequence[int],
+                     dense_units: Sequence[int], dropout: float) -> keras.Model:
+    """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for number, filters in enumerate(blocks, start=1):
+        x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"block{number}_conv1")(x)
+        x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"block{number}_conv2")(x)
+        x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{number}_pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = _classifier_head(x, num_classes, dense_units, dropout)
+    return keras.Model(inputs, outputs, name="custom_cnn")
+
+
+def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights: str | None,
+                   dense_units: Sequence[int], dropout: float) -> tuple[keras.Model, keras.Model]:
+    """ResNet50 without its top and a new head; returns ``(model, base)``.
+
+    ``weights`` is None (random initialisation), ``"imagenet"`` (downloaded by Keras once and
+    cached) or the path of a weights file for ResNet50 without top. A pretrained base starts
+    frozen and is called with ``training=False`` so its BatchNormalization statistics stay put.
+    """
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    x = imagenet_preprocessing_layer()(x)
+    base = _resnet50_base((input_shape[0], input_shape[1], 3), weights)
+    if weights is not None:
+        base.trainable = False
+        x = base(x, training=False)
+    else:
+        x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = _classifier_head(x, num_classes, dense_units, dropout)
+    return keras.Model(inputs, outputs, name="resnet50_transfer"), base
+
+
+def imagenet_preprocessing_layer() -> keras.layers.Layer:
+    """``resnet50.preprocess_input`` as a frozen Dense layer on the channel axis."""
+    layer = keras.layers.Dense(3, name="resnet50_preprocess", trainable=False)
+    layer.build((None, 3))
+    to_bgr = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float32)
+    layer.set_weights([to_bgr, -np.array(IMAGENET_BGR_MEANS, dtype=np.float32)])
+    return layer
+
+
+def unfreeze_top_layers(base: keras.Model, count: int) -> int:
+    """Make the top ``count`` layers of a frozen base trainable, BatchNormalization excepted.
+
+    Returns how many layers became trainable. The caller must compile again afterwards.
+    """
+    if count <= 0:
+        return 0
+    base.trainable = True
+    for layer in base.layers[:-count] if count < len(base.layers) else []:
+        layer.trainable = False
+    unfrozen = 0
+    for layer in base.layers[-count:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+        elif layer.weights:
+            unfrozen += 1
+    return unfrozen
+
+
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int) -> None:
+    """Compile with the params' optimizer and loss; the loss matches the output layer's shape."""
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    if loss == "mse":
+        loss_function = keras.losses.MeanSquaredError()
+    elif num_classes == 2:
+        loss_function = keras.losses.BinaryCrossentropy()
+    else:
+        loss_function = keras.losses.CategoricalCrossentropy()
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss_function,
+                  metrics=["accuracy"])
+
+
+def _classifier_head(x, num_classes: int, dense_units: Sequence[int], dropout: float):
+    for number, units in enumerate(dense_units, start=1):
+        x = keras.layers.Dense(units, activation="relu", name=f"fc{number}")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if num_classes == 2:
+        return keras.layers.Dense(1, activation="sigmoid", name="output")(x)
+    return keras.layers.Dense(num_classes, activation="softmax", name="output")(x)
+
+
+def _resnet50_base(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+    if weights is None:
+        base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=input_shape)
+        # From scratch on a small data set, BatchNormalization's default momentum (0.99) takes
+        # hundreds of steps to learn usable statistics; 0.9 lets validation follow training.
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+        return base
+    if weights == "imagenet":
+        try:
+            return keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=input_shape)
+        except Exception as error:  # Keras raises plain Exception for a failed download
+            raise PipelineError(
+                "train_resnet50.weights: imagenet weights could not be downloaded "
+                f"({str(error).splitlines()[0][:200]}). Either set weights to the path of a local "
+                "ResNet50 no-top weights file, or to null to train from scratch") from None
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=input_shape)
+    try:
+        base.load_weights(weights)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"train_resnet50.weights: {weights} could not be loaded as ResNet50 (no top) "
+                            f"weights: {str(error).splitlines()[0][:200]}") from None
+    return base

@@ -1,0 +1,295 @@
+"""params.yaml, read once and typed at the door.
+
+Each section becomes a frozen dataclass. A misspelt or unknown key, a wrong type or a value out
+of range raises :class:`ParamsError` with a message that names the key and says what is allowed,
+before any stage does real work. Core code only ever sees these dataclasses, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+RESNET50_MIN_IMAGE_SIZE = 32
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LOSSES = ("crossentropy", "mse")
+
+
+class ParamsError(PipelineError):
+    """params.yaml is missing, malformed or holds a value the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    """Settings every stage shares."""
+
+    seed: int
+    image_size: int
+    channels: Literal[1, 3]
+    deterministic: bool
+    experiment_name: str
+
+    def check(self, where: str) -> None:
+        _require(self.image_size >= RESNET50_MIN_IMAGE_SIZE, f"{where}.image_size",
+                 f"must be at least {RESNET50_MIN_IMAGE_SIZE} (the smallest input ResNet50 accepts), "
+                 f"got {self.image_size}")
+        _require(bool(self.experiment_name.strip()), f"{where}.experiment_name", "must not be empty")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """Where the images come from."""
+
+    source: str
+    max_per_class: int | None
+    max_image_pixels: int
+
+    def check(self, where: str) -> None:
+        _require(bool(self.source.strip()), f"{where}.source",
+                 "must be 'sklearn:digits' or the path of a folder with one subfolder per class")
+        if self.max_per_class is not None:
+            _require(self.max_per_class >= 1, f"{where}.max_per_class", "must be null or at least 1")
+        _require(self.max_image_pixels >= 1, f"{where}.max_image_pixels", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """How the manifest is cut into train, validation and test."""
+
+    ratios: tuple[float, ...]
+
+    def check(self, where: str) -> None:
+        key = f"{where}.ratios"
+        _require(len(self.ratios) == 3, key,
+                 f"needs three numbers (train, validation, test), e.g. [0.8, 0.1, 0.1]; got {list(self.ratios)}")
+        _require(all(r > 0 for r in self.ratios), key,
+                 f"every ratio must be greater than 0; got {list(self.ratios)}")
+        _require(math.isclose(sum(self.ratios), 1.0, abs_tol=1e-6), key,
+                 f"must sum to 1 (e.g. [0.8, 0.1, 0.1] or [0.7, 0.15, 0.15]); "
+                 f"{list(self.ratios)} sums to {sum(self.ratios):g}")
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """What both trainers share: the deck's batch, epoch, loss and optimizer."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: Literal["adam", "sgd", "rmsprop"]
+    loss: Literal["crossentropy", "mse"]
+    patience: int
+    dense_units: tuple[int, ...]
+    dropout: float
+
+    def check(self, where: str) -> None:
+        _require(self.epochs >= 1, f"{where}.epochs", f"must be at least 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"{where}.batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(self.learning_rate > 0, f"{where}.learning_rate", f"must be greater than 0, got {self.learning_rate}")
+        _require(self.patience >= 1, f"{where}.patience", f"must be at least 1, got {self.patience}")
+        _require(all(u >= 1 for u in self.dense_units), f"{where}.dense_units", "every layer needs at least 1 unit")
+        _require(0 <= self.dropout < 1, f"{where}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainCustomParams(FitParams):
+    """The deck's VGG-style CNN."""
+
+    blocks: tuple[int, ...]
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _require(len(self.blocks) >= 1 and all(f >= 1 for f in self.blocks), f"{where}.blocks",
+                 "needs at least one block, each a positive number of filters, e.g. [64, 128]")
+
+
+@dataclass(frozen=True)
+class TrainResnet50Params(FitParams):
+    """Keras ResNet50 with a new head, pretrained or from scratch."""
+
+    weights: str | None
+    fine_tune_layers: int
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _require(self.weights is None or bool(self.weights.strip()), f"{where}.weights",
+                 "must be null (from scratch), imagenet, or the path of a weights file")
+        _require(self.fine_tune_layers >= 0, f"{where}.fine_tune_layers", "must be 0 or more")
+        _require(self.fine_tune_epochs >= 0, f"{where}.fine_tune_epochs", "must be 0 or more")
+        _require(self.fine_tune_learning_rate > 0, f"{where}.fine_tune_learning_rate", "must be greater than 0")
+
+    def check_paths(self, where: str) -> None:
+        """A weights path must exist; checked when the stage starts, before any training."""
+        if self.weights not in (None, "imagenet") and not Path(self.weights).expanduser().is_file():
+            raise ParamsError(f"{where}.weights: {self.weights} is not a file (use null to train from scratch, "
+                              "imagenet to download the pretrained weights, or the path of a weights file)")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights is not None
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """How the trained models are scored."""
+
+    batch_size: int
+
+    def check(self, where: str) -> None:
+        _require(self.batch_size >= 1, f"{where}.batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """The deck's decision flow: train threshold, then test threshold, then deploy."""
+
+    min_train_accuracy: float
+    min_test_accuracy: float
+    registered_model_name: str
+
+    def check(self, where: str) -> None:
+        for key in ("min_train_accuracy", "min_test_accuracy"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, f"{where}.{key}", f"must be between 0 and 1, got {value}")
+        _require(bool(self.registered_model_name.strip()), f"{where}.registered_model_name", "must not be empty")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, one typed section per stage."""
+
+    base: BaseParams
+    ingest: IngestParams
+    split: SplitParams
+    train_custom: TrainCustomParams
+    train_resnet50: TrainResnet50Params
+    evaluate: EvaluateParams
+    gate: GateParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate every section of a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping (what ``load_params`` does after reading YAML)."""
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as error:
+        raise ParamsError(f"{source}: {error}") from None
+
+
+def to_flat_dict(section: Any, prefix: str) -> dict[str, Any]:
+    """A section as ``{"prefix.key": value}``, for logging to MLflow."""
+    flat = {}
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        flat[f"{prefix}.{field.name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ParamsError(f"{key}: {message}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a mapping into dataclass ``cls``, checking keys, types and ranges."""
+    label = where or "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{label}: expected a mapping of keys to values, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+        raise ParamsError(f"{_join(where, key)}: unknown key{hint}")
+    missing = [name for name in names if name not in raw]
+    if missing:
+        raise ParamsError(f"{_join(where, missing[0])}: missing key")
+    values = {name: _coerce(raw[name], hints[name], _join(where, name)) for name in names}
+    instance = cls(**values)
+    if hasattr(instance, "check"):
+        instance.check(where)
+    return instance
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint and return it in that type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = " | ".join(str(arg) for arg in args)
+            raise ParamsError(f"{key}: must be one of {allowed}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list such as [1, 2], got {_describe(value)}")
+        return tuple(_coerce(item, args[0], f"{key}[{index}]") for index, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected a whole number, got {_describe(value)}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads 1e-5 (no dot) as a string; accept any number written that way.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(f"{key}: expected a number, got {_describe(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParamsError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected text, got {_describe(value)}")
+        return value
+    raise TypeError(f"params: no rule for type {hint!r} at {key}")  # a bug in this module, not user input
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})"

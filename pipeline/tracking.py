@@ -1,0 +1,157 @@
+"""MLflow: the store, runs that span stages, lineage tags, the registry alias.
+
+Nothing here runs at import time; every stage calls :func:`connect` first, which fails fast with
+the URI in the message if the store cannot be used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.tracking")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+CHAMPION_ALIAS = "champion"
+_PROBE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pandas", "numpy", "pillow")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(experiment_name: str) -> str:
+    """Point MLflow at the store, check that it answers, and select the experiment.
+
+    Returns the experiment id. Raises :class:`PipelineError` naming the URI if the store cannot
+    be reached or written.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(uri)
+        with _quick_http_probe():
+            experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            artifact_location = None
+            if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+                # A local store keeps artifacts beside it, not in whatever folder MLflow guesses.
+                artifact_location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location)
+        else:
+            experiment_id = experiment.experiment_id
+    except Exception as error:  # MLflow raises many types (MlflowException, OperationalError, ConnectionError)
+        raise PipelineError(f"MLflow tracking store {uri} cannot be used ({_store_problem(error)}). "
+                            "Check MLFLOW_TRACKING_URI (unset it to use the local sqlite:///mlflow.db)") from None
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextlib.contextmanager
+def _quick_http_probe() -> Iterator[None]:
+    """Ask a tracking server once, briefly: a server that is down should fail the stage in
+    seconds, not after MLflow's default of several retries with growing back-off."""
+    saved = {name: os.environ.get(name) for name in _PROBE_SETTINGS}
+    os.environ.update(_PROBE_SETTINGS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def dvc_input_hashes(paths: list[str], lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """The hashes dvc.lock recorded for ``paths`` (outputs of earlier stages), as run tags."""
+    if not lock_file.exists():
+        return {}
+    try:
+        lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    wanted = {Path(p).as_posix() for p in paths}
+    hashes = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") in wanted and out.get("md5"):
+                hashes[f"dvc.input.{out['path']}"] = out["md5"]
+    return hashes
+
+
+def lineage_tags(stage: str, manifest_path: Path | None = None) -> dict[str, str]:
+    """Tags that tie a run to the code and data that made it."""
+    tags = {"dvc.stage": stage, "git.commit": _git(["rev-parse", "HEAD"]) or "unknown",
+            "git.dirty": str(bool(_git(["status", "--porcelain", "--untracked-files=no"]))).lower()}
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        tags["dvc.experiment"] = experiment
+    if manifest_path is not None and Path(manifest_path).exists():
+        tags["data.manifest_sha256"] = hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()
+    for package in RECORDED_PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return tags
+
+
+def resume_run(run_id: str):
+    """Reopen a run that an earlier stage started (evaluate and gate add to the training runs)."""
+    try:
+        return mlflow.start_run(run_id=run_id)
+    except Exception as error:
+        raise PipelineError(f"MLflow run {run_id} was not found in {tracking_uri()} ({_first_line(error)}); "
+                            "was the store changed since training? Rerun training: dvc repro -f train_custom "
+                            "train_resnet50") from None
+
+
+def register_champion(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point the ``champion`` alias at it."""
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    return str(version.version)
+
+
+def log_params_flat(params: dict[str, Any]) -> None:
+    """Log params, lists written as text (MLflow params are strings)."""
+    mlflow.log_params({key: ("null" if value is None else str(value)) for key, value in params.items()})
+
+
+def _git(arguments: list[str]) -> str:
+    try:
+        result = subprocess.run(["git", *arguments], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.strip()
+
+
+def _store_problem(error: BaseException) -> str:
+    text = str(error)
+    if "Max retries exceeded" in text or "Connection refused" in text or "NewConnectionError" in text:
+        return "no server answers there"
+    if isinstance(error, OSError):
+        return f"{error.strerror or type(error).__name__}: {error.filename or ''}".strip()
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

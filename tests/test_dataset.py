@@ -1,0 +1,146 @@
+"""Manifest rows to tf.data: targets in the output layer's shape, decoded batches, repeatable shuffling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.dataset import decode_predictions, encode_targets, image_dataset, load_images, training_dataset
+from pipeline.images import load_pixels
+
+CLASSES = ["circle", "square", "triangle"]  # sorted; the fixture colours them red, green, blue
+
+
+def _files(root: Path) -> tuple[list[str], list[int]]:
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    return [str(p) for p in paths], [CLASSES.index(p.parent.name) for p in paths]
+
+
+def _epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, targets = zip(*dataset.as_numpy_iterator())
+    return np.concatenate(images), np.concatenate(targets)
+
+
+# --- targets and predictions ---------------------------------------------------------------------
+
+def test_encode_targets_two_classes_is_one_column() -> None:
+    targets = encode_targets([0, 1, 1, 0], 2)
+    assert targets.shape == (4, 1)
+    assert targets.dtype == np.float32
+    np.testing.assert_array_equal(targets[:, 0], [0, 1, 1, 0])
+
+
+def test_encode_targets_three_classes_is_one_hot() -> None:
+    targets = encode_targets([2, 0, 1], 3)
+    assert targets.shape == (3, 3)
+    assert targets.dtype == np.float32
+    np.testing.assert_array_equal(targets, [[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+
+
+def test_encode_targets_empty() -> None:
+    assert encode_targets([], 3).shape == (0, 3)
+    assert encode_targets([], 2).shape == (0, 1)
+
+
+def test_decode_predictions_sigmoid_column() -> None:
+    indices, probabilities = decode_predictions(np.array([[0.2], [0.7], [0.5001]], dtype=np.float32))
+    np.testing.assert_array_equal(indices, [0, 1, 1])
+    assert probabilities.shape == (3, 2)
+    np.testing.assert_allclose(probabilities, [[0.8, 0.2], [0.3, 0.7], [0.4999, 0.5001]], atol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+
+
+def test_decode_predictions_softmax() -> None:
+    outputs = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.05, 0.05, 0.9]])
+    indices, probabilities = decode_predictions(outputs)
+    np.testing.assert_array_equal(indices, [1, 0, 2])
+    np.testing.assert_allclose(probabilities, outputs)
+
+
+def test_encode_then_decode_round_trips() -> None:
+    labels = [0, 1, 1, 0, 1]
+    indices, _ = decode_predictions(encode_targets(labels, 2))
+    np.testing.assert_array_equal(indices, labels)
+    labels = [3, 0, 2, 1]
+    indices, _ = decode_predictions(encode_targets(labels, 4))
+    np.testing.assert_array_equal(indices, labels)
+
+
+# --- the tf.data pipeline ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_training_dataset_batches(image_folder: Path, channels: int) -> None:
+    paths, labels = _files(image_folder)
+    assert len(paths) == 36
+    dataset = training_dataset(paths, labels, 3, image_size=32, channels=channels, batch_size=8, shuffle_seed=None)
+
+    batches = list(dataset.as_numpy_iterator())
+
+    assert [len(images) for images, _ in batches] == [8, 8, 8, 8, 4]
+    for images, targets in batches:
+        assert images.dtype == np.uint8
+        assert images.shape[1:] == (32, 32, channels)
+        assert targets.shape == (len(images), 3)
+        np.testing.assert_array_equal(targets.sum(axis=1), 1)
+
+
+def test_training_dataset_unshuffled_keeps_order_and_pixels(image_folder: Path) -> None:
+    paths, labels = _files(image_folder)
+    images, targets = _epoch(training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=5,
+                                              shuffle_seed=None))
+    np.testing.assert_array_equal(targets.argmax(axis=1), labels)
+    for i in (0, 17, 35):
+        np.testing.assert_array_equal(images[i], load_pixels(paths[i], 32, 3))
+
+
+def test_training_dataset_two_classes_targets_are_one_column(image_folder: Path) -> None:
+    paths, labels = _files(image_folder)
+    keep = [i for i, label in enumerate(labels) if label < 2]
+    dataset = training_dataset([paths[i] for i in keep], [labels[i] for i in keep], 2, image_size=32, channels=1,
+                               batch_size=10, shuffle_seed=None)
+    images, targets = _epoch(dataset)
+    assert images.shape == (24, 32, 32, 1)
+    assert targets.shape == (24, 1)
+    np.testing.assert_array_equal(targets[:, 0], [labels[i] for i in keep])
+
+
+def test_training_dataset_shuffle_is_repeatable_and_keeps_pairs(image_folder: Path) -> None:
+    paths, labels = _files(image_folder)
+    make = lambda seed: training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=8,  # noqa: E731
+                                         shuffle_seed=seed)
+    first_images, first_targets = _epoch(make(42))
+    again_images, again_targets = _epoch(make(42))
+    other_images, other_targets = _epoch(make(43))
+
+    # Same seed, same order.
+    np.testing.assert_array_equal(first_targets, again_targets)
+    np.testing.assert_array_equal(first_images, again_images)
+    # It is shuffled, and another seed gives another order.
+    assert not np.array_equal(first_targets.argmax(axis=1), labels)
+    assert not np.array_equal(first_images, other_images)
+    # Every image is there once, and each stays with its own target: the fixture's class colour
+    # (red, green, blue) is the strongest channel of every image of that class.
+    assert sorted(first_targets.argmax(axis=1).tolist()) == sorted(labels)
+    np.testing.assert_array_equal(first_images.mean(axis=(1, 2)).argmax(axis=1), first_targets.argmax(axis=1))
+
+
+def test_training_dataset_reshuffles_each_epoch(image_folder: Path) -> None:
+    paths, labels = _files(image_folder)
+    dataset = training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=36, shuffle_seed=42)
+    epoch1 = _epoch(dataset)[0]
+    epoch2 = _epoch(dataset)[0]
+    assert not np.array_equal(epoch1, epoch2)
+    np.testing.assert_array_equal(np.sort(epoch1.reshape(36, -1), axis=0), np.sort(epoch2.reshape(36, -1), axis=0))
+
+
+def test_image_dataset_and_load_images(image_folder: Path) -> None:
+    paths, _ = _files(image_folder)
+    stacked = load_images(paths[:5], 16, 1)
+    assert stacked.shape == (5, 16, 16, 1) and stacked.dtype == np.uint8
+    for i in range(5):
+        np.testing.assert_array_equal(stacked[i], load_pixels(paths[i], 16, 1))
+    assert len(list(image_dataset(paths, 16, 3).as_numpy_iterator())) == 36
+    empty = load_images([], 16, 3)
+    assert empty.shape == (0, 16, 16, 3) and empty.dtype == np.uint8

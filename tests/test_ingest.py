@@ -1,0 +1,372 @@
+"""Stage ingest: a class-per-folder source becomes a manifest; every unusable file is reported, none is changed."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.ingest import (
+    IngestResult,
+    check_classes,
+    export_digits,
+    find_candidates,
+    ingest_folder,
+    summarise,
+)
+from pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTED_FILE, SOURCE_FILE
+from tests.conftest import REPO_ROOT, make_image_folder
+
+MAX_PIXELS = 89_478_485
+CLASSES = ("circle", "square", "triangle")
+
+
+def _ingest(root: Path, **kwargs) -> IngestResult:
+    return ingest_folder(root, MAX_PIXELS, workers=1, **kwargs)
+
+
+def _reasons(result: IngestResult) -> dict[str, str]:
+    return dict(zip(result.rejected["path"], result.rejected["reason"]))
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: a file's content hash, a link's target, a folder's existence."""
+    state: dict[str, str] = {}
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        for name in subdirs + files:
+            path = Path(directory) / name
+            key = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                state[key] = "link -> " + os.readlink(path)
+            elif path.is_dir():
+                state[key] = "dir"
+            else:
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest() + f" {path.stat().st_mode:o}"
+    return state
+
+
+# --- the happy path ------------------------------------------------------------------------------
+
+def test_manifest_lists_every_image_with_its_label(image_folder: Path) -> None:
+    result = _ingest(image_folder)
+    manifest = result.manifest
+
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert len(manifest) == 36
+    assert result.rejected.empty
+    assert list(result.rejected.columns) == ["path", "reason"]
+    assert result.duplicate_files == 0
+    assert manifest["path"].tolist() == sorted(manifest["path"])
+    assert manifest.index.tolist() == list(range(36))
+    for label in CLASSES:
+        rows = manifest[manifest["label"] == label]
+        assert len(rows) == 12
+        assert all(path.startswith(f"{label}/") for path in rows["path"])
+    # Paths are relative to the source, in POSIX form, and point at the real files.
+    for row in manifest.itertuples():
+        file = image_folder / row.path
+        assert file.is_file()
+        assert row.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+        assert (row.width, row.height, row.channels) == (12, 12, 3)
+
+
+def test_ingest_is_deterministic(image_folder: Path) -> None:
+    pd.testing.assert_frame_equal(_ingest(image_folder).manifest, _ingest(image_folder).manifest)
+
+
+def test_nested_folders_take_the_class_of_their_top_folder(image_folder: Path) -> None:
+    nested = image_folder / "circle" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (5, 5), (1, 2, 3)).save(nested / "n.png")
+    manifest = _ingest(image_folder).manifest
+    row = manifest[manifest["path"] == "circle/more/deeper/n.png"]
+    assert row["label"].tolist() == ["circle"]
+
+
+def test_summarise_counts(image_folder: Path) -> None:
+    (image_folder / "square" / "bad.jpg").write_text("nope")
+    (image_folder / "stray.png").write_bytes(b"")
+    summary = summarise(_ingest(image_folder))
+    assert summary == {
+        "accepted": 36,
+        "rejected": 2,
+        "classes": 3,
+        "duplicate_files": 0,
+        "accepted_per_class": {"circle": 12, "square": 12, "triangle": 12},
+        "rejected_per_class": {"(root)": 1, "square": 1},
+    }
+    json.dumps(summary)  # plain types only
+
+
+# --- what is rejected, and why ---------------------------------------------------------------------
+
+def test_unusable_files_are_rejected_with_a_reason(image_folder: Path, tmp_path: Path) -> None:
+    circle = image_folder / "circle"
+    good = (circle / "circle_000.png").read_bytes()
+    (circle / "corrupt.png").write_bytes(good[: len(good) // 2])
+    (circle / "notes.jpg").write_text("not a picture")
+    (circle / "empty.png").write_bytes(b"")
+    (image_folder / "loose.png").write_bytes(good)
+    (circle / ".hidden.png").write_bytes((circle / "circle_001.jpg").read_bytes())
+    (image_folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (image_folder / "square" / ".thumbnails").mkdir()
+    (image_folder / "square" / ".thumbnails" / "t.png").write_bytes(good)
+    (image_folder / "square" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (image_folder / "triangle" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (6, 6), (9, 9, 9)).save(outside)
+    (image_folder / "triangle" / "outside.png").symlink_to(outside)
+
+    result = _ingest(image_folder)
+    reasons = _reasons(result)
+
+    assert reasons.pop("circle/corrupt.png").startswith("corrupt image:")
+    assert reasons.pop("circle/notes.jpg") == "not an image (no known image format)"
+    assert reasons.pop("circle/empty.png") == "empty file (0 bytes)"
+    assert reasons.pop("loose.png") == "not inside a class folder (expected <source>/<class>/<image>)"
+    assert reasons.pop("circle/.hidden.png") == "hidden file or folder"
+    assert reasons.pop(".DS_Store") == "hidden file or folder"
+    assert reasons.pop("square/.thumbnails/t.png") == "hidden file or folder"
+    assert reasons.pop("square/Thumbs.db") == "not an image (system file)"
+    assert reasons.pop("triangle/broken.png") == "broken symbolic link"
+    assert reasons.pop("triangle/outside.png") == "symbolic link to a file outside the source folder"
+    assert reasons == {}
+    # Nothing rejected reaches the manifest; the 36 good images all do.
+    assert len(result.manifest) == 36
+    assert not set(result.manifest["path"]) & set(result.rejected["path"])
+    assert result.rejected["path"].tolist() == sorted(result.rejected["path"])
+
+
+def test_symlink_to_a_folder_is_rejected(image_folder: Path) -> None:
+    (image_folder / "circle" / "linked").symlink_to(image_folder / "square", target_is_directory=True)
+    result = _ingest(image_folder)
+    assert _reasons(result) == {"circle/linked": "symbolic link to a folder"}
+    assert len(result.manifest) == 36
+
+
+def test_symlink_to_a_file_inside_the_source_is_accepted(image_folder: Path) -> None:
+    (image_folder / "circle" / "alias.png").symlink_to(image_folder / "circle" / "circle_000.png")
+    result = _ingest(image_folder)
+    assert result.rejected.empty
+    assert "circle/alias.png" in set(result.manifest["path"])
+    assert result.duplicate_files == 1
+
+
+def test_image_over_max_pixels_is_rejected(image_folder: Path) -> None:
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(image_folder / "square" / "huge.png")
+    result = ingest_folder(image_folder, max_pixels=1000, workers=1)
+    assert _reasons(result)["square/huge.png"].startswith("too large")
+    assert len(result.manifest) == 36
+
+
+def test_same_picture_in_two_classes_is_left_out_and_reported(image_folder: Path) -> None:
+    shutil.copyfile(image_folder / "circle" / "circle_000.png", image_folder / "square" / "from_circle.png")
+    result = _ingest(image_folder)
+    paths = set(result.manifest["path"])
+    assert "circle/circle_000.png" not in paths
+    assert "square/from_circle.png" not in paths
+    assert len(result.manifest) == 35
+    reasons = _reasons(result)
+    assert reasons == {
+        "circle/circle_000.png": "same picture under several labels (circle, square)",
+        "square/from_circle.png": "same picture under several labels (circle, square)",
+    }
+    assert result.duplicate_files == 0
+
+
+def test_exact_duplicate_within_one_class_is_kept_and_counted(image_folder: Path) -> None:
+    shutil.copyfile(image_folder / "circle" / "circle_001.jpg", image_folder / "circle" / "copy_a.jpg")
+    shutil.copyfile(image_folder / "circle" / "circle_001.jpg", image_folder / "circle" / "copy_b.jpg")
+    result = _ingest(image_folder)
+    assert result.rejected.empty
+    assert len(result.manifest) == 38
+    assert {"circle/copy_a.jpg", "circle/copy_b.jpg", "circle/circle_001.jpg"} <= set(result.manifest["path"])
+    assert result.duplicate_files == 2
+    assert summarise(result)["duplicate_files"] == 2
+
+
+def test_source_folder_is_left_byte_for_byte_unchanged(image_folder: Path, tmp_path: Path) -> None:
+    good = (image_folder / "circle" / "circle_000.png").read_bytes()
+    (image_folder / "circle" / "corrupt.png").write_bytes(good[:40])
+    (image_folder / "loose.txt").write_text("x")
+    (image_folder / "square" / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (image_folder / "triangle" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    shutil.copyfile(image_folder / "circle" / "circle_002.png", image_folder / "square" / "dup.png")
+    # An EXIF-rotated JPEG: decoding it rotates pixels in memory, never on disk.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 4), (200, 10, 10)).save(image_folder / "circle" / "phone.jpg", exif=exif.tobytes())
+    before = _snapshot(image_folder)
+    mtimes = {p: p.lstat().st_mtime_ns for p in image_folder.rglob("*")}
+
+    _ingest(image_folder)
+
+    assert _snapshot(image_folder) == before
+    assert {p: p.lstat().st_mtime_ns for p in image_folder.rglob("*")} == mtimes
+
+
+# --- max_per_class ---------------------------------------------------------------------------------
+
+def test_max_per_class_keeps_that_many_per_class(image_folder: Path) -> None:
+    result = _ingest(image_folder, max_per_class=5, seed=3)
+    manifest = result.manifest
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert manifest["label"].value_counts().to_dict() == {"circle": 5, "square": 5, "triangle": 5}
+    assert manifest["path"].tolist() == sorted(manifest["path"])
+    again = _ingest(image_folder, max_per_class=5, seed=3).manifest
+    pd.testing.assert_frame_equal(manifest, again)
+
+
+def test_max_per_class_keeps_that_many_rows_per_class_folder(image_folder: Path) -> None:
+    # Counted by path, so this holds whether or not the label column survives.
+    manifest = _ingest(image_folder, max_per_class=5, seed=3).manifest
+    assert len(manifest) == 15
+    folders = manifest["path"].str.split("/").str[0].value_counts().to_dict()
+    assert folders == {"circle": 5, "square": 5, "triangle": 5}
+    assert manifest["path"].tolist() == sorted(manifest["path"])
+    # Above the class size, nothing is dropped.
+    assert len(_ingest(image_folder, max_per_class=100).manifest) == 36
+
+
+# --- check_classes -------------------------------------------------------------------------------
+
+def test_check_classes_accepts_the_fixture(image_folder: Path) -> None:
+    result = _ingest(image_folder)
+    check_classes(result.manifest, result.rejected, image_folder)
+
+
+def test_check_classes_rejects_an_empty_class_folder(image_folder: Path) -> None:
+    (image_folder / "hexagon").mkdir()
+    result = _ingest(image_folder)
+    with pytest.raises(PipelineError, match="hexagon"):
+        check_classes(result.manifest, result.rejected, image_folder)
+
+
+def test_check_classes_rejects_a_class_folder_of_only_bad_files(image_folder: Path) -> None:
+    (image_folder / "hexagon").mkdir()
+    (image_folder / "hexagon" / "bad.png").write_text("no")
+    result = _ingest(image_folder)
+    assert _reasons(result) == {"hexagon/bad.png": "not an image (no known image format)"}
+    with pytest.raises(PipelineError, match="hexagon.*has no usable image"):
+        check_classes(result.manifest, result.rejected, image_folder)
+
+
+def test_check_classes_rejects_a_single_class(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "one", {"only": 4})
+    result = _ingest(root)
+    assert len(result.manifest) == 4
+    with pytest.raises(PipelineError, match=r"only one class \(only\)"):
+        check_classes(result.manifest, result.rejected, root)
+
+
+def test_check_classes_rejects_no_images_at_all(tmp_path: Path) -> None:
+    root = tmp_path / "bare"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.jpg").write_text("no")
+    result = _ingest(root)
+    assert result.manifest.empty and list(result.manifest.columns) == MANIFEST_COLUMNS
+    with pytest.raises(PipelineError, match="no usable image"):
+        check_classes(result.manifest, result.rejected, root)
+
+
+def test_ingest_folder_requires_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="is not a folder"):
+        _ingest(tmp_path / "missing")
+
+
+def test_find_candidates_is_sorted(image_folder: Path) -> None:
+    candidates, rejected = find_candidates(image_folder)
+    assert [rel for rel, _ in candidates] == sorted(rel for rel, _ in candidates)
+    assert len(candidates) == 36 and rejected == []
+
+
+# --- the built-in digits -------------------------------------------------------------------------
+
+def test_export_digits_writes_1797_pngs_in_10_folders(tmp_path: Path) -> None:
+    export_digits(tmp_path / "digits")
+    folders = sorted(p.name for p in (tmp_path / "digits").iterdir())
+    assert folders == [str(d) for d in range(10)]
+    files = sorted((tmp_path / "digits").rglob("*.png"))
+    assert len(files) == 1797
+    sample = Image.open(files[0])
+    assert sample.size == (8, 8) and sample.mode == "L"
+    values = np.concatenate([np.asarray(Image.open(f)).ravel() for f in files[:50]])
+    assert values.min() == 0 and values.max() == 255
+    # Each digit folder holds roughly a tenth.
+    counts = [len(list((tmp_path / "digits" / d).iterdir())) for d in folders]
+    assert sum(counts) == 1797 and min(counts) >= 170
+
+
+# --- the stage's main, as DVC runs it --------------------------------------------------------------
+
+def _run_stage(tmp_path: Path, raw_params: dict, source: str) -> subprocess.CompletedProcess:
+    raw = copy.deepcopy(raw_params)
+    raw["ingest"]["source"] = source
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.ingest", "--params", str(params_file),
+         "--out", str(tmp_path / "ingest"), "--metrics", str(tmp_path / "ingest.json")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_stage_main_writes_manifest_and_metrics(tmp_path: Path, image_folder: Path, raw_params: dict) -> None:
+    # 25 more images per class puts it over the threshold where files are inspected on several cores.
+    for seed, label in enumerate(CLASSES, start=7):
+        extra = make_image_folder(image_folder.parent / "extra", {label: 25}, seed=seed)
+        for path in (extra / label).iterdir():
+            shutil.move(str(path), image_folder / label / f"x_{path.name}")
+    (image_folder / "circle" / "bad.jpg").write_text("not an image")
+    before = _snapshot(image_folder)
+
+    completed = _run_stage(tmp_path, raw_params, str(image_folder))
+
+    assert completed.returncode == 0, completed.stderr
+    assert "Traceback" not in completed.stderr
+    out = tmp_path / "ingest"
+    manifest = pd.read_csv(out / MANIFEST_FILE, dtype=str)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert len(manifest) == 3 * 37
+    assert manifest["path"].tolist() == sorted(manifest["path"])
+    assert manifest["label"].value_counts().to_dict() == {"circle": 37, "square": 37, "triangle": 37}
+    rejected = pd.read_csv(out / REJECTED_FILE)
+    assert rejected.to_dict("records") == [{"path": "circle/bad.jpg",
+                                            "reason": "not an image (no known image format)"}]
+    assert json.loads((out / SOURCE_FILE).read_text()) == {"source": str(image_folder), "root": str(image_folder)}
+    metrics = json.loads((tmp_path / "ingest.json").read_text())
+    assert metrics["accepted"] == 111 and metrics["rejected"] == 1 and metrics["classes"] == 3
+    assert _snapshot(image_folder) == before
+
+
+def test_stage_main_missing_source_is_one_clean_line(tmp_path: Path, raw_params: dict) -> None:
+    missing = tmp_path / "no-such-folder"
+    completed = _run_stage(tmp_path, raw_params, str(missing))
+
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    naming = [line for line in completed.stderr.splitlines() if str(missing) in line]
+    assert len(naming) == 1, completed.stderr
+    assert "does not exist" in naming[0]
+    assert not (tmp_path / "ingest.json").exists()
+
+
+def test_stage_main_bad_params_is_one_clean_line(tmp_path: Path, raw_params: dict, image_folder: Path) -> None:
+    raw_params["ingest"]["max_per_clas"] = 3
+    completed = _run_stage(tmp_path, raw_params, str(image_folder))
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    assert "ingest.max_per_clas: unknown key (did you mean 'max_per_class'?)" in completed.stderr

@@ -1,0 +1,266 @@
+"""The two models: the deck's CNN and ResNet50 with a new head, both built from arguments only.
+
+ResNet50 is big, so it is built four times in this file: once to make a local weights file, once
+from that file (shared by several tests), once from scratch, once to fail on a garbage file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.models import (
+    build_custom_cnn,
+    build_resnet50,
+    compile_model,
+    imagenet_preprocessing_layer,
+    unfreeze_top_layers,
+)
+
+
+def _raw_images(count: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Raw 0-255 pixels, as the models take them."""
+    return np.random.default_rng(seed).integers(0, 256, size=(count, *shape)).astype(np.float32)
+
+
+# --- the custom CNN ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def custom_cnn() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return build_custom_cnn(input_shape=(32, 32, 1), num_classes=3, blocks=(64, 32), dense_units=(16,), dropout=0.1)
+
+
+def test_custom_cnn_blocks_follow_the_deck(custom_cnn: keras.Model) -> None:
+    convs = [layer for layer in custom_cnn.layers if isinstance(layer, keras.layers.Conv2D)]
+    pools = [layer for layer in custom_cnn.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+    assert [conv.filters for conv in convs] == [64, 64, 32, 32]
+    for conv in convs:
+        assert tuple(conv.kernel_size) == (3, 3)
+        assert conv.activation is keras.activations.relu
+    assert len(pools) == 2
+    for pool in pools:
+        assert tuple(pool.pool_size) == (2, 2)
+        assert tuple(pool.strides) == (2, 2)
+    # Each block is conv, conv, pool in that order.
+    kinds = [type(layer).__name__ for layer in custom_cnn.layers
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.MaxPooling2D))]
+    assert kinds == ["Conv2D", "Conv2D", "MaxPooling2D"] * 2
+
+
+def test_custom_cnn_head(custom_cnn: keras.Model) -> None:
+    layers = custom_cnn.layers
+    flatten_at = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Flatten)]
+    assert len(flatten_at) == 1
+    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [16, 3]
+    assert dense[0].activation is keras.activations.relu
+    assert dense[-1].activation is keras.activations.softmax
+    assert layers[-1] is dense[-1]
+    assert all(layers.index(d) > flatten_at[0] for d in dense)
+    dropouts = [layer for layer in layers if isinstance(layer, keras.layers.Dropout)]
+    assert [d.rate for d in dropouts] == [0.1]
+    assert custom_cnn.input_shape == (None, 32, 32, 1)
+    assert custom_cnn.output_shape == (None, 3)
+    # 32 -> 16 -> 8 after two poolings, 32 filters.
+    flatten = layers[flatten_at[0]]
+    assert flatten.output.shape[-1] == 8 * 8 * 32
+
+
+def test_custom_cnn_takes_raw_pixels(custom_cnn: keras.Model) -> None:
+    rescaling = [layer for layer in custom_cnn.layers if isinstance(layer, keras.layers.Rescaling)]
+    assert len(rescaling) == 1
+    assert rescaling[0].scale == pytest.approx(1 / 255)
+    probabilities = custom_cnn.predict(_raw_images(4, (32, 32, 1)), verbose=0)
+    assert probabilities.shape == (4, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_custom_cnn_two_classes_has_one_sigmoid_unit() -> None:
+    model = build_custom_cnn(input_shape=(32, 32, 3), num_classes=2, blocks=(4,), dense_units=(), dropout=0.0)
+    output = model.layers[-1]
+    assert isinstance(output, keras.layers.Dense)
+    assert output.units == 1
+    assert output.activation is keras.activations.sigmoid
+    assert model.output_shape == (None, 1)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    predictions = model.predict(_raw_images(3, (32, 32, 3)), verbose=0)
+    assert predictions.shape == (3, 1)
+    assert ((predictions >= 0) & (predictions <= 1)).all()
+
+
+def test_custom_cnn_builder_uses_only_its_arguments() -> None:
+    a = build_custom_cnn(input_shape=(32, 32, 3), num_classes=5, blocks=(2, 3, 4), dense_units=(7, 6), dropout=0.0)
+    assert len([layer for layer in a.layers if isinstance(layer, keras.layers.MaxPooling2D)]) == 3
+    assert [d.units for d in a.layers if isinstance(d, keras.layers.Dense)] == [7, 6, 5]
+
+
+@pytest.mark.parametrize(("num_classes", "loss", "expected"), [
+    (2, "crossentropy", keras.losses.BinaryCrossentropy),
+    (3, "crossentropy", keras.losses.CategoricalCrossentropy),
+    (3, "mse", keras.losses.MeanSquaredError),
+])
+def test_compile_model_matches_loss_to_output(num_classes: int, loss: str, expected: type) -> None:
+    model = build_custom_cnn(input_shape=(32, 32, 1), num_classes=num_classes, blocks=(2,), dense_units=(),
+                             dropout=0.0)
+    compile_model(model, "sgd", 0.01, loss, num_classes)
+    assert isinstance(model.loss, expected)
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_saved_custom_cnn_loads_in_safe_mode_with_same_predictions(custom_cnn: keras.Model, tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    custom_cnn.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    images = _raw_images(3, (32, 32, 1), seed=5)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), custom_cnn.predict(images, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --- ImageNet preprocessing ----------------------------------------------------------------------
+
+def test_imagenet_preprocessing_layer_matches_keras_preprocess_input() -> None:
+    images = _raw_images(4, (8, 8, 3), seed=1)
+    expected = keras.applications.resnet50.preprocess_input(images.copy())
+    actual = keras.ops.convert_to_numpy(imagenet_preprocessing_layer()(images))
+    np.testing.assert_allclose(actual, expected, atol=1e-3)
+    assert not imagenet_preprocessing_layer().trainable
+
+
+def test_imagenet_preprocessing_layer_swaps_to_bgr() -> None:
+    red = np.zeros((1, 1, 1, 3), dtype=np.float32)
+    red[..., 0] = 255.0
+    out = keras.ops.convert_to_numpy(imagenet_preprocessing_layer()(red))[0, 0, 0]
+    np.testing.assert_allclose(out, [-103.939, -116.779, 255.0 - 123.68], atol=1e-3)
+
+
+# --- ResNet50 ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet_weights_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[np.ndarray]]]:
+    """A local ResNet50-no-top weights file, with some arrays set to values no fresh model has."""
+    keras.utils.set_random_seed(123)
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    marked = {}
+    for name in ("conv1_conv", "conv3_block2_2_conv", "conv5_block3_3_conv"):
+        layer = base.get_layer(name)
+        weights = [w + 0.25 for w in layer.get_weights()]
+        layer.set_weights(weights)
+        marked[name] = weights
+    bn = base.get_layer("conv2_block1_1_bn")
+    bn_weights = bn.get_weights()
+    bn_weights[2] = np.full_like(bn_weights[2], 0.5)  # moving mean
+    bn.set_weights(bn_weights)
+    marked["conv2_block1_1_bn"] = bn_weights
+    path = tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5"
+    base.save_weights(path)
+    return path, marked
+
+
+@pytest.fixture(scope="module")
+def pretrained(resnet_weights_file) -> tuple[keras.Model, keras.Model]:
+    path, _ = resnet_weights_file
+    keras.utils.set_random_seed(7)
+    return build_resnet50((32, 32, 3), num_classes=2, weights=str(path), dense_units=(8,), dropout=0.2)
+
+
+def test_resnet50_loads_the_given_weights_file(pretrained, resnet_weights_file) -> None:
+    _, base = pretrained
+    _, marked = resnet_weights_file
+    for name, expected in marked.items():
+        actual = base.get_layer(name).get_weights()
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            np.testing.assert_array_equal(a, e)
+
+
+def test_pretrained_base_is_frozen(pretrained) -> None:
+    model, base = pretrained
+    assert base.trainable is False
+    assert base.trainable_weights == []
+    # Only the new head trains: fc1 (kernel, bias) and output (kernel, bias).
+    trainable_names = sorted({w.path.split("/")[0] for w in model.trainable_weights})
+    assert trainable_names == ["fc1", "output"]
+    assert len(model.trainable_weights) == 4
+    assert model.get_layer("resnet50_preprocess").trainable is False
+
+
+def test_pretrained_model_shape_and_head(pretrained) -> None:
+    model, base = pretrained
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 1)  # two classes: one sigmoid unit
+    assert model.layers[-1].activation is keras.activations.sigmoid
+    assert any(layer is base for layer in model.layers)
+    assert not any(layer.name == "gray_to_rgb" for layer in model.layers)
+
+
+def test_saved_resnet50_loads_in_safe_mode_with_same_predictions(pretrained, tmp_path: Path) -> None:
+    model, _ = pretrained
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    images = _raw_images(2, (32, 32, 3), seed=9)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    assert loaded.get_layer("resnet50_preprocess").trainable is False
+
+
+def test_unfreeze_top_layers_keeps_batch_normalization_frozen(pretrained) -> None:
+    model, base = pretrained
+    try:
+        count = 20
+        unfrozen = unfreeze_top_layers(base, count)
+        top, rest = base.layers[-count:], base.layers[:-count]
+        assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                assert layer.trainable is False, layer.name
+        for layer in rest:
+            assert layer.trainable is False, layer.name
+        with_weights = [layer for layer in top
+                        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+        assert with_weights and all(layer.trainable for layer in with_weights)
+        assert unfrozen == len(with_weights)
+        # Only those layers' variables (kernel and bias of each conv) train in the base now.
+        assert len(base.trainable_weights) == sum(len(layer.trainable_weights) for layer in with_weights)
+        bn_variables = {id(v) for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+                        for v in layer.weights}
+        assert not bn_variables & {id(v) for v in model.trainable_weights}
+    finally:
+        base.trainable = False
+
+
+def test_unfreeze_zero_layers_unfreezes_nothing(pretrained) -> None:
+    _, base = pretrained
+    try:
+        assert unfreeze_top_layers(base, 0) == 0
+        assert base.trainable_weights == []
+    finally:
+        base.trainable = False
+
+
+def test_resnet50_from_scratch_on_grayscale() -> None:
+    keras.utils.set_random_seed(0)
+    model, base = build_resnet50((32, 32, 1), num_classes=4, weights=None, dense_units=(), dropout=0.0)
+    assert model.input_shape == (None, 32, 32, 1)
+    assert model.get_layer("gray_to_rgb") is not None
+    assert base.input_shape == (None, 32, 32, 3)
+    assert base.trainable is True
+    assert len(base.trainable_weights) > 100
+    predictions = model.predict(_raw_images(2, (32, 32, 1)), verbose=0)
+    assert predictions.shape == (2, 4)
+    np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(PipelineError) as info:
+        build_resnet50((32, 32, 3), num_classes=3, weights=str(garbage), dense_units=(), dropout=0.0)
+    assert str(garbage) in str(info.value)
+    assert "train_resnet50.weights" in str(info.value)

@@ -1,0 +1,258 @@
+"""params.yaml is typed at the door: every mistake fails at once with a message that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import PipelineError
+from pipeline.params import (
+    Params,
+    ParamsError,
+    TrainResnet50Params,
+    load_params,
+    params_from_dict,
+    to_flat_dict,
+)
+from tests.conftest import REPO_ROOT
+
+
+def test_load_params_reads_the_projects_own_file() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.base.image_size >= 32
+    assert params.base.channels in (1, 3)
+    assert len(params.split.ratios) == 3
+    assert isinstance(params.split.ratios, tuple)
+    assert isinstance(params.train_custom.blocks, tuple)
+    assert 0.0 <= params.gate.min_test_accuracy <= 1.0
+
+
+def test_sections_are_frozen(raw_params: dict) -> None:
+    params = params_from_dict(raw_params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.base.seed = 1  # type: ignore[misc]
+
+
+def test_params_error_is_a_pipeline_error() -> None:
+    # The stage runner turns PipelineError into one line and exit code 2; ParamsError must be one.
+    assert issubclass(ParamsError, PipelineError)
+
+
+def test_load_params_missing_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ParamsError, match="nope.yaml"):
+        load_params(path)
+
+
+def test_load_params_invalid_yaml_gives_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_load_params_names_the_file_in_errors(tmp_path: Path, raw_params: dict) -> None:
+    raw_params["gate"]["min_test_accuracy"] = 2
+    path = tmp_path / "custom-params.yaml"
+    path.write_text(yaml.safe_dump(raw_params))
+    with pytest.raises(ParamsError, match=r"custom-params\.yaml: gate\.min_test_accuracy"):
+        load_params(path)
+
+
+def test_misspelt_key_is_named_with_a_suggestion(raw_params: dict) -> None:
+    raw_params["train_custom"]["epocs"] = raw_params["train_custom"].pop("epochs")
+    with pytest.raises(ParamsError) as info:
+        params_from_dict(raw_params)
+    message = str(info.value)
+    assert "train_custom.epocs" in message
+    assert "did you mean 'epochs'" in message
+
+
+def test_unknown_top_level_section(raw_params: dict) -> None:
+    raw_params["deploy_settings"] = {"x": 1}
+    with pytest.raises(ParamsError, match="deploy_settings: unknown key"):
+        params_from_dict(raw_params)
+
+
+def test_unknown_key_without_close_match_lists_known_keys(raw_params: dict) -> None:
+    raw_params["gate"]["zzzz"] = 1
+    with pytest.raises(ParamsError, match=r"gate\.zzzz: unknown key \(known keys: min_train_accuracy"):
+        params_from_dict(raw_params)
+
+
+def test_missing_key(raw_params: dict) -> None:
+    del raw_params["split"]["ratios"]
+    with pytest.raises(ParamsError, match=r"split\.ratios: missing key"):
+        params_from_dict(raw_params)
+
+
+def test_missing_section(raw_params: dict) -> None:
+    del raw_params["gate"]
+    with pytest.raises(ParamsError, match=r"gate: missing key"):
+        params_from_dict(raw_params)
+
+
+def test_wrong_type_names_the_key(raw_params: dict) -> None:
+    raw_params["train_custom"]["epochs"] = "ten"
+    with pytest.raises(ParamsError, match=r"train_custom\.epochs: expected a whole number, got 'ten'"):
+        params_from_dict(raw_params)
+
+
+def test_bool_is_not_accepted_as_int(raw_params: dict) -> None:
+    raw_params["base"]["seed"] = True
+    with pytest.raises(ParamsError, match=r"base\.seed"):
+        params_from_dict(raw_params)
+
+
+def test_section_that_is_not_a_mapping(raw_params: dict) -> None:
+    raw_params["split"] = [0.8, 0.1, 0.1]
+    with pytest.raises(ParamsError, match=r"split: expected a mapping"):
+        params_from_dict(raw_params)
+
+
+def test_literal_value_outside_choices(raw_params: dict) -> None:
+    raw_params["train_custom"]["optimizer"] = "adagrad"
+    with pytest.raises(ParamsError, match=r"train_custom\.optimizer: must be one of adam \| sgd \| rmsprop"):
+        params_from_dict(raw_params)
+
+
+def test_channels_must_be_1_or_3(raw_params: dict) -> None:
+    raw_params["base"]["channels"] = 2
+    with pytest.raises(ParamsError, match=r"base\.channels"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("ratios", [[0.8, 0.1, 0.2], [0.5, 0.2, 0.2], [0.7, 0.15, 0.1]])
+def test_ratios_must_sum_to_one(raw_params: dict, ratios: list[float]) -> None:
+    raw_params["split"]["ratios"] = ratios
+    with pytest.raises(ParamsError, match=r"split\.ratios: must sum to 1"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("ratios", [[1.0, 0.0, 0.0], [0.9, 0.2, -0.1], [0.0, 0.5, 0.5]])
+def test_ratios_must_be_positive(raw_params: dict, ratios: list[float]) -> None:
+    raw_params["split"]["ratios"] = ratios
+    with pytest.raises(ParamsError, match=r"split\.ratios: every ratio must be greater than 0"):
+        params_from_dict(raw_params)
+
+
+def test_two_ratios_are_rejected(raw_params: dict) -> None:
+    raw_params["split"]["ratios"] = [0.9, 0.1]
+    with pytest.raises(ParamsError, match=r"split\.ratios: needs three numbers"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("ratios", [[0.8, 0.1, 0.1], [0.7, 0.15, 0.15], [0.6, 0.2, 0.2]])
+def test_the_decks_ratios_are_accepted(raw_params: dict, ratios: list[float]) -> None:
+    raw_params["split"]["ratios"] = ratios
+    assert params_from_dict(raw_params).split.ratios == tuple(ratios)
+
+
+@pytest.mark.parametrize("size", [31, 16, 0])
+def test_image_size_below_32_is_rejected(raw_params: dict, size: int) -> None:
+    raw_params["base"]["image_size"] = size
+    with pytest.raises(ParamsError, match=r"base\.image_size: must be at least 32"):
+        params_from_dict(raw_params)
+
+
+def test_image_size_32_is_accepted(raw_params: dict) -> None:
+    raw_params["base"]["image_size"] = 32
+    assert params_from_dict(raw_params).base.image_size == 32
+
+
+@pytest.mark.parametrize("key", ["min_train_accuracy", "min_test_accuracy"])
+@pytest.mark.parametrize("value", [-0.01, 1.5])
+def test_thresholds_outside_0_1_are_rejected(raw_params: dict, key: str, value: float) -> None:
+    raw_params["gate"][key] = value
+    with pytest.raises(ParamsError, match=rf"gate\.{key}: must be between 0 and 1"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, 1.0])
+def test_thresholds_at_the_edges_are_accepted(raw_params: dict, value: float) -> None:
+    raw_params["gate"]["min_test_accuracy"] = value
+    assert params_from_dict(raw_params).gate.min_test_accuracy == float(value)
+
+
+def test_float_written_as_1e_minus_5_string_is_accepted(raw_params: dict) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-5 without a dot as the string "1e-5".
+    assert yaml.safe_load("x: 1e-5")["x"] == "1e-5"
+    raw_params["train_resnet50"]["fine_tune_learning_rate"] = "1e-5"
+    params = params_from_dict(raw_params)
+    assert params.train_resnet50.fine_tune_learning_rate == pytest.approx(1e-5)
+    assert isinstance(params.train_resnet50.fine_tune_learning_rate, float)
+
+
+def test_float_from_int_becomes_float(raw_params: dict) -> None:
+    raw_params["train_custom"]["learning_rate"] = 1
+    value = params_from_dict(raw_params).train_custom.learning_rate
+    assert value == 1.0 and isinstance(value, float)
+
+
+@pytest.mark.parametrize("value", ["fast", ".nan", float("nan"), float("inf")])
+def test_float_that_is_not_a_finite_number_is_rejected(raw_params: dict, value: object) -> None:
+    raw_params["train_custom"]["learning_rate"] = value
+    with pytest.raises(ParamsError, match=r"train_custom\.learning_rate"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("dropout", [1.0, -0.1])
+def test_dropout_range(raw_params: dict, dropout: float) -> None:
+    raw_params["train_custom"]["dropout"] = dropout
+    with pytest.raises(ParamsError, match=r"train_custom\.dropout: must be in \[0, 1\)"):
+        params_from_dict(raw_params)
+
+
+def test_list_item_type_is_checked_with_its_index(raw_params: dict) -> None:
+    raw_params["train_custom"]["blocks"] = [64, "wide"]
+    with pytest.raises(ParamsError, match=r"train_custom\.blocks\[1\]"):
+        params_from_dict(raw_params)
+
+
+def test_empty_blocks_are_rejected(raw_params: dict) -> None:
+    raw_params["train_custom"]["blocks"] = []
+    with pytest.raises(ParamsError, match=r"train_custom\.blocks: needs at least one block"):
+        params_from_dict(raw_params)
+
+
+def test_max_per_class_may_be_null_or_positive(raw_params: dict) -> None:
+    raw_params["ingest"]["max_per_class"] = 5
+    assert params_from_dict(raw_params).ingest.max_per_class == 5
+    raw_params["ingest"]["max_per_class"] = 0
+    with pytest.raises(ParamsError, match=r"ingest\.max_per_class"):
+        params_from_dict(raw_params)
+
+
+def test_check_paths_names_a_missing_weights_file(raw_params: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-weights.weights.h5"
+    raw_params["train_resnet50"]["weights"] = str(missing)
+    section = params_from_dict(raw_params).train_resnet50
+    assert isinstance(section, TrainResnet50Params)
+    assert section.pretrained
+    with pytest.raises(ParamsError) as info:
+        section.check_paths("train_resnet50")
+    assert str(missing) in str(info.value)
+    assert "train_resnet50.weights" in str(info.value)
+
+
+def test_check_paths_accepts_null_imagenet_and_an_existing_file(raw_params: dict, tmp_path: Path) -> None:
+    existing = tmp_path / "w.weights.h5"
+    existing.write_bytes(b"x")
+    for weights in (None, "imagenet", str(existing)):
+        raw_params["train_resnet50"]["weights"] = weights
+        params_from_dict(raw_params).train_resnet50.check_paths("train_resnet50")
+
+
+def test_check_paths_rejects_a_directory(raw_params: dict, tmp_path: Path) -> None:
+    raw_params["train_resnet50"]["weights"] = str(tmp_path)
+    with pytest.raises(ParamsError, match="is not a file"):
+        params_from_dict(raw_params).train_resnet50.check_paths("train_resnet50")
+
+
+def test_to_flat_dict_prefixes_keys_and_lists_tuples(raw_params: dict) -> None:
+    flat = to_flat_dict(params_from_dict(raw_params).split, "split")
+    assert flat == {"split.ratios": list(map(float, raw_params["split"]["ratios"]))}

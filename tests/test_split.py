@@ -1,0 +1,168 @@
+"""Stage split: stratified, repeatable, order-independent, and duplicates never straddle two splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_COLUMNS, SPLITS
+from pipeline.split import minimum_class_size, split_counts, split_dataset
+from tests.conftest import REPO_ROOT
+
+DECK_RATIOS = [(0.8, 0.1, 0.1), (0.7, 0.15, 0.15), (0.6, 0.2, 0.2)]
+
+
+def make_manifest(per_class: dict[str, int], duplicates: dict[str, int] | None = None) -> pd.DataFrame:
+    """A manifest with unique hashes, except ``duplicates[label]`` extra copies of that class's first picture."""
+    rows = []
+    for label, count in per_class.items():
+        for i in range(count):
+            sha = hashlib.sha256(f"{label}-{i}".encode()).hexdigest()
+            rows.append({"path": f"{label}/{label}_{i:03d}.png", "label": label, "sha256": sha,
+                         "width": 12, "height": 12, "channels": 3})
+        for j in range((duplicates or {}).get(label, 0)):
+            sha = hashlib.sha256(f"{label}-0".encode()).hexdigest()
+            rows.append({"path": f"{label}/copy_{j:03d}.png", "label": label, "sha256": sha,
+                         "width": 12, "height": 12, "channels": 3})
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+@pytest.fixture
+def manifest() -> pd.DataFrame:
+    return make_manifest({"cat": 40, "dog": 40, "fox": 40})
+
+
+@pytest.mark.parametrize("ratios", DECK_RATIOS)
+def test_split_is_stratified_in_the_ratios(manifest: pd.DataFrame, ratios: tuple[float, float, float]) -> None:
+    result = split_dataset(manifest, ratios, seed=42)
+
+    assert list(result.columns) == MANIFEST_COLUMNS + ["split"]
+    assert len(result) == len(manifest)
+    assert set(result["split"]) == set(SPLITS)
+    assert result["path"].tolist() == sorted(manifest["path"])
+    for label, rows in result.groupby("label"):
+        counts = rows["split"].value_counts()
+        for split, ratio in zip(SPLITS, ratios):
+            assert counts.get(split, 0) >= 1, (label, split)
+            assert abs(counts[split] - ratio * len(rows)) <= 1, (label, split, counts[split])
+
+
+@pytest.mark.parametrize("ratios", DECK_RATIOS)
+def test_split_keeps_every_row_unchanged(manifest: pd.DataFrame, ratios: tuple[float, float, float]) -> None:
+    original = manifest.copy()
+    result = split_dataset(manifest, ratios, seed=1)
+    pd.testing.assert_frame_equal(manifest, original)  # input not modified
+    pd.testing.assert_frame_equal(result.drop(columns="split"), manifest.sort_values("path").reset_index(drop=True))
+
+
+def test_split_is_deterministic_for_a_seed(manifest: pd.DataFrame) -> None:
+    a = split_dataset(manifest, (0.8, 0.1, 0.1), seed=7)
+    b = split_dataset(manifest, (0.8, 0.1, 0.1), seed=7)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_split_differs_for_another_seed(manifest: pd.DataFrame) -> None:
+    a = split_dataset(manifest, (0.8, 0.1, 0.1), seed=7)
+    b = split_dataset(manifest, (0.8, 0.1, 0.1), seed=8)
+    assert (a["split"] != b["split"]).any()
+    # Still the same counts per split: only which images go where changes.
+    assert split_counts(a) == split_counts(b)
+
+
+@pytest.mark.parametrize("ratios", DECK_RATIOS)
+def test_split_does_not_depend_on_input_row_order(manifest: pd.DataFrame, ratios: tuple[float, float, float]) -> None:
+    expected = split_dataset(manifest, ratios, seed=3)
+    for shuffle_seed in (0, 1, 2):
+        shuffled = manifest.sample(frac=1.0, random_state=shuffle_seed)
+        assert shuffled["path"].tolist() != manifest["path"].tolist()
+        pd.testing.assert_frame_equal(split_dataset(shuffled, ratios, seed=3), expected)
+    reversed_index = manifest.iloc[::-1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(split_dataset(reversed_index, ratios, seed=3), expected)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_duplicates_always_land_in_the_same_split(seed: int) -> None:
+    manifest = make_manifest({"cat": 30, "dog": 30, "fox": 30}, duplicates={"cat": 3, "dog": 1, "fox": 5})
+    # Also a second duplicate group in cat.
+    extra = manifest.iloc[[5]].assign(path="cat/zz_copy.png")
+    manifest = pd.concat([manifest, extra], ignore_index=True)
+
+    result = split_dataset(manifest, (0.7, 0.15, 0.15), seed=seed)
+
+    splits_per_hash = result.groupby("sha256")["split"].nunique()
+    assert (splits_per_hash == 1).all()
+    assert set(result.groupby("label")["split"].nunique()) == {3}
+
+
+def test_class_with_too_few_images_is_named_with_its_count() -> None:
+    minimum = minimum_class_size((0.8, 0.1, 0.1))
+    assert minimum == 5
+    manifest = make_manifest({"cat": 20, "dog": minimum - 1, "fox": 20})
+    with pytest.raises(PipelineError) as info:
+        split_dataset(manifest, (0.8, 0.1, 0.1), seed=0)
+    message = str(info.value)
+    assert "'dog'" in message and "has 4 images" in message
+    assert "cat" not in message and "fox" not in message
+
+
+@pytest.mark.parametrize("ratios", DECK_RATIOS)
+def test_minimum_class_size_is_enough(ratios: tuple[float, float, float]) -> None:
+    minimum = minimum_class_size(ratios)
+    manifest = make_manifest({"cat": minimum, "dog": minimum})
+    result = split_dataset(manifest, ratios, seed=0)
+    assert (result.groupby("label")["split"].nunique() == 3).all()
+    with pytest.raises(PipelineError, match="'cat' has"):
+        split_dataset(make_manifest({"cat": minimum - 1, "dog": minimum}), ratios, seed=0)
+
+
+def test_every_class_at_the_minimum_size_gets_a_training_image() -> None:
+    ratios = (0.2, 0.1, 0.7)
+    minimum = minimum_class_size(ratios)  # 5: one image per 0.2 of the train share
+    result = split_dataset(make_manifest({"cat": minimum, "dog": minimum}), ratios, seed=0)
+    assert (result[result["split"] == "train"].groupby("label").size() >= 1).all()
+
+
+def test_class_of_only_copies_is_rejected() -> None:
+    manifest = make_manifest({"cat": 1, "dog": 20}, duplicates={"cat": 9})
+    with pytest.raises(PipelineError, match=r"'cat' has 10 images in only 1 distinct pictures"):
+        split_dataset(manifest, (0.8, 0.1, 0.1), seed=0)
+
+
+def test_split_counts_sum_to_the_whole(manifest: pd.DataFrame) -> None:
+    result = split_dataset(manifest, (0.7, 0.15, 0.15), seed=0)
+    counts = split_counts(result)
+    assert list(counts) == list(SPLITS)
+    assert sum(counts[s]["total"] for s in SPLITS) == len(manifest)
+    for split in SPLITS:
+        assert sum(counts[split]["per_class"].values()) == counts[split]["total"]
+        assert sorted(counts[split]["per_class"]) == ["cat", "dog", "fox"]
+    for label in ("cat", "dog", "fox"):
+        assert sum(counts[s]["per_class"][label] for s in SPLITS) == 40
+    assert counts["validation"]["per_class"] == {"cat": 6, "dog": 6, "fox": 6}
+    json.dumps(counts)
+
+
+def test_stage_main_writes_split_and_metrics(tmp_path: Path, raw_params: dict) -> None:
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    make_manifest({"cat": 20, "dog": 20}).to_csv(ingest / "manifest.csv", index=False)
+    raw_params["split"]["ratios"] = [0.6, 0.2, 0.2]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline.split", "--params", str(tmp_path / "params.yaml"), "--ingest", str(ingest),
+         "--out", str(tmp_path / "split.csv"), "--metrics", str(tmp_path / "split.json")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    frame = pd.read_csv(tmp_path / "split.csv")
+    assert frame["split"].value_counts().to_dict() == {"train": 24, "validation": 8, "test": 8}
+    metrics = json.loads((tmp_path / "split.json").read_text())
+    assert metrics["ratios"] == [0.6, 0.2, 0.2]
+    assert metrics["test"]["per_class"] == {"cat": 4, "dog": 4}

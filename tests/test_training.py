@@ -1,0 +1,131 @@
+"""The training stages run for real on tiny images: outputs, MLflow records, fast failures, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.models import build_resnet50
+from tests.conftest import tiny_params
+from tests.stage_runner import prepare_split, run_stage, stage_env, train_arguments
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, image_folder: Path, raw_params: dict) -> Path:
+    """A scratch project with params, a manifest and a split of the 3-class fixture images."""
+    work = tmp_path / "work"
+    work.mkdir()
+    params = tiny_params(raw_params, str(image_folder))
+    params["split"]["ratios"] = [0.6, 0.2, 0.2]
+    params["train_custom"]["epochs"] = 2
+    prepare_split(work, image_folder, params)
+    return work
+
+
+def set_params(workdir: Path, section: str, **values) -> None:
+    import yaml
+
+    path = workdir / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> None:
+    result = run_stage(workdir, "train_custom", *train_arguments("custom", "train_custom"))
+    assert result.returncode == 0, result.stderr
+
+    summary = json.loads((workdir / "metrics/train_custom.json").read_text())
+    assert summary["iterations_per_epoch"] == math.ceil(summary["train_size"] / summary["batch_size"])
+    history = pd.read_csv(workdir / "metrics/train_custom_history.csv")
+    assert list(history.columns) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert len(history) == summary["epochs_run"] and history["epoch"].tolist() == list(range(1, len(history) + 1))
+    assert f"{summary['iterations_per_epoch']} iterations per epoch" in result.stderr
+
+    model = keras.models.load_model(workdir / "models/custom/model.keras", safe_mode=True)
+    assert model.input_shape == (None, 32, 32, 1)
+    record = json.loads((workdir / "models/custom/run.json").read_text())
+    assert record["class_names"] == ["circle", "square", "triangle"]
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(record["run_id"])
+    assert run.data.tags["dvc.stage"] == "train_custom"
+    assert len(run.data.tags["data.manifest_sha256"]) == 64
+    assert run.data.tags["version.tensorflow"]
+    assert run.data.params["train_custom.epochs"] == "2"
+    assert run.data.params["base.seed"] == "42"
+    assert run.data.params["iterations_per_epoch"] == str(summary["iterations_per_epoch"])
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == summary["epochs_run"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/training_curves.png" in artifacts
+    assert record["model_uri"].startswith("models:/")
+
+
+def test_deterministic_training_repeats_bit_for_bit(tmp_path: Path, image_folder: Path, raw_params: dict) -> None:
+    weights = []
+    for attempt in ("first", "second"):
+        work = tmp_path / attempt
+        work.mkdir()
+        params = tiny_params(raw_params, str(image_folder))
+        params["base"]["deterministic"] = True
+        params["split"]["ratios"] = [0.6, 0.2, 0.2]
+        prepare_split(work, image_folder, params)
+        result = run_stage(work, "train_custom", *train_arguments("custom", "train_custom"))
+        assert result.returncode == 0, result.stderr
+        model = keras.models.load_model(work / "models/custom/model.keras", safe_mode=True)
+        weights.append(model.get_weights())
+        metrics = pd.read_csv(work / "metrics/train_custom_history.csv")
+        weights[-1].append(metrics[["loss", "val_loss"]].to_numpy())
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_training(workdir: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_stage(workdir, "train_custom", *train_arguments("custom", "train_custom"),
+                       env=stage_env(MLFLOW_TRACKING_URI=uri))
+    assert result.returncode == 2
+    assert f"MLflow tracking store {uri} cannot be used (no server answers there)" in result.stderr
+    assert "Epoch 1/" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "models/custom/model.keras").exists()
+
+
+def test_missing_weights_file_fails_at_stage_start(workdir: Path) -> None:
+    set_params(workdir, "train_resnet50", weights="weights/nope.weights.h5")
+    result = run_stage(workdir, "train_resnet50", *train_arguments("resnet50", "train_resnet50"))
+    assert result.returncode == 2
+    assert "train_resnet50.weights: weights/nope.weights.h5 is not a file" in result.stderr
+    assert "Traceback" not in result.stderr and "Epoch 1/" not in result.stdout
+
+
+def test_imagenet_weights_that_cannot_be_fetched_name_the_alternatives(tmp_path: Path, monkeypatch) -> None:
+    # Keras' real download path, pointed at a port where nothing listens and an empty cache:
+    # exactly what an offline machine sees.
+    from keras.src.applications import resnet
+    from keras.src.backend import config
+
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras-home"))
+    monkeypatch.setattr(resnet, "BASE_WEIGHTS_PATH", f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(PipelineError) as error:
+        build_resnet50((32, 32, 3), 2, "imagenet", (), 0.0)
+    message = str(error.value)
+    assert "imagenet weights could not be downloaded" in message
+    assert "path of a local" in message and "null to train from scratch" in message
