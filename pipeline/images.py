@@ -46,9 +46,11 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     return ImageInfo(hashlib.sha256(data).hexdigest(), image.width, image.height, channels)
 
 
-def load_pixels(path: str | Path, image_size: int, channels: int,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode, orient, convert and resize one image to a ``(size, size, channels)`` uint8 array."""
+def load_pixels(path: str | Path, image_size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode, orient, convert and resize one image to a ``(size, size, channels)`` uint8 array.
+
+    Files in a manifest passed ingest's pixel limit already, so by default there is no limit here.
+    """
     image = _decode(_read_bytes(path), max_pixels)
     return to_model_pixels(image, image_size, channels)
 
@@ -86,15 +88,20 @@ def _read_bytes(path: str | Path) -> bytes:
     return data
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode every pixel (not only the header) under a pixel limit; return an oriented image."""
+def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Decode every pixel (not only the header) under a pixel limit; return an oriented image.
+
+    ``max_pixels`` is the only limit (None: none, for files ingest has already vetted). Pillow's
+    own global limit is switched off so that the params, not a library default, decide.
+    """
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageRejected(f"unsupported image format {image.format} (accepted: JPEG, PNG, BMP, GIF)")
-            if image.width * image.height > max_pixels:
+            if max_pixels is not None and image.width * image.height > max_pixels:
                 raise ImageRejected(
                     f"too large: {image.width}x{image.height} pixels is over the limit of {max_pixels} "
                     "(ingest.max_image_pixels)")

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -69,13 +70,20 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
     candidates: list[tuple[str, str]] = []
     rejected: list[tuple[str, str]] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        relative = entry.name
+        relative = _printable(entry.name)
         if entry.name.startswith("."):
             rejected.append((relative, "hidden file or folder"))
-        elif entry.is_dir() and not entry.is_symlink():
+        elif not _is_utf8(entry.name):
+            rejected.append((relative, "name is not valid UTF-8 (rename it)"))
+        elif entry.is_dir() and entry.is_symlink():
+            rejected.append((relative, "symbolic link to a folder (class folders must be real folders)"))
+        elif entry.is_dir():
             label = entry.name
             for path in _walk_files(entry):
                 rel = path.relative_to(root).as_posix()
+                if not _is_utf8(rel):
+                    rejected.append((_printable(rel), "name is not valid UTF-8 (rename it)"))
+                    continue
                 reason = _path_problem(path, root, root_real)
                 if reason:
                     rejected.append((rel, reason))
@@ -191,7 +199,28 @@ def _path_problem(path: Path, root: Path, root_real: Path) -> str | None:
             return "symbolic link to a file outside the source folder"
         if target.is_dir():
             return "symbolic link to a folder"
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if not stat.S_ISREG(mode):
+        # A named pipe or device would block or never end when read.
+        return "not a regular file (pipe, socket or device)"
     return None
+
+
+def _is_utf8(name: str) -> bool:
+    """False for names the file system gave as undecodable bytes (old zip archives, Windows code pages)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A name safe to write in a UTF-8 report, undecodable bytes shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _inspect_one(root: Path, max_pixels: int, relative: str):
@@ -235,7 +264,8 @@ def check_classes(manifest: pd.DataFrame, rejected: pd.DataFrame, root: Path) ->
     if len(labels) < 2:
         raise PipelineError(f"ingest.source: only one class ({labels[0]}) has usable images under {root}; "
                             "a classifier needs at least two class folders")
-    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p.name for p in root.iterdir()
+                        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and _is_utf8(p.name))
     empty = [name for name in class_dirs if name not in set(labels)]
     if empty:
         raise PipelineError(f"ingest.source: class folder {root / empty[0]} has no usable image "

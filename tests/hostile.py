@@ -19,7 +19,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-@lru_cache(maxsize=None)
+@cache
 def zero_png(side: int, bit_depth: int) -> bytes:
     """A valid grayscale PNG of side x side zeros, written without ever holding the pixels.
 
@@ -197,10 +197,10 @@ def _unreadable(produce: Callable[[], bytes]) -> Callable[[Path, HostileFolder],
 
 
 def _entries() -> list[_Entry]:
-    good = lambda rel, make: _Entry(rel, _bytes(make), ACCEPT)  # noqa: E731
-    bad = lambda rel, make, hint: _Entry(rel, _bytes(make), REJECT, hint)  # noqa: E731
-    shared = lambda: _rgb("the same picture in both classes")  # noqa: E731
-    duplicate = lambda: _rgb("one picture twice in dog")  # noqa: E731
+    good = lambda rel, make: _Entry(rel, _bytes(make), ACCEPT)
+    bad = lambda rel, make, hint: _Entry(rel, _bytes(make), REJECT, hint)
+    shared = lambda: _rgb("the same picture in both classes")
+    duplicate = lambda: _rgb("one picture twice in dog")
     entries = [
         # cat: plain good images, then every awkward-but-good kind.
         *(good(f"cat/cat_{i:02d}.png", lambda i=i: _rgb(f"cat {i}")) for i in range(3)),
@@ -243,7 +243,7 @@ def _entries() -> list[_Entry]:
         bad("dog/error_page.jpeg", lambda: HTML_ERROR_PAGE, "not an image"),
         bad("dog/Thumbs.db", lambda: b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(56), "system file"),
         bad("dog/.thumbnails/thumb.png", lambda: _rgb("thumbnail"), "hidden"),
-        bad("dog/medium_bomb.png", lambda: zero_png(PIXEL_LIMIT_BOMB_SIDE, 8), "over the limit of"),
+        bad("dog/medium_bomb.png", lambda: zero_png(PIXEL_LIMIT_BOMB_SIDE, 8), "too large"),
         _Entry("dog/broken_link.jpg", _symlink(lambda f: f.outside / "no-such-file.jpg"), REJECT, "broken"),
         # The verdict on the unreadable file depends on who runs the tests (see make_hostile_folder).
         _Entry("dog/locked.png", _unreadable(lambda: _rgb("locked")), ACCEPT),

@@ -1,0 +1,73 @@
+"""A throw-away copy of this repository, as a fresh clone would have it, for tests that run ``dvc``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO_ROOT, tiny_params
+
+STAGES = ("ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate")
+_OUTPUTS = ("data/ingest/", "models/", "metrics/", "deploy/")
+
+
+def project_files() -> list[str]:
+    """What a fresh clone holds: tracked files plus new files git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    return [name for name in listed.split("\0") if name and (REPO_ROOT / name).is_file()]
+
+
+def copy_project(root: Path, max_per_class: int = 10) -> Path:
+    """Copy the project into ``root`` as a new git repository with tiny params; no earlier outputs."""
+    for name in project_files():
+        if name.startswith(_OUTPUTS) or name == "dvc.lock":
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    params = tiny_params(raw, "sklearn:digits")
+    params["ingest"]["max_per_class"] = max_per_class
+    write_params(root, params)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=root, check=True)
+    return root
+
+
+def read_params(root: Path) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def project_env() -> dict[str, str]:
+    """This interpreter's environment first on PATH (so stages run ``python`` from it), no MLflow
+    settings leaking in, and unbuffered output so a test can watch a stage's progress."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(root: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in the project and return its output; fail with all of it if ``check``."""
+    result = subprocess.run(list(command), cwd=root, env=project_env(), capture_output=True, text=True,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages ``dvc repro`` says it ran, in pipeline order."""
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
