@@ -61,14 +61,15 @@ def score_predictions(true_indices: Sequence[int], probabilities: np.ndarray,
 
 
 def evaluate_model(model: keras.Model, data: SplitImages, image_size: int, channels: int,
-                   batch_size: int) -> dict[str, SplitScores]:
-    """Score one model on train, validation and test."""
+                   batch_size: int) -> tuple[dict[str, SplitScores], np.ndarray]:
+    """Score one model on train, validation and test; also return the test images (for pictures)."""
     scores = {}
+    images = np.zeros((0, image_size, image_size, channels), dtype=np.uint8)
     for split in SPLITS:
         images = load_images(data.paths(split), image_size, channels)
         probabilities = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
         scores[split] = score_predictions(data.label_indices(split), probabilities, data.class_names)
-    return scores
+    return scores, images
 
 
 def load_trained_model(model_dir: Path) -> tuple[keras.Model, dict]:
@@ -88,13 +89,13 @@ def main(args: argparse.Namespace) -> None:
     report: dict = {"class_names": data.class_names}
     for name, model_dir in zip(MODEL_NAMES, (args.custom, args.resnet50)):
         model, run_record = load_trained_model(Path(model_dir))
-        scores = evaluate_model(model, data, params.base.image_size, params.base.channels,
-                                params.evaluate.batch_size)
+        scores, test_images = evaluate_model(model, data, params.base.image_size, params.base.channels,
+                                             params.evaluate.batch_size)
         headline[name] = {split: {"accuracy": s.accuracy, "loss": s.loss} for split, s in scores.items()}
         report[name] = {split: {"accuracy": s.accuracy, "loss": s.loss, "per_class": s.per_class,
                                 "confusion_matrix": s.confusion_matrix} for split, s in scores.items()}
         _write_test_predictions(Path(args.plots_dir) / f"confusion_{name}.csv", data, scores["test"])
-        _log_to_run(run_record["run_id"], scores, data.class_names, name)
+        _log_to_run(run_record["run_id"], scores, data, test_images, name)
         log.info("%-9s accuracy  train %.4f  validation %.4f  test %.4f", name, scores["train"].accuracy,
                  scores["validation"].accuracy, scores["test"].accuracy)
     write_json(Path(args.metrics), headline)
@@ -111,12 +112,22 @@ def _write_test_predictions(path: Path, data: SplitImages, scores: SplitScores) 
     frame.to_csv(path, index=False, lineterminator="\n")
 
 
-def _log_to_run(run_id: str, scores: dict[str, SplitScores], class_names: list[str], name: str) -> None:
+def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, test_images: np.ndarray,
+                name: str) -> None:
+    """The same numbers in the model's MLflow run, with the confusion matrix and the mistakes as pictures."""
+    names = data.class_names
+    actual = np.asarray(data.label_indices("test"))
+    predicted = np.asarray(scores["test"].predicted)
+    wrong = np.flatnonzero(actual != predicted)
     with tracking.resume_run(run_id):
         for split, s in scores.items():
             mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_loss": s.loss})
-        mlflow.log_figure(figures.confusion_matrix(np.array(scores["test"].confusion_matrix), class_names,
+        mlflow.log_figure(figures.confusion_matrix(np.array(scores["test"].confusion_matrix), names,
                                                    f"{name}: test set"), "plots/confusion_matrix_test.png")
+        mlflow.log_figure(figures.misclassified_grid(test_images[wrong], [names[i] for i in actual[wrong]],
+                                                     [names[i] for i in predicted[wrong]],
+                                                     f"{name}: misclassified test images (true -> predicted)"),
+                          "plots/misclassified_test.png")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,24 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], title: str)
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def misclassified_grid(images: np.ndarray, actual: Sequence[str], predicted: Sequence[str], title: str,
+                       limit: int = 25) -> Figure:
+    """Up to ``limit`` wrongly classified images, each captioned 'true -> predicted'."""
+    count = min(len(images), limit)
+    columns = max(1, min(5, count))
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, true, guess in zip(axes.ravel(), images[:count], actual, predicted):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        axis.imshow(pixels, cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+        axis.set_title(f"{true} -> {guess}", fontsize=9, color="crimson")
+    if count == 0:
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

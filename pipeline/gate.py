@@ -89,13 +89,18 @@ def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record:
     staged_model.replace(deploy_dir / DEPLOY_MODEL_FILE)
 
 
-def summary_lines(decision: Decision) -> list[str]:
-    """The one-screen summary printed at the end of the stage."""
-    lines = [f"{'model':<10} {'train':>7} {'test':>7}  verdict", "-" * 40]
+def summary_lines(decision: Decision, scores: dict[str, dict] | None = None) -> list[str]:
+    """The one-screen summary printed at the end of the stage: accuracy per split, verdict and why."""
+    scores = scores or {}
+    rule = "-" * 60
+    lines = [f"{'model':<10} {'train':>8} {'validation':>11} {'test':>8}  verdict", rule]
     for name, verdict in decision.candidates.items():
-        lines.append(f"{name:<10} {verdict.train_accuracy:>7.4f} {verdict.test_accuracy:>7.4f}  {verdict.verdict}")
+        validation = scores.get(name, {}).get("validation", {}).get("accuracy")
+        shown = f"{validation:>11.4f}" if validation is not None else f"{'-':>11}"
+        lines.append(f"{name:<10} {verdict.train_accuracy:>8.4f} {shown} {verdict.test_accuracy:>8.4f}  "
+                     f"{verdict.verdict}")
         lines.extend(f"{'':<10}   - {reason}" for reason in verdict.reasons)
-    lines.append("-" * 40)
+    lines.append(rule)
     lines.append(f"deployed: {decision.model} -> deploy/" if decision.deploy
                  else "deployed: nothing (no model passed both thresholds)")
     return lines
@@ -116,6 +121,7 @@ def check(gate_file: Path) -> int:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Decide, deploy, record."""
     params = load_params(args.params)
     scores = read_json(Path(args.scores))
     decision = decide(scores, params.gate)
@@ -126,16 +132,17 @@ def main(args: argparse.Namespace) -> None:
     if decision.deploy:
         deploy_model(model_dirs[decision.model], deploy_dir, decision.model, run_records[decision.model])
     write_json(Path(args.out), decision.to_json())
-    _record_in_mlflow(params, decision, run_records)
-    for line in summary_lines(decision):
+    _record_in_mlflow(params, decision, run_records, deploy_dir)
+    for line in summary_lines(decision, scores):
         log.info("%s", line)
 
 
-def _record_in_mlflow(params, decision: Decision, run_records: dict[str, dict]) -> None:
-    """Tag each training run with its verdict; register and alias the deployed model."""
+def _record_in_mlflow(params, decision: Decision, run_records: dict[str, dict], deploy_dir: Path) -> None:
+    """Tag each training run with its verdict; log the deployed model for serving, register and alias it."""
     import mlflow
 
     from pipeline import tracking
+    from pipeline.serving import log_serving_model
 
     tracking.connect(params.base.experiment_name)
     for name, verdict in decision.candidates.items():
@@ -143,7 +150,9 @@ def _record_in_mlflow(params, decision: Decision, run_records: dict[str, dict]) 
             mlflow.set_tags({"gate.verdict": verdict.verdict, "gate.deployed": str(decision.model == name).lower()})
     if decision.deploy:
         record = run_records[decision.model]
-        version = tracking.register_champion(record["model_uri"], params.gate.registered_model_name,
+        with tracking.resume_run(record["run_id"]):
+            serving_model = log_serving_model(deploy_dir, DEPLOY_MODEL_FILE, DEPLOY_INFO_FILE)
+        version = tracking.register_champion(serving_model.model_uri, params.gate.registered_model_name,
                                              {"gate.verdict": DEPLOY, "source.run_id": record["run_id"]})
         log.info("registered %s version %s with alias %s", params.gate.registered_model_name, version,
                  tracking.CHAMPION_ALIAS)

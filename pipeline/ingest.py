@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.errors import PipelineError
@@ -231,14 +233,25 @@ def _inspect_one(root: Path, max_pixels: int, relative: str):
 
 
 def _inspect_all(root: Path, relatives: list[str], max_pixels: int, workers: int | None):
-    """Inspect files on every core, results in input order."""
+    """Inspect files on every core, results in input order, with a progress bar on stderr."""
     workers = workers or os.cpu_count() or 1
     task = partial(_inspect_one, root, max_pixels)
-    if workers == 1 or len(relatives) < 64:
-        return [task(rel) for rel in relatives]
-    chunk = max(1, min(256, len(relatives) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(task, relatives, chunksize=chunk))
+    progress = tqdm(total=len(relatives), desc="decoding", unit="img", file=sys.stderr, mininterval=0.5,
+                    disable=len(relatives) < 500 or None)  # None: on only when stderr is a terminal
+    with progress:
+        if workers == 1 or len(relatives) < 64:
+            results = []
+            for rel in relatives:
+                results.append(task(rel))
+                progress.update()
+            return results
+        chunk = max(1, min(256, len(relatives) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = []
+            for outcome in pool.map(task, relatives, chunksize=chunk):
+                results.append(outcome)
+                progress.update()
+            return results
 
 
 def _drop_cross_label_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:

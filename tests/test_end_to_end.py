@@ -7,13 +7,22 @@ nothing, a stricter gate reruns only the gate and deploys nothing.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.project import STAGES, copy_project, read_params, run, stages_run, write_params
+from tests.project import STAGES, copy_project, project_env, read_params, run, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +47,6 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
 
     # The deployed model is a plain Keras model that takes raw pixels.
     import keras
-    import numpy as np
 
     info = json.loads((project / "deploy/model.json").read_text())
     model = keras.models.load_model(project / "deploy/model.keras", safe_mode=True)
@@ -60,6 +68,14 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     champion = client.get_model_version_by_alias("image-classifier", "champion")
     assert str(champion.version) == "1"
     assert run(project, sys.executable, "-m", "pipeline.gate", "--check").returncode == 0
+
+    # The README's predict command, on built-in digits, from deploy/.
+    digits = project / "data/ingest/images"
+    predicted = run(project, sys.executable, "-m", "pipeline.predict", str(digits / "3"), "data/ingest/images/7")
+    lines = predicted.stdout.strip().splitlines()
+    assert len(lines) == len(list((digits / "3").iterdir())) + len(list((digits / "7").iterdir()))
+    path, label, probability = lines[0].split("\t")
+    assert Path(path).exists() and label in info["class_names"] and 0.0 <= float(probability) <= 1.0
 
     # Nothing changed: nothing reruns.
     second = run(project, "dvc", "repro")
@@ -92,3 +108,60 @@ def test_misspelt_param_stops_repro_with_one_line(project: Path) -> None:
     assert result.returncode != 0
     assert "split.ratio: unknown key (did you mean 'ratios'?)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mlflow_serves_the_champion_over_http(project: Path) -> None:
+    """``mlflow models serve`` answers real requests with real image bytes, and bad ones with a 4xx."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = project_env()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/image-classifier@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(payload: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{url}/invocations", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                assert time.monotonic() < deadline, "mlflow models serve did not start in 180 s"
+                time.sleep(1)
+
+        image = (project / "data/ingest/images/3").iterdir().__next__().read_bytes()
+        status, body = post({"dataframe_records": [{"image": base64.b64encode(image).decode()}]})
+        assert status == 200, body
+        (answer,) = body["predictions"]
+        assert set(answer) == {"label", "probability", "probabilities"}
+        assert answer["label"] in answer["probabilities"]
+        assert abs(sum(answer["probabilities"].values()) - 1.0) < 1e-3
+
+        status, body = post({"inputs": np.zeros((2, 32, 32, 1)).tolist()})
+        assert status == 200 and len(body["predictions"]) == 2
+
+        status, body = post({"dataframe_records": [{"image": base64.b64encode(b"hello").decode()}]})
+        assert status == 400 and "not an image" in body["message"]
+        status, body = post({"inputs": np.zeros((1, 8, 8, 1)).tolist()})
+        assert status == 400 and "expected images of shape (n, 32, 32, 1)" in body["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

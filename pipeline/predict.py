@@ -1,0 +1,70 @@
+"""``python -m pipeline.predict PATH...``: label and probability for images or folders of images.
+
+Uses the deployed model in ``deploy/`` by default and the same decode rules as training. Files
+that are not usable images are reported on stderr; the exit status is 1 if any was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.errors import PipelineError
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
+from pipeline.serving import ModelInfo, classify
+
+log = logging.getLogger("pipeline.predict")
+
+
+def expand_paths(paths: Iterable[str]) -> list[Path]:
+    """Files as given; folders walked recursively in sorted order, hidden entries skipped."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*")
+                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise PipelineError(f"{raw}: no such file or folder")
+    return files
+
+
+def main(args: argparse.Namespace) -> None:
+    import keras
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "model.keras").exists():
+        raise PipelineError(f"{model_dir / 'model.keras'} is missing: run the pipeline first (make repro); "
+                            "the gate deploys a model only when one passes both thresholds")
+    info = ModelInfo.read(model_dir / "model.json")
+    model = keras.models.load_model(model_dir / "model.keras", safe_mode=True)
+    files = expand_paths(args.paths)
+    good, pixels, failed = [], [], 0
+    for path in files:
+        try:
+            pixels.append(load_pixels(path, info.image_size, info.channels, DEFAULT_MAX_PIXELS))
+            good.append(path)
+        except ImageRejected as rejected:
+            print(f"{path}\terror: {rejected.reason}", file=sys.stderr)
+            failed += 1
+    import numpy as np
+
+    batch = np.stack(pixels) if pixels else np.zeros((0, info.image_size, info.image_size, info.channels))
+    for path, prediction in zip(good, classify(model, batch, info)):
+        print(f"{path}\t{prediction.label}\t{prediction.probability:.4f}")
+    if failed:
+        raise PipelineError(f"{failed} of {len(files)} files could not be read as images")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("--model-dir", default="deploy", help="folder with model.keras and model.json")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cli.main_entry("predict", main, parser)

@@ -1,0 +1,144 @@
+"""The deployed model as clients use it: image bytes in, label and probabilities out.
+
+:func:`classify` is the one prediction routine; ``python -m pipeline.predict`` and the MLflow
+pyfunc model :class:`ImageClassifierModel` (what ``mlflow models serve`` runs) both call it, with
+the same decode rules as training (:mod:`pipeline.images`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_bytes
+
+IMAGE_COLUMN = "image"
+SERVING_PACKAGES = ("tensorflow", "keras", "mlflow", "pillow", "pandas", "numpy")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client needs to know to feed the deployed model: ``deploy/model.json``."""
+
+    class_names: list[str]
+    image_size: int
+    channels: int
+
+    @classmethod
+    def read(cls, path: Path) -> ModelInfo:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(list(data["class_names"]), int(data["image_size"]), int(data["channels"]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer: the label, its probability, and every class's probability."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+
+def classify(model: Any, pixels: np.ndarray, info: ModelInfo, batch_size: int = 64) -> list[Prediction]:
+    """Run the model on ``(n, size, size, channels)`` raw pixels and name the classes."""
+    from pipeline.dataset import decode_predictions
+
+    if len(pixels) == 0:
+        return []
+    outputs = model.predict(np.asarray(pixels, dtype=np.float32), batch_size=batch_size, verbose=0)
+    indices, probabilities = decode_predictions(outputs)
+    return [Prediction(info.class_names[index], float(row[index]),
+                       {name: float(p) for name, p in zip(info.class_names, row)})
+            for index, row in zip(indices, probabilities)]
+
+
+def pixels_from_request(model_input: Any, info: ModelInfo) -> np.ndarray:
+    """Turn what a client sent into model input, or raise ``ValueError`` saying what is wrong.
+
+    Accepted: a DataFrame with an ``image`` column of file bytes (or their base64 text, as in
+    ``{"dataframe_records": [{"image": "<base64>"}]}``), or an array of raw pixels shaped
+    ``(n, size, size, channels)`` (a single image without the batch axis is accepted too).
+    """
+    expected = (info.image_size, info.image_size, info.channels)
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise ValueError(f"expected a column named '{IMAGE_COLUMN}' holding each image file's bytes "
+                             f"in base64; got columns {list(model_input.columns)}")
+        images = []
+        for row, value in enumerate(model_input[IMAGE_COLUMN]):
+            try:
+                images.append(load_pixels_from_bytes(_as_bytes(value), info.image_size, info.channels,
+                                                     DEFAULT_MAX_PIXELS))
+            except ImageRejected as rejected:
+                raise ValueError(f"row {row}: {rejected.reason}") from None
+        return np.stack(images) if images else np.zeros((0, *expected), dtype=np.uint8)
+    array = np.asarray(model_input)
+    if array.ndim == 3:
+        array = array[np.newaxis]
+    if array.ndim != 4 or array.shape[1:] != expected or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"expected images of shape (n, {', '.join(map(str, expected))}) with pixel values 0-255, "
+                         f"got shape {array.shape} of {array.dtype}")
+    return array
+
+
+def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
+    """Predictions as the rows a JSON client gets back."""
+    return pd.DataFrame([{"label": p.label, "probability": p.probability, "probabilities": p.probabilities}
+                         for p in predictions], columns=["label", "probability", "probabilities"])
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """The deployed Keras model behind MLflow's pyfunc interface (``mlflow models serve``)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import keras
+
+        self.model = keras.models.load_model(context.artifacts["keras_model"], safe_mode=True)
+        self.info = ModelInfo.read(Path(context.artifacts["model_info"]))
+
+    # No type hints on predict: MLflow would turn them into a schema that forbids one of the two inputs.
+    def predict(self, context, model_input, params=None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            pixels = pixels_from_request(model_input, self.info)
+        except ValueError as error:
+            # MLflow's scoring server answers INVALID_PARAMETER_VALUE with HTTP 400, not 500.
+            raise MlflowException(f"bad request: {error}", error_code=INVALID_PARAMETER_VALUE) from None
+        return predictions_frame(classify(self.model, pixels, self.info))
+
+
+def log_serving_model(deploy_dir: Path, model_file: str, info_file: str):
+    """Log the deployed model as a pyfunc to the active run; returns MLflow's ModelInfo."""
+    package_dir = Path(__file__).resolve().parent
+    requirements = []
+    for package in SERVING_PACKAGES:
+        try:
+            requirements.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return mlflow.pyfunc.log_model(
+        name="serving_model", python_model=ImageClassifierModel(),
+        artifacts={"keras_model": str(deploy_dir / model_file), "model_info": str(deploy_dir / info_file)},
+        code_paths=[str(package_dir)], pip_requirements=requirements)
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageRejected("not base64 text (send each file's bytes base64-encoded)") from None
+    raise ImageRejected(f"expected image bytes or base64 text, got {type(value).__name__}")

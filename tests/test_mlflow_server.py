@@ -1,0 +1,210 @@
+"""The whole pipeline against a real, shared MLflow tracking server instead of the local SQLite file.
+
+A ``mlflow server`` subprocess (SQLite backend and proxied artifact store, both in a temporary
+folder, as a team would run it with PostgreSQL and S3) is started on a free port; ``dvc repro``
+runs in a copy of the project with only ``MLFLOW_TRACKING_URI`` pointing at it. Everything is then
+checked through the server's REST API, the way a teammate on another machine would see it, and
+the project copy must hold no local store (``mlflow.db``, ``mlartifacts/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.project import STAGES, copy_project, project_env, stages_run
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "image-classification"
+REGISTERED_MODEL = "image-classifier"
+SERVER_START_TIMEOUT = 120  # seconds: the first start creates the database and runs its migrations
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A running ``mlflow server``: its URL, its artifact destination and its log file."""
+
+    def __init__(self, url: str, artifacts: Path, database: Path, log: Path) -> None:
+        self.url, self.artifacts, self.database, self.log = url, artifacts, database, log
+
+    def get(self, endpoint: str, **params) -> dict:
+        response = requests.get(f"{self.url}{endpoint}", params=params, timeout=30)
+        assert response.status_code == 200, f"GET {endpoint} {params}: {response.status_code} {response.text}"
+        return response.json()
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        response = requests.post(f"{self.url}{endpoint}", json=body, timeout=30)
+        assert response.status_code == 200, f"POST {endpoint} {body}: {response.status_code} {response.text}"
+        return response.json()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate the server's process group (mlflow forks uvicorn workers), then kill what is left."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stray workers, even if the main process already exited
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    """``mlflow server`` with a SQLite backend and ``--serve-artifacts`` into a local folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    database, artifacts, log = root / "mlflow.db", root / "artifacts", root / "server.log"
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{database}",
+               "--serve-artifacts", "--artifacts-destination", str(artifacts),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {key: value for key, value in project_env().items()}
+    with open(log, "wb") as log_file:
+        # Its own session, so the finaliser can signal the whole group (the server and its workers).
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    started = Server(url, artifacts, database, log)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"mlflow server exited {process.returncode}:\n{started.log_tail()}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy after {SERVER_START_TIMEOUT} s:\n{started.log_tail()}")
+            time.sleep(0.5)
+        yield started
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def pipeline(server: Server, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``dvc repro`` in a fresh copy of the project, tracking to the server and nowhere else."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    env = {**project_env(), "MLFLOW_TRACKING_URI": server.url}
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (f"dvc repro exited {result.returncode}\n{result.stdout}\n{result.stderr}\n"
+                                    f"--- server log ---\n{server.log_tail()}")
+    return project, result
+
+
+def experiment_id(server: Server) -> str:
+    found = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
+    return found["experiment"]["experiment_id"]
+
+
+def training_runs(server: Server) -> dict[str, dict]:
+    """The experiment's runs, by their ``dvc.stage`` tag, as the REST API returns them."""
+    found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
+                                                        "max_results": 100})
+    runs = {}
+    for run in found.get("runs", []):
+        tags = {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
+        runs[tags.get("dvc.stage")] = {
+            "info": run["info"], "tags": tags,
+            "metrics": {metric["key"]: metric["value"] for metric in run["data"].get("metrics", [])},
+            "params": {param["key"]: param["value"] for param in run["data"].get("params", [])}}
+    return runs
+
+
+def test_pipeline_runs_every_stage_against_the_server(pipeline) -> None:
+    _, result = pipeline
+    assert stages_run(result.stdout) == list(STAGES)
+
+
+def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None:
+    project, _ = pipeline
+    experiment = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    assert experiment["name"] == EXPERIMENT
+    assert experiment["lifecycle_stage"] == "active"
+    # The server chose where artifacts go (its proxy), not a path on the machine that ran the pipeline.
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:"), experiment["artifact_location"]
+
+    runs = training_runs(server)
+    assert sorted(runs) == ["train_custom", "train_resnet50"]
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    for stage, run in runs.items():
+        assert run["info"]["status"] == "FINISHED"
+        assert {"train_accuracy", "validation_accuracy", "test_accuracy", "loss", "val_loss"} <= set(run["metrics"])
+        model = stage.removeprefix("train_")
+        assert run["metrics"]["test_accuracy"] == pytest.approx(gate["candidates"][model]["test_accuracy"])
+        assert run["tags"]["gate.verdict"] == gate["candidates"][model]["verdict"] == "deploy"
+        assert run["tags"]["gate.deployed"] == str(gate["model"] == model).lower()
+        assert len(run["tags"]["git.commit"]) == 40
+        assert run["params"]["train_size"]
+        assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]["artifact_uri"]
+
+
+def test_champion_alias_is_on_the_server(server: Server, pipeline) -> None:
+    project, _ = pipeline
+    version = server.get("/api/2.0/mlflow/registered-models/alias", name=REGISTERED_MODEL,
+                         alias="champion")["model_version"]
+    assert version["name"] == REGISTERED_MODEL
+    assert str(version["version"]) == "1"
+    deployed = json.loads((project / "deploy/model.json").read_text())
+    assert version["run_id"] == deployed["mlflow_run_id"]
+    tags = {tag["key"]: tag["value"] for tag in version.get("tags", [])}
+    assert tags["source.run_id"] == deployed["mlflow_run_id"]
+    assert tags["gate.verdict"] == "deploy"
+    model = server.get("/api/2.0/mlflow/registered-models/get", name=REGISTERED_MODEL)["registered_model"]
+    assert {alias["alias"]: alias["version"] for alias in model.get("aliases", [])} == {"champion": "1"}
+
+
+def test_artifacts_live_in_the_servers_artifact_store(server: Server, pipeline) -> None:
+    project, _ = pipeline
+    runs = training_runs(server)
+    for stage, run in runs.items():
+        run_id = run["info"]["run_id"]
+        # Listed through the tracking API ...
+        listed = server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id, path="plots")
+        names = sorted(Path(entry["path"]).name for entry in listed.get("files", []))
+        assert names == ["confusion_matrix_test.png", "training_curves.png"], (stage, listed)
+        # ... and downloaded through the artifact proxy, byte for byte what lies in --artifacts-destination.
+        relative = run["info"]["artifact_uri"].removeprefix("mlflow-artifacts:").lstrip("/")
+        proxied = server.get("/api/2.0/mlflow-artifacts/artifacts", path=f"{relative}/plots")
+        assert sorted(Path(entry["path"]).name for entry in proxied.get("files", [])) == names
+        response = requests.get(f"{server.url}/api/2.0/mlflow-artifacts/artifacts/{relative}/plots/"
+                                "training_curves.png", timeout=30)
+        assert response.status_code == 200
+        assert response.content.startswith(b"\x89PNG")
+        on_disk = server.artifacts / relative / "plots" / "training_curves.png"
+        assert on_disk.read_bytes() == response.content
+
+    # The logged Keras models went to the server's store too (MLflow 3 keeps them under <experiment>/models/).
+    assert list(server.artifacts.rglob("MLmodel")), sorted(str(p) for p in server.artifacts.rglob("*"))[:50]
+    # Nothing was written to a local store in the project.
+    assert not (project / "mlflow.db").exists()
+    assert not (project / "mlartifacts").exists()
+    assert not (project / "mlruns").exists()
