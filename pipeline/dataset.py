@@ -48,14 +48,28 @@ def image_dataset(paths: Sequence[str], image_size: int, channels: int) -> tf.da
 
 def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_classes: int, *,
                      image_size: int, channels: int, batch_size: int,
-                     shuffle_seed: int | None) -> tf.data.Dataset:
-    """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded."""
+                     shuffle_seed: int | None, shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+    """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded.
+
+    ``shard=(workers, index)`` keeps every workers-th file starting at ``index`` before anything is
+    read, so each machine of a multi-worker run decodes only its own share.
+    """
+    paths, label_indices = list(paths), list(label_indices)
+    if shard is not None:
+        workers, index = shard
+        paths, label_indices = paths[index::workers], label_indices[index::workers]
     images = image_dataset(paths, image_size, channels)
     targets = tf.data.Dataset.from_tensor_slices(encode_targets(label_indices, num_classes))
     dataset = tf.data.Dataset.zip((images, targets)).cache()
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if shard is not None:
+        # Already sharded by file above; stop tf.distribute from sharding a second time.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
+    return dataset
 
 
 def load_images(paths: Sequence[str], image_size: int, channels: int) -> np.ndarray:

@@ -37,6 +37,7 @@ class BaseParams:
     image_size: int
     channels: Literal[1, 3]
     deterministic: bool
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"]
     experiment_name: str
 
     def check(self, where: str) -> None:

@@ -16,7 +16,8 @@ def train_custom(data: FitData, params: Params, history: History) -> keras.Model
     section = params.train_custom
     model = build_custom_cnn(data.input_shape, data.num_classes, section.blocks, section.dense_units,
                              section.dropout)
-    compile_model(model, section.optimizer, section.learning_rate, section.loss, data.num_classes)
+    compile_model(model, section.optimizer, data.scaled_learning_rate(section.learning_rate), section.loss,
+                  data.num_classes)
     fit(model, data, section, history, phase="train", epochs=section.epochs)
     return model
 

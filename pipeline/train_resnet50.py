@@ -24,7 +24,8 @@ def train_resnet50(data: FitData, params: Params, history: History) -> keras.Mod
     section = params.train_resnet50
     model, base = build_resnet50(data.input_shape, data.num_classes, section.weights, section.dense_units,
                                  section.dropout)
-    compile_model(model, section.optimizer, section.learning_rate, section.loss, data.num_classes)
+    compile_model(model, section.optimizer, data.scaled_learning_rate(section.learning_rate), section.loss,
+                  data.num_classes)
     phase = "head" if section.pretrained else "train"
     fit(model, data, section, history, phase=phase, epochs=section.epochs)
     if section.pretrained and section.fine_tune_layers > 0 and section.fine_tune_epochs > 0:
@@ -32,7 +33,8 @@ def train_resnet50(data: FitData, params: Params, history: History) -> keras.Mod
         log.info("fine-tuning the top %d layers of ResNet50 (%d with weights) at learning rate %g",
                  section.fine_tune_layers, unfrozen, section.fine_tune_learning_rate)
         # Changing what is trainable only takes effect after compiling again.
-        compile_model(model, section.optimizer, section.fine_tune_learning_rate, section.loss, data.num_classes)
+        compile_model(model, section.optimizer, data.scaled_learning_rate(section.fine_tune_learning_rate),
+                      section.loss, data.num_classes)
         fit(model, data, section, history, phase="fine_tune", epochs=section.fine_tune_epochs)
     return model
 

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipeline import cli, figures, tracking
 from pipeline.dataset import load_images, training_dataset
+from pipeline.devices import Placement, choose_placement
 from pipeline.files import atomic_write_text, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split
 from pipeline.params import FitParams, Params, load_params, to_flat_dict
@@ -45,11 +46,16 @@ class FitData:
     batch_size: int
     num_classes: int
     input_shape: tuple[int, int, int]
+    replicas: int = 1
 
     @property
     def iterations_per_epoch(self) -> int:
         """The deck's definition: batches needed to see every training image once."""
         return iterations_per_epoch(self.train_size, self.batch_size)
+
+    def scaled_learning_rate(self, learning_rate: float) -> float:
+        """The Keras guides' linear scaling: a batch N times larger takes N times the step size."""
+        return learning_rate * self.replicas
 
 
 @dataclass
@@ -74,17 +80,24 @@ def iterations_per_epoch(train_size: int, batch_size: int) -> int:
     return math.ceil(train_size / batch_size)
 
 
-def make_fit_data(data: SplitImages, params: Params, batch_size: int) -> FitData:
-    """Training set shuffled with the seed, validation set in order; both decoded once and cached."""
+def make_fit_data(data: SplitImages, params: Params, batch_size: int, placement: Placement | None = None) -> FitData:
+    """Training set shuffled with the seed, validation set in order; both decoded once and cached.
+
+    ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
+    images. With several workers each reads only its own share of the files.
+    """
     base = params.base
+    replicas = placement.replicas if placement else 1
+    shard = (placement.num_workers, placement.worker_index) if placement and placement.num_workers > 1 else None
     num_classes = len(data.class_names)
-    common = {"image_size": base.image_size, "channels": base.channels, "batch_size": batch_size}
+    common = {"image_size": base.image_size, "channels": base.channels, "batch_size": batch_size * replicas,
+              "shard": shard}
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
                              shuffle_seed=base.seed, **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
-    return FitData(train, validation, len(data.subset("train")), batch_size, num_classes,
-                   (base.image_size, base.image_size, base.channels))
+    return FitData(train, validation, len(data.subset("train")), batch_size * replicas, num_classes,
+                   (base.image_size, base.image_size, base.channels), replicas)
 
 
 def fit(model: keras.Model, data: FitData, fit_params: FitParams, history: History, *, phase: str,
@@ -123,7 +136,8 @@ def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFu
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = read_split(Path(args.ingest), Path(args.split))
     tracking.connect(params.base.experiment_name)
-    fit_data = make_fit_data(data, params, section.batch_size)
+    placement = choose_placement(params.base.distribution)
+    fit_data = make_fit_data(data, params, section.batch_size, placement)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch", stage,
              fit_data.train_size, fit_data.num_classes, fit_data.batch_size, fit_data.iterations_per_epoch)
 
@@ -134,9 +148,12 @@ def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFu
         tracking.log_params_flat({**to_flat_dict(params.base, "base"), **to_flat_dict(section, stage),
                                   "train_size": fit_data.train_size,
                                   "iterations_per_epoch": fit_data.iterations_per_epoch,
-                                  "classes": ",".join(data.class_names)})
+                                  "classes": ",".join(data.class_names),
+                                  "distribution.strategy": placement.name, "distribution.replicas": placement.replicas,
+                                  "distribution.global_batch_size": fit_data.batch_size})
         history = History()
-        model = fit_function(fit_data, params, history)
+        with placement.strategy.scope():
+            model = fit_function(fit_data, params, history)
         save_model(model, out_dir / MODEL_FILE)
         frame = history.frame()
         atomic_write_text(Path(args.history), frame.to_csv(index=False, lineterminator="\n", na_rep=""))

@@ -1,0 +1,58 @@
+"""Which devices train: one, several GPUs on one machine, or several machines.
+
+Nothing here is ours to invent: it picks one of TensorFlow's own ``tf.distribute`` strategies
+from ``base.distribution`` and what the machine has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+log = logging.getLogger("pipeline.devices")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The chosen strategy, how many replicas it trains on, and this worker's share of the input."""
+
+    strategy: tf.distribute.Strategy
+    name: str
+    replicas: int
+    num_workers: int = 1
+    worker_index: int = 0
+
+
+def choose_placement(setting: str) -> Placement:
+    """``auto``: several machines if ``TF_CONFIG`` names them, else every GPU if there are several,
+    else one device. ``mirrored``: every GPU, or every logical CPU when there is no GPU.
+    ``multi_worker``: ``MultiWorkerMirroredStrategy`` (needs ``TF_CONFIG``). ``none``: one device.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    cluster = _tf_config()
+    if setting == "multi_worker" or (setting == "auto" and cluster):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        workers = len(cluster.get("cluster", {}).get("worker", [])) or 1
+        index = int(cluster.get("task", {}).get("index", 0))
+        return Placement(strategy, "multi_worker", strategy.num_replicas_in_sync, workers, index)
+    if setting == "mirrored" or (setting == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+        return Placement(strategy, "mirrored", strategy.num_replicas_in_sync)
+    return Placement(tf.distribute.get_strategy(), "none", 1)
+
+
+def _tf_config() -> dict:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError("TF_CONFIG is not valid JSON (see the tf.distribute multi-worker guide)") from None
