@@ -24,8 +24,11 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.tracking")
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE_FILE = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
+# `dvc exp run --queue` / `--temp` runs each experiment in a copy under .dvc/tmp/exps/; its runs
+# belong in the project's store, not in a copy that DVC deletes afterwards.
+_DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
 _PROBE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pandas", "numpy", "pillow")
@@ -33,7 +36,18 @@ RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pa
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE_FILE}"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The repository DVC runs in (the working directory), or, inside a DVC temporary experiment
+    workspace, the project that queued it."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - len(_DVC_TEMP_WORKSPACE)):
+        if parts[i:i + len(_DVC_TEMP_WORKSPACE)] == _DVC_TEMP_WORKSPACE:
+            return Path(*parts[:i])
+    return here
 
 
 def connect(experiment_name: str) -> str:
@@ -52,13 +66,13 @@ def connect(experiment_name: str) -> str:
             artifact_location = None
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 # A local store keeps artifacts beside it, not in whatever folder MLflow guesses.
-                artifact_location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+                artifact_location = (project_root() / DEFAULT_ARTIFACT_DIR).as_uri()
             experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location)
         else:
             experiment_id = experiment.experiment_id
     except Exception as error:  # MLflow raises many types (MlflowException, OperationalError, ConnectionError)
         raise PipelineError(f"MLflow tracking store {uri} cannot be used ({_store_problem(error)}). "
-                            "Check MLFLOW_TRACKING_URI (unset it to use the local sqlite:///mlflow.db)") from None
+                            "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)") from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -1,0 +1,59 @@
+"""The README's sweep of the deck's split ratios: queued DVC experiments, linked to MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.project import copy_project, run
+
+pytestmark = pytest.mark.slow
+
+SWEEP = ("[0.7,0.15,0.15]", "[0.6,0.2,0.2]")
+
+
+def wait_for_queue(project: Path, timeout: float = 900) -> str:
+    """Poll ``dvc queue status`` until nothing is queued or running; return the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(project, "dvc", "queue", "status").stdout
+        busy = [line for line in status.splitlines() if " Queued " in f" {line} " or " Running " in f" {line} "]
+        if not busy:
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout} s:\n{status}"
+        time.sleep(5)
+
+
+def test_queued_split_ratio_sweep_runs_and_links_to_mlflow(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    project = copy_project(tmp_path / "project", max_per_class=8)
+    for ratios in SWEEP:
+        run(project, "dvc", "exp", "run", "--queue", "-S", f"split.ratios={ratios}")
+    run(project, "dvc", "queue", "start")
+    status = wait_for_queue(project)
+    assert " Failed " not in f" {status} ", status
+
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    experiments = [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
+    assert len(experiments) == len(SWEEP), shown
+    names = set()
+    for experiment in experiments:
+        (revision,) = experiment["revs"]
+        data = revision["data"]
+        gate = data["metrics"]["metrics/gate.json"]["data"]
+        assert set(gate["candidates"]) == {"custom", "resnet50"}
+        assert gate["candidates"]["custom"]["verdict"] in ("deploy", "overfit", "underfit")
+        assert "test" in data["metrics"]["metrics/evaluate.json"]["data"]["custom"]
+        names.add(experiment["name"])
+
+    # Each experiment's runs land in the project's own store, tagged with the experiment's name.
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("image-classification")
+    runs = client.search_runs([experiment.experiment_id])
+    tagged = {r.data.tags.get("dvc.experiment") for r in runs}
+    assert names <= tagged, (names, tagged)
+    assert not list(project.glob(".dvc/tmp/exps/**/mlflow.db"))
