@@ -6,12 +6,19 @@ files, so anything in the manifest decodes here too.
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline.images import load_pixels
+
+# Decoded uint8 images up to this size are cached in memory; beyond it, in a temporary file.
+MEMORY_CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def encode_targets(label_indices: Sequence[int], num_classes: int) -> np.ndarray:
@@ -60,7 +67,7 @@ def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_cla
         paths, label_indices = paths[index::workers], label_indices[index::workers]
     images = image_dataset(paths, image_size, channels)
     targets = tf.data.Dataset.from_tensor_slices(encode_targets(label_indices, num_classes))
-    dataset = tf.data.Dataset.zip((images, targets)).cache()
+    dataset = tf.data.Dataset.zip((images, targets)).cache(_cache_file(len(paths), image_size, channels))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -70,6 +77,16 @@ def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_cla
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         dataset = dataset.with_options(options)
     return dataset
+
+
+def _cache_file(count: int, image_size: int, channels: int) -> str:
+    """Where decoded images are cached: memory ("") when they fit comfortably, else a temporary file,
+    so a large photo folder cannot exhaust the machine's memory."""
+    if count * image_size * image_size * channels <= MEMORY_CACHE_LIMIT_BYTES:
+        return ""
+    folder = tempfile.mkdtemp(prefix="image-pipeline-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(Path(folder) / "decoded")
 
 
 def load_images(paths: Sequence[str], image_size: int, channels: int) -> np.ndarray:

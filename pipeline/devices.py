@@ -56,3 +56,30 @@ def _tf_config() -> dict:
         from pipeline.errors import PipelineError
 
         raise PipelineError("TF_CONFIG is not valid JSON (see the tf.distribute multi-worker guide)") from None
+
+
+# Measured with `make bench` (numerics row) on a 2-core AMD EPYC with AVX-512 BF16: see the README's
+# Performance section. bfloat16 pays off for the custom CNN's large convolutions; for ResNet50 it does not.
+_CPU_BF16_PRECISION = {"custom": "mixed_bfloat16", "resnet50": "float32"}
+
+
+def resolve_precision(setting: str, model_name: str) -> str:
+    """The Keras dtype policy for ``precision: auto``: mixed_float16 on a GPU, the measured best on
+    a CPU with bfloat16 instructions, float32 elsewhere. Any other setting is used as it is."""
+    if setting != "auto":
+        return setting
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    if cpu_has_bfloat16():
+        return _CPU_BF16_PRECISION.get(model_name, "float32")
+    return "float32"
+
+
+def cpu_has_bfloat16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX (read from /proc/cpuinfo; False where it is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))

@@ -87,7 +87,8 @@ def unfreeze_top_layers(base: keras.Model, count: int) -> int:
     return unfrozen
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int) -> None:
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int,
+                  jit_compile: bool = False) -> None:
     """Compile with the params' optimizer and loss; the loss matches the output layer's shape."""
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     if loss == "mse":
@@ -97,7 +98,7 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
     else:
         loss_function = keras.losses.CategoricalCrossentropy()
     model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss_function,
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], jit_compile=jit_compile)
 
 
 def _classifier_head(x, num_classes: int, dense_units: Sequence[int], dropout: float):
@@ -105,9 +106,10 @@ def _classifier_head(x, num_classes: int, dense_units: Sequence[int], dropout: f
         x = keras.layers.Dense(units, activation="relu", name=f"fc{number}")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # The output stays float32 under mixed precision: probabilities need the range.
     if num_classes == 2:
-        return keras.layers.Dense(1, activation="sigmoid", name="output")(x)
-    return keras.layers.Dense(num_classes, activation="softmax", name="output")(x)
+        return keras.layers.Dense(1, activation="sigmoid", name="output", dtype="float32")(x)
+    return keras.layers.Dense(num_classes, activation="softmax", name="output", dtype="float32")(x)
 
 
 def _resnet50_base(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:

@@ -92,6 +92,8 @@ class FitParams:
     patience: int
     dense_units: tuple[int, ...]
     dropout: float
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+    jit_compile: bool
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", f"must be at least 1, got {self.epochs}")

@@ -17,7 +17,7 @@ def train_custom(data: FitData, params: Params, history: History) -> keras.Model
     model = build_custom_cnn(data.input_shape, data.num_classes, section.blocks, section.dense_units,
                              section.dropout)
     compile_model(model, section.optimizer, data.scaled_learning_rate(section.learning_rate), section.loss,
-                  data.num_classes)
+                  data.num_classes, section.jit_compile)
     fit(model, data, section, history, phase="train", epochs=section.epochs)
     return model
 

@@ -25,7 +25,7 @@ def train_resnet50(data: FitData, params: Params, history: History) -> keras.Mod
     model, base = build_resnet50(data.input_shape, data.num_classes, section.weights, section.dense_units,
                                  section.dropout)
     compile_model(model, section.optimizer, data.scaled_learning_rate(section.learning_rate), section.loss,
-                  data.num_classes)
+                  data.num_classes, section.jit_compile)
     phase = "head" if section.pretrained else "train"
     fit(model, data, section, history, phase=phase, epochs=section.epochs)
     if section.pretrained and section.fine_tune_layers > 0 and section.fine_tune_epochs > 0:
@@ -34,7 +34,7 @@ def train_resnet50(data: FitData, params: Params, history: History) -> keras.Mod
                  section.fine_tune_layers, unfrozen, section.fine_tune_learning_rate)
         # Changing what is trainable only takes effect after compiling again.
         compile_model(model, section.optimizer, data.scaled_learning_rate(section.fine_tune_learning_rate),
-                      section.loss, data.num_classes)
+                      section.loss, data.num_classes, section.jit_compile)
         fit(model, data, section, history, phase="fine_tune", epochs=section.fine_tune_epochs)
     return model
 

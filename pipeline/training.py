@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from pipeline import cli, figures, tracking
 from pipeline.dataset import load_images, training_dataset
-from pipeline.devices import Placement, choose_placement
+from pipeline.devices import Placement, choose_placement, resolve_precision
 from pipeline.files import atomic_write_text, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split
 from pipeline.params import FitParams, Params, load_params, to_flat_dict
@@ -33,6 +33,7 @@ log = logging.getLogger("pipeline.training")
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
+MODEL_NAMES = {"train_custom": "custom", "train_resnet50": "resnet50"}
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 
@@ -137,9 +138,12 @@ def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFu
     data = read_split(Path(args.ingest), Path(args.split))
     tracking.connect(params.base.experiment_name)
     placement = choose_placement(params.base.distribution)
+    precision = resolve_precision(section.precision, MODEL_NAMES[stage])
+    keras.mixed_precision.set_global_policy(precision)
     fit_data = make_fit_data(data, params, section.batch_size, placement)
-    log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch", stage,
-             fit_data.train_size, fit_data.num_classes, fit_data.batch_size, fit_data.iterations_per_epoch)
+    log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, %s on %d replica(s)",
+             stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size, fit_data.iterations_per_epoch,
+             precision, placement.name, placement.replicas)
 
     out_dir = Path(args.out)
     tags = {**tracking.lineage_tags(stage, Path(args.ingest) / MANIFEST_FILE),
@@ -149,6 +153,7 @@ def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFu
                                   "train_size": fit_data.train_size,
                                   "iterations_per_epoch": fit_data.iterations_per_epoch,
                                   "classes": ",".join(data.class_names),
+                                  "precision.policy": precision,
                                   "distribution.strategy": placement.name, "distribution.replicas": placement.replicas,
                                   "distribution.global_batch_size": fit_data.batch_size})
         history = History()
