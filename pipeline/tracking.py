@@ -31,6 +31,7 @@ DEFAULT_ARTIFACT_DIR = "mlartifacts"
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
 _PROBE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_STAGE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pandas", "numpy", "pillow")
 
 
@@ -74,7 +75,21 @@ def connect(experiment_name: str) -> str:
         raise PipelineError(f"MLflow tracking store {uri} cannot be used ({_store_problem(error)}). "
                             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)") from None
     mlflow.set_experiment(experiment_id=experiment_id)
+    if uri.startswith(("http://", "https://")):
+        # For the rest of the stage: a server that goes away fails it within minutes, not after
+        # MLflow's default 7 retries with back-off; a user's own settings win.
+        for name, value in _STAGE_HTTP_SETTINGS.items():
+            os.environ.setdefault(name, value)
     return experiment_id
+
+
+def start_run(run_name: str, tags: dict[str, str]):
+    """``mlflow.start_run`` that turns a refused write (read-only user) into one clear line."""
+    try:
+        return mlflow.start_run(run_name=run_name, tags=tags)
+    except Exception as error:
+        raise PipelineError(_access_problem(error) or f"MLflow could not start a run in {tracking_uri()} "
+                            f"({_first_line(error)})") from None
 
 
 @contextlib.contextmanager
@@ -132,6 +147,9 @@ def resume_run(run_id: str):
     try:
         return mlflow.start_run(run_id=run_id)
     except Exception as error:
+        access = _access_problem(error)
+        if access:
+            raise PipelineError(access) from None
         raise PipelineError(f"MLflow run {run_id} was not found in {tracking_uri()} ({_first_line(error)}); "
                             "was the store changed since training? Rerun training: dvc repro -f train_custom "
                             "train_resnet50") from None
@@ -155,6 +173,16 @@ def _git(arguments: list[str]) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return result.stdout.strip()
+
+
+def _access_problem(error: BaseException) -> str | None:
+    """A message for a server that refused the user, or None for any other error."""
+    code = getattr(error, "error_code", "")
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no MLFLOW_TRACKING_USERNAME set)")
+        return (f"MLflow server {tracking_uri()} refused user {user} ({code}): training needs EDIT permission on "
+                "the experiment, and the gate on the registered model too")
+    return None
 
 
 def _store_problem(error: BaseException) -> str:

@@ -70,7 +70,9 @@ class History:
             self.rows.append({"epoch": len(self.rows) + 1, "phase": phase, **values})
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+        """The curves as a table; a diverged loss (inf, NaN) becomes an empty cell, which DVC's
+        plot renderer skips instead of failing on."""
+        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS).replace([np.inf, -np.inf], np.nan)
 
 
 FitFunction = Callable[[FitData, Params, History], keras.Model]
@@ -148,7 +150,7 @@ def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFu
     out_dir = Path(args.out)
     tags = {**tracking.lineage_tags(stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    with tracking.start_run(stage, tags) as run:
         tracking.log_params_flat({**to_flat_dict(params.base, "base"), **to_flat_dict(section, stage),
                                   "train_size": fit_data.train_size,
                                   "iterations_per_epoch": fit_data.iterations_per_epoch,
