@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-from-lock
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup repro test check-deploy ui plots clean-venv
+.PHONY: setup repro test bench check-deploy ui plots clean-venv
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ repro: setup  ## run every stage that is out of date
 
 test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro)
 	python -m pytest
+
+bench: setup  ## the benchmark suite: one table, figures in bench/results.json (run it on a quiet machine)
+	python -m bench $(BENCH_ARGS)
 
 check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
 	python -m pipeline.gate --check --out metrics/gate.json

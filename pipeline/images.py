@@ -107,7 +107,9 @@ def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
                     "(ingest.max_image_pixels)")
             image.load()
             # Photos from phones store their rotation in EXIF; apply it so the pixels are upright.
-            return ImageOps.exif_transpose(image)
+            # in_place: most photos need no turn, and a copy of every decoded image is not free.
+            ImageOps.exif_transpose(image, in_place=True)
+            return image
     except ImageRejected:
         raise
     except UnidentifiedImageError:

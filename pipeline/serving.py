@@ -11,7 +11,6 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +119,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 def log_serving_model(deploy_dir: Path, model_file: str, info_file: str):
     """Log the deployed model as a pyfunc to the active run; returns MLflow's ModelInfo."""
+    from pipeline.tracking import pinned_requirements
+
     package_dir = Path(__file__).resolve().parent
-    requirements = []
-    for package in SERVING_PACKAGES:
-        try:
-            requirements.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            continue
+    requirements = pinned_requirements(SERVING_PACKAGES)
     return mlflow.pyfunc.log_model(
         name="serving_model", python_model=ImageClassifierModel(),
         artifacts={"keras_model": str(deploy_dir / model_file), "model_info": str(deploy_dir / info_file)},

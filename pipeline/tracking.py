@@ -162,6 +162,21 @@ def register_champion(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return str(version.version)
 
 
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """``name==version`` of the installed packages, for a logged model's requirements.
+
+    Given explicitly, so MLflow does not load the model in a subprocess to guess them (seconds
+    per model, for a list we already know).
+    """
+    pins = []
+    for package in packages:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
 def log_params_flat(params: dict[str, Any]) -> None:
     """Log params, lists written as text (MLflow params are strings)."""
     mlflow.log_params({key: ("null" if value is None else str(value)) for key, value in params.items()})

@@ -33,6 +33,7 @@ log = logging.getLogger("pipeline.training")
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
+TRAINING_MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 MODEL_NAMES = {"train_custom": "custom", "train_resnet50": "resnet50"}
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
 
@@ -207,7 +208,8 @@ def _log_model(model: keras.Model, data: SplitImages, params: Params):
     sample = load_images(data.paths("validation")[:4], params.base.image_size, params.base.channels)
     sample = sample.astype(np.float32)
     signature = infer_signature(sample, model.predict(sample, verbose=0))
-    return mlflow.keras.log_model(model, name="model", signature=signature)
+    return mlflow.keras.log_model(model, name="model", signature=signature,
+                                  pip_requirements=tracking.pinned_requirements(TRAINING_MODEL_PACKAGES))
 
 
 def _epochs(keras_history: keras.callbacks.History) -> list[dict]:

@@ -1,0 +1,446 @@
+"""What every row shares: sizes, the machine, statistics, subprocesses and their memory, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+# Sizes: "full" is the real benchmark (a quiet machine), "quick" is for development, "tiny" is for
+# the smoke test. A row reads its own entries from its own table; these are the shared names.
+MODES = ("full", "quick", "tiny")
+
+
+def cache_dir() -> Path:
+    """Where generated data lives between runs (outside the repository): ``$BENCH_CACHE_DIR`` or
+    ``~/.cache/image-pipeline-bench``."""
+    root = os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "image-pipeline-bench"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, the vector and matrix features that matter for bf16, memory, versions."""
+    flags: set[str] = set()
+    model = platform.processor() or "unknown"
+    family = cpu_model_number = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "model name" and model in ("unknown", "", "x86_64"):
+                model = value
+            elif key == "cpu family" and family is None:
+                family = value
+            elif key == "model" and cpu_model_number is None:
+                cpu_model_number = value
+    except OSError:
+        pass
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+        found = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
+        if found:
+            model = found.group(1).strip()
+        hypervisor = re.search(r"^Hypervisor vendor:\s*(.+)$", lscpu, re.MULTILINE)
+    except (OSError, subprocess.SubprocessError):
+        hypervisor = None
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for package in ("tensorflow", "keras", "pillow", "numpy", "dvc", "mlflow"):
+        versions[package] = _version(package)
+    return {
+        "cpu_model": model,
+        "cpu_family": family,
+        "cpu_model_number": cpu_model_number,
+        "hypervisor": hypervisor.group(1).strip() if hypervisor else None,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "amx_tile": "amx_tile" in flags,
+        "bf16_hardware": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "gpu": _has_gpu(),
+        "memory_bytes": memory,
+        "versions": versions,
+        "platform": platform.platform(),
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line for the table header."""
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+    cpu = info["cpu_model"]
+    if info.get("cpu_family"):
+        cpu += f" (family {info['cpu_family']} model {info['cpu_model_number']})"
+    if info.get("hypervisor"):
+        cpu += f" under {info['hypervisor']}"
+    memory = f"{info['memory_bytes'] / GIB:.1f} GiB" if info.get("memory_bytes") else "? GiB"
+    v = info["versions"]
+    return (f"{cpu}; {info['cores']} cores; AVX-512 {yes(info['avx512f'])}, AVX-512 BF16 "
+            f"{yes(info['avx512_bf16'])}, AMX {yes(info['amx_tile'] or info['amx_bf16'])}; "
+            f"GPU {'yes' if info['gpu'] else 'none'}; {memory}; Python {v['python']}, TensorFlow "
+            f"{v['tensorflow']}, Keras {v['keras']}, Pillow {v['pillow']}, DVC {v['dvc']}")
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _has_gpu() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing TensorFlow into the driver process."""
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").exists()
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+def stats(values: Sequence[float]) -> dict[str, Any] | None:
+    """Median with the spread (min-max) and the count; None for no values."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def paired_ratios(measured: Sequence[float], reference: Sequence[float]) -> dict[str, Any] | None:
+    """Ratio of each repeat's figure to the same repeat's reference, summarised."""
+    return stats([m / r for m, r in zip(measured, reference) if r])
+
+
+def fmt_number(value: float | None, digits: int | None = None) -> str:
+    if value is None:
+        return "-"
+    if digits is None:
+        digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:,.{digits}f}"
+
+
+def fmt_stats(summary: dict | None, unit: str = "", digits: int | None = None) -> str:
+    """``1,234 img/s [1,200-1,250]``; the spread is left out for a single value."""
+    if not summary:
+        return "-"
+    text = fmt_number(summary["median"], digits)
+    if summary["n"] > 1:
+        text += f" [{fmt_number(summary['min'], digits)}-{fmt_number(summary['max'], digits)}]"
+    return f"{text} {unit}".rstrip()
+
+
+def fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / MIB:.0f} MiB"
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Line:
+    """One line of the table: a measured figure, its reference, the ratio and the target."""
+
+    case: str
+    measured: str
+    reference: str = "-"
+    ratio: dict | None = None
+    target: str = "-"
+    ok: bool | None = None            # None: no target, or not judged in this mode
+    data: dict = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return {True: "ok", False: "MISS", None: "-"}[self.ok]
+
+
+@dataclass
+class RowResult:
+    """Everything one row measured, with notes that say how."""
+
+    key: str
+    title: str
+    status: str = "ok"                # ok | skipped | error
+    lines: list[Line] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+    seconds: float | None = None
+    load_before: list[float] = field(default_factory=list)
+    load_after: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        result = asdict(self)
+        for line, raw in zip(self.lines, result["lines"]):
+            raw["verdict"] = line.verdict
+        return result
+
+
+def format_table(rows: Sequence[RowResult], info: dict, mode: str, started: str) -> str:
+    """The one table: a header with the machine, then each row's lines and notes."""
+    headers = ("row", "case", "measured", "reference", "ratio [min-max]", "target", "ok")
+    table: list[tuple[str, ...]] = []
+    for number, row in enumerate(rows, start=1):
+        label = f"{ROW_NUMBERS.get(row.key, number)} {row.key}"
+        if row.status != "ok" and not row.lines:
+            table.append((label, row.status, "; ".join(row.notes[:1]) or "-", "", "", "", ""))
+            continue
+        for index, line in enumerate(row.lines):
+            ratio = fmt_stats(line.ratio, digits=2) if line.ratio else "-"
+            table.append((label if index == 0 else "", line.case, line.measured, line.reference, ratio,
+                          line.target, line.verdict))
+    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(headers)]
+    out = [f"Benchmark ({mode} sizes), started {started}",
+           f"Machine: {machine_line(info)}",
+           ""]
+    out.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    out.append("  ".join("-" * w for w in widths))
+    for record in table:
+        out.append("  ".join(c.ljust(w) for c, w in zip(record, widths)).rstrip())
+    notes = [(row, note) for row in rows for note in row.notes]
+    if notes:
+        out.append("")
+        out.append("Notes:")
+        for row, note in notes:
+            out.append(f"  [{row.key}] {note}")
+    return "\n".join(out)
+
+
+ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6}
+
+
+# --- subprocesses --------------------------------------------------------------------------------
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This interpreter's environment, the repository importable, TensorFlow quiet, no MLflow
+    settings leaking in, and this interpreter's bin first on PATH (``python`` and ``dvc``)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Measured:
+    """A finished subprocess: exit code, output, wall time and peak memory."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    peak_tree_rss: int | None        # peak of the sum of RSS over the process and all its descendants
+    peak_single_rss: int | None      # ru_maxrss from wait4: the largest single process in the tree
+    max_processes: int
+
+    def check(self, what: str) -> Measured:
+        if self.returncode != 0:
+            tail = "\n".join((self.stderr or self.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"{what} exited {self.returncode}:\n{tail}")
+        return self
+
+
+def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 3600, sample_every: float = 0.01) -> Measured:
+    """Run a command and measure its wall time and the peak RSS of its whole process tree.
+
+    A thread samples the RSS of the process and every descendant (psutil) every ``sample_every``
+    seconds and keeps the largest sum; ``os.wait4`` adds the kernel's ru_maxrss (the largest single
+    process, its reaped children included). Summed RSS counts pages that forked workers share with
+    their parent once per process, so it is an upper bound of the memory actually used.
+    """
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command), cwd=cwd, env=env or child_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = {"rss": 0, "procs": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(process.pid)
+        except psutil.Error:
+            return
+        while not stop.is_set():
+            total, count = 0, 0
+            try:
+                members = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                members = [root]
+            for member in members:
+                try:
+                    total += member.memory_info().rss
+                    count += 1
+                except psutil.Error:
+                    pass
+            peak["rss"] = max(peak["rss"], total)
+            peak["procs"] = max(peak["procs"], count)
+            stop.wait(sample_every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    outputs: dict[str, bytes] = {}
+
+    def drain(name: str, stream) -> None:
+        outputs[name] = stream.read()
+
+    readers = [threading.Thread(target=drain, args=("stdout", process.stdout), daemon=True),
+               threading.Thread(target=drain, args=("stderr", process.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    deadline = started + timeout
+    usage = None
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.perf_counter() > deadline:
+            process.kill()
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = -9
+            break
+        time.sleep(0.005)
+    wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    for reader in readers:
+        reader.join()
+    return Measured(process.returncode, outputs.get("stdout", b"").decode("utf-8", "replace"),
+                    outputs.get("stderr", b"").decode("utf-8", "replace"), wall, peak["rss"] or None,
+                    usage.ru_maxrss * 1024 if usage else None, peak["procs"])
+
+
+def run_worker(module: str, spec: dict, *, timeout: float = 3600, cwd: Path | None = None) -> dict:
+    """``python -m <module> --worker JSON`` in a fresh interpreter; return the JSON it prints.
+
+    Every TensorFlow measurement runs in its own process: global state (the dtype policy, XLA
+    caches, thread pools, memory) cannot leak from one configuration into the next.
+    """
+    measured = run_measured([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=cwd or REPO_ROOT,
+                            timeout=timeout, sample_every=0.25)
+    measured.check(f"{module} worker {spec.get('label', '')}")
+    for line in reversed(measured.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+            result["process_wall_s"] = measured.wall_s
+            result["process_peak_rss"] = measured.peak_tree_rss
+            return result
+    raise RuntimeError(f"{module} worker printed no result:\n{measured.stdout[-2000:]}\n{measured.stderr[-2000:]}")
+
+
+def emit_result(result: dict) -> None:
+    """What a worker prints as its last line for :func:`run_worker`."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def worker_main(body: Callable[[dict], dict]) -> None:
+    """``if __name__ == '__main__'`` of a row module that runs workers: ``--worker JSON``."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        emit_result(body(json.loads(sys.argv[2])))
+    else:
+        print(f"usage: python -m {body.__module__} --worker JSON (run by python -m bench)", file=sys.stderr)
+        sys.exit(2)
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = function()
+    return time.perf_counter() - started, value
+
+
+# --- DVC runs in a project copy ------------------------------------------------------------------
+
+STAGE_DONE = re.compile(r"stage (\w+): done in ([0-9.]+) s")
+STAGE_RUNNING = re.compile(r"Running stage '(\w+)'")
+
+
+@dataclass
+class TimedRun:
+    """A command whose output lines were timestamped as they arrived."""
+
+    returncode: int
+    wall_s: float
+    lines: list[tuple[float, str]]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def run_timestamped(command: Sequence[str], cwd: Path, env: dict[str, str], timeout: float = 3600) -> TimedRun:
+    """Run a command with stdout and stderr merged, each line stamped with seconds since start."""
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+    lines: list[tuple[float, str]] = []
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    try:
+        for raw in process.stdout:
+            lines.append((time.perf_counter() - started, raw.rstrip("\n")))
+        process.wait()
+    finally:
+        timer.cancel()
+    return TimedRun(process.returncode, time.perf_counter() - started, lines)
+
+
+def stage_times(run: TimedRun) -> dict[str, dict[str, float | None]]:
+    """Per stage: ``wall_s`` from DVC's "Running stage" line to the next one (or the end: the stage
+    process with its interpreter start, imports and DVC's bookkeeping) and ``body_s`` from the
+    stage's own log line "stage X: done in N s" (the stage's work without start-up)."""
+    starts = [(t, m.group(1)) for t, line in run.lines if (m := STAGE_RUNNING.search(line))]
+    result: dict[str, dict[str, float | None]] = {}
+    for index, (start, stage) in enumerate(starts):
+        end = starts[index + 1][0] if index + 1 < len(starts) else run.wall_s
+        result[stage] = {"wall_s": end - start, "body_s": None}
+    for _, line in run.lines:
+        match = STAGE_DONE.search(line)
+        if match:
+            result.setdefault(match.group(1), {"wall_s": None, "body_s": None})["body_s"] = float(match.group(2))
+    return result
+
+
+def git_commit_all(root: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], cwd=root, check=True,
+                   capture_output=True)

@@ -1,0 +1,112 @@
+"""The benchmark suite (``python -m bench``) runs end to end at its smallest sizes and writes its
+table and JSON. No timing is asserted: these tests only check that every row runs and reports.
+
+``test_bench_tiny_suite`` runs ingest, input and numerics for real (about a minute on two cores);
+e2e and photos report themselves skipped at --tiny sizes. The orchestration row needs a full
+``dvc repro`` of a project copy (minutes), so its smoke test runs only with ``BENCH_SMOKE_ALL=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6}
+
+
+def _bench(tmp_path: Path, *arguments: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["BENCH_CACHE_DIR"] = str(tmp_path / "cache")     # generated data stays out of the user's cache
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-m", "bench", *arguments], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _check_report(result: subprocess.CompletedProcess, out: Path, rows: list[str]) -> dict:
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    table = result.stdout
+    assert "Benchmark (tiny sizes)" in table
+    assert "Machine:" in table and "AVX-512 BF16" in table and "cores" in table
+    for key in rows:
+        assert f"{ROW_NUMBERS[key]} {key}" in table, f"row {key} missing from the table:\n{table}"
+
+    data = json.loads(out.read_text())
+    assert data["mode"] == "tiny"
+    assert list(data["rows"]) == rows
+    machine = data["machine"]
+    assert {"cpu_model", "cores", "avx512_bf16", "amx_bf16", "amx_tile", "gpu", "versions"} <= set(machine)
+    assert data["table"] == table.rstrip("\n").splitlines()
+    return data
+
+
+@pytest.mark.slow
+def test_bench_tiny_suite(tmp_path: Path) -> None:
+    rows = ["ingest", "input", "numerics", "e2e", "photos"]
+    out = tmp_path / "results.json"
+    result = _bench(tmp_path, "--tiny", "--rows", ",".join(rows), "--out", str(out))
+    data = _check_report(result, out, rows)
+
+    ingest = data["rows"]["ingest"]
+    assert ingest["status"] == "ok"
+    cases = [line["case"] for line in ingest["lines"]]
+    assert any("images/s" in case for case in cases) and any("peak RSS" in case for case in cases)
+    per_size = [line for line in ingest["lines"] if line["case"].endswith("images/s")]
+    assert len(per_size) == 2
+    for line in per_size:
+        assert line["ratio"]["median"] > 0 and line["target"] == ">= 0.9"
+
+    for key in ("input", "numerics"):
+        row = data["rows"][key]
+        assert row["status"] == "ok", row["notes"]
+        assert any(line["ratio"] for line in row["lines"]), row["lines"]
+
+    numerics = [line["case"] for line in data["rows"]["numerics"]["lines"]]
+    assert any("float32 jit=off (reference)" in case for case in numerics)
+    assert any("jit=on" in case for case in numerics)
+    assert any("mixed_float16" in case for case in numerics)
+
+    for key in ("e2e", "photos"):
+        assert data["rows"][key]["status"] == "skipped"
+        assert data["rows"][key]["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BENCH_SMOKE_ALL") != "1",
+                    reason="needs a full dvc repro of a project copy (minutes); set BENCH_SMOKE_ALL=1")
+def test_bench_tiny_orchestration(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = _bench(tmp_path, "--tiny", "--rows", "orchestration", "--out", str(out), timeout=1800)
+    data = _check_report(result, out, ["orchestration"])
+    row = data["rows"]["orchestration"]
+    assert row["status"] == "ok", row["notes"]
+    verdicts = {line["case"].strip(): line["verdict"] for line in row["lines"]}
+    assert "no-op dvc repro" in verdicts and "gate threshold changed: dvc repro" in verdicts
+    assert "stages it ran" in verdicts and "gate process imported TensorFlow" in verdicts
+
+
+def test_bench_rejects_an_unknown_row(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--tiny", "--rows", "ingest,nonsense", "--out", str(tmp_path / "r.json"), timeout=60)
+    assert result.returncode == 2
+    assert "unknown row 'nonsense'" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_table_format() -> None:
+    from bench.common import Line, RowResult, format_table, machine_info
+
+    row = RowResult("ingest", "title")
+    row.lines.append(Line("5,000 JPEGs: images/s", "1,000 img/s", "1,100 img/s floor",
+                          {"median": 0.91, "min": 0.9, "max": 0.92, "n": 3, "values": [0.9, 0.91, 0.92]},
+                          ">= 0.9", True))
+    skipped = RowResult("photos", "title", status="skipped", notes=["skipped: folder absent"])
+    table = format_table([row, skipped], machine_info(), "tiny", "now")
+    assert "1 ingest" in table and "0.91 [0.90-0.92]" in table and " ok" in table
+    assert "6 photos" in table and "skipped" in table
+    assert json.dumps(row.to_json())
