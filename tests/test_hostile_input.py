@@ -73,12 +73,19 @@ class StageRun:
     metrics: Path
 
 
+# Runs the command in argv as its child, prints that child's peak RSS (kB), exits with its status.
+_LAUNCHER = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+             "_, status, usage = os.wait4(child.pid, 0); print(usage.ru_maxrss); "
+             "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
     """Run ``python -m pipeline.ingest`` as DVC would, and measure that one process's peak memory.
 
-    ``os.wait4`` returns the rusage of exactly this child (its own waited-for children included).
     ``getrusage(RUSAGE_CHILDREN)`` would be the peak over every child this pytest process ever
-    reaped, so a training subprocess from another test could fail or mask the check.
+    reaped, so a training subprocess from another test could fail or mask the check. Even a child's
+    own ``ru_maxrss`` counts what it inherited at fork from this (large, TensorFlow-loaded) pytest
+    process, so the stage is started by a small launcher process and measured there.
     """
     work.mkdir(parents=True, exist_ok=True)
     raw = copy.deepcopy(raw_params)
@@ -89,9 +96,9 @@ def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
     out, metrics, stderr_file = work / "ingest", work / "ingest.json", work / "stage.stderr"
     with open(stderr_file, "wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.ingest", "--params", str(params_file), "--out", str(out),
-             "--metrics", str(metrics)],
-            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "pipeline.ingest", "--params", str(params_file),
+             "--out", str(out), "--metrics", str(metrics)],
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
         deadline = time.monotonic() + STAGE_TIMEOUT_S
@@ -105,9 +112,12 @@ def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
                 process.wait()
                 pytest.fail(f"the ingest stage ran over {STAGE_TIMEOUT_S} s on {source}")
             time.sleep(0.02)
+    launcher_output = process.stdout.read().decode().split()
+    process.stdout.close()
     # Linux reports ru_maxrss in kilobytes.
+    stage_max_rss = int(launcher_output[-1]) * 1024 if launcher_output else 0
     return StageRun(process.returncode, stderr_file.read_text(encoding="utf-8", errors="replace"),
-                    usage.ru_maxrss * 1024, out, metrics)
+                    stage_max_rss, out, metrics)
 
 
 # --- ingest_folder: exactly the right verdicts -------------------------------------------------
