@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,13 @@ from pipeline.ingest import ingest_folder
 from pipeline.manifest import MANIFEST_FILE, SOURCE_FILE
 from pipeline.split import split_dataset
 from tests.conftest import REPO_ROOT
+from tests.project import project_env
 
 
 def stage_env(**overrides: str) -> dict[str, str]:
-    """This interpreter's environment, the repository importable, no MLflow settings leaking in."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    """:func:`tests.project.project_env`, with this repository importable from any working directory."""
+    env = project_env()
     env["PYTHONPATH"] = str(REPO_ROOT)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(overrides)
     return env
 
