@@ -56,7 +56,8 @@ def run_row(key: str, mode: str) -> RowResult:
         row = importlib.import_module(ROWS[key]).run(mode)
     except Exception as error:  # noqa: BLE001 - one broken row must not cost the others
         row = RowResult(key, key, status="error")
-        row.notes.append(f"error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        row.notes.append(f"error: {type(error).__name__}: {message}")
         row.data["traceback"] = traceback.format_exc()
         print(row.data["traceback"], file=sys.stderr)
     row.seconds = round(time.perf_counter() - started, 1)

@@ -76,7 +76,8 @@ def stage_lines(result: dict, row: RowResult, judged: bool, unjudged: str = "(qu
         if stage.startswith("train_"):
             summary = result["train"][stage]
             extra = f", {summary['epochs_run']} epochs x {summary['iterations_per_epoch']} it"
-        row.lines.append(Line(f"  {stage}", f"{wall:.1f} s (body {body:.1f} s{extra})" if wall is not None and body is not None else "-",
+        measured = f"{wall:.1f} s (body {body:.1f} s{extra})" if wall is not None and body is not None else "-"
+        row.lines.append(Line(f"  {stage}", measured,
                               f"{100 * wall / total:.0f} % of total" if wall is not None else "-", None, "-", None,
                               {"wall_s": wall, "body_s": body}))
     ratio = total / BUDGET_S

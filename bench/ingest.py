@@ -192,7 +192,8 @@ def run(mode: str) -> RowResult:
                      "body_images_per_s": stats([b for b in body_rates if b])}))
                 per_file_ratio = paired_ratios(per_file["inspect_image"], per_file["floor"])
                 row.lines.append(Line(
-                    f"{count:,} JPEGs: per file, 1 core", fmt_stats(stats(per_file["inspect_image"]), "img/s inspect_image"),
+                    f"{count:,} JPEGs: per file, 1 core",
+                    fmt_stats(stats(per_file["inspect_image"]), "img/s inspect_image"),
                     fmt_stats(stats(per_file["floor"]), "img/s floor"), per_file_ratio, "-", None,
                     {"files": min(count, 300), **per_file}))
                 row.lines.append(Line(

@@ -62,17 +62,33 @@ def _tf_config() -> dict:
 # Performance section. bfloat16 pays off for the custom CNN's large convolutions; for ResNet50 it does not.
 _CPU_BF16_PRECISION = {"custom": "mixed_bfloat16", "resnet50": "float32"}
 
+# GPUs with bfloat16 tensor cores: compute capability 8.0 and up (A100, L4, H100, ...). On an H100
+# (bench/results-gpu-h100.json) mixed_bfloat16 trained both models at least as fast as
+# mixed_float16, and it needs no loss scaling; older GPUs have float16 tensor cores only.
+_GPU_BF16_CAPABILITY = (8, 0)
+
 
 def resolve_precision(setting: str, model_name: str) -> str:
-    """The Keras dtype policy for ``precision: auto``: mixed_float16 on a GPU, the measured best on
-    a CPU with bfloat16 instructions, float32 elsewhere. Any other setting is used as it is."""
+    """The Keras dtype policy for ``precision: auto``: mixed precision on a GPU (see
+    :func:`gpu_precision`), the measured best on a CPU with bfloat16 instructions, float32
+    elsewhere. Any other setting is used as it is."""
     if setting != "auto":
         return setting
-    if tf.config.list_logical_devices("GPU"):
-        return "mixed_float16"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return gpu_precision([tf.config.experimental.get_device_details(gpu).get("compute_capability")
+                              for gpu in gpus])
     if cpu_has_bfloat16():
         return _CPU_BF16_PRECISION.get(model_name, "float32")
     return "float32"
+
+
+def gpu_precision(compute_capabilities: list[tuple[int, int] | None]) -> str:
+    """``mixed_bfloat16`` when every GPU has bfloat16 tensor cores, else ``mixed_float16``."""
+    if compute_capabilities and all(c is not None and tuple(c) >= _GPU_BF16_CAPABILITY
+                                    for c in compute_capabilities):
+        return "mixed_bfloat16"
+    return "mixed_float16"
 
 
 def cpu_has_bfloat16() -> bool:

@@ -197,10 +197,18 @@ def _unreadable(produce: Callable[[], bytes]) -> Callable[[Path, HostileFolder],
 
 
 def _entries() -> list[_Entry]:
-    good = lambda rel, make: _Entry(rel, _bytes(make), ACCEPT)
-    bad = lambda rel, make, hint: _Entry(rel, _bytes(make), REJECT, hint)
-    shared = lambda: _rgb("the same picture in both classes")
-    duplicate = lambda: _rgb("one picture twice in dog")
+    def good(rel, make):
+        return _Entry(rel, _bytes(make), ACCEPT)
+
+    def bad(rel, make, hint):
+        return _Entry(rel, _bytes(make), REJECT, hint)
+
+    def shared():
+        return _rgb("the same picture in both classes")
+
+    def duplicate():
+        return _rgb("one picture twice in dog")
+
     entries = [
         # cat: plain good images, then every awkward-but-good kind.
         *(good(f"cat/cat_{i:02d}.png", lambda i=i: _rgb(f"cat {i}")) for i in range(3)),
