@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,10 @@ def run(root: Path, *command: str, check: bool = True) -> subprocess.CompletedPr
 def stages_run(output: str) -> list[str]:
     """The stages ``dvc repro`` says it ran, in pipeline order."""
     return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.project import STAGES, copy_project, project_env, read_params, run, stages_run, write_params
+from tests.project import (
+    STAGES,
+    copy_project,
+    free_port,
+    project_env,
+    read_params,
+    run,
+    stages_run,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -112,9 +120,7 @@ def test_misspelt_param_stops_repro_with_one_line(project: Path) -> None:
 
 def test_mlflow_serves_the_champion_over_http(project: Path) -> None:
     """``mlflow models serve`` answers real requests with real image bytes, and bad ones with a 4xx."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = project_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/image-classifier@champion",

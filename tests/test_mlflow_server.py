@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.project import STAGES, copy_project, project_env, stages_run
+from tests.project import STAGES, copy_project, free_port, project_env, stages_run
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "image-classification"
 REGISTERED_MODEL = "image-classifier"
 SERVER_START_TIMEOUT = 120  # seconds: the first start creates the database and runs its migrations
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import keras
@@ -16,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import PipelineError
 from pipeline.models import build_resnet50
 from tests.conftest import tiny_params
+from tests.project import free_port
 from tests.stage_runner import prepare_split, run_stage, stage_env, train_arguments
 
 pytestmark = pytest.mark.slow
@@ -89,12 +89,6 @@ def test_deterministic_training_repeats_bit_for_bit(tmp_path: Path, image_folder
         weights[-1].append(metrics[["loss", "val_loss"]].to_numpy())
     for first, second in zip(*weights):
         np.testing.assert_array_equal(first, second)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_unreachable_tracking_server_fails_before_training(workdir: Path) -> None:
