@@ -11,6 +11,7 @@ policies can still be compared on the real architectures:
 * accuracy: the numerics row's fixed small task (sklearn digits at 32x32x1, stratified 80/20
   split, seed 0), so float32, ``mixed_bfloat16`` and ``mixed_float16`` can be compared.
 
+Keras (and the timer in ``bench.tfwork``) is imported only after the backend is chosen.
 The backend matters: JAX always compiles with XLA, the torch backend runs op by op (like
 TensorFlow with ``jit_compile: false``). Results are printed as one JSON object per line and, with
 ``--out``, appended to a file. Nothing here runs in ``make bench``; it needs only Keras, NumPy,
@@ -101,23 +102,28 @@ def _build(model_name: str, policy: str, size: dict, shape: tuple[int, int, int]
 def _speed(model_name: str, policy: str, size: dict, args: argparse.Namespace) -> dict:
     import numpy as np
 
+    from bench.common import stats
+    from bench.tfwork import EpochTimer, steady
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(args.speed_images, *SPEED_SHAPE), dtype=np.uint8).astype("float32")
     y = rng.integers(0, 2, size=(args.speed_images, 1)).astype("float32")
     model = _build(model_name, policy, size, SPEED_SHAPE, 2, args.jit)
-    timer = _EpochTimer()
+    timer = EpochTimer()
     model.fit(x, y, batch_size=SPEED_BATCH, epochs=args.speed_epochs, verbose=0, callbacks=[timer])
-    steady = [args.speed_images / s for s in timer.seconds[1:]]
+    speeds = steady(timer.seconds, args.speed_images)
     return {"shape": list(SPEED_SHAPE), "batch_size": SPEED_BATCH, "epoch_seconds": timer.seconds,
-            "steady_images_per_s": steady, "median_images_per_s": sorted(steady)[len(steady) // 2]}
+            "steady_images_per_s": speeds, "median_images_per_s": stats(speeds)["median"]}
 
 
 def _accuracy(model_name: str, policy: str, size: dict, digits, args: argparse.Namespace) -> dict:
     import numpy as np
 
+    from bench.tfwork import EpochTimer
+
     x_train, x_test, y_train, y_test = digits
     model = _build(model_name, policy, size, x_train.shape[1:], 10, args.jit)
-    timer = _EpochTimer()
+    timer = EpochTimer()
     model.fit(x_train, y_train, batch_size=32, epochs=ACCURACY_EPOCHS[model_name] if not args.tiny else 2,
               shuffle=True, verbose=0, callbacks=[timer])
     predicted = model.predict(x_test, batch_size=256, verbose=0)
@@ -142,27 +148,6 @@ def _digits(count: int | None):
         for image in images]).astype("float32")[..., None]
     targets = np.eye(10, dtype="float32")[labels]
     return train_test_split(pixels, targets, test_size=0.2, random_state=0, stratify=labels)
-
-
-class _EpochTimer:
-    """Created lazily as a Keras callback (Keras is imported only after the backend is chosen)."""
-
-    def __new__(cls):
-        import keras
-
-        class EpochTimer(keras.callbacks.Callback):
-            def __init__(self) -> None:
-                super().__init__()
-                self.seconds: list[float] = []
-                self._started = 0.0
-
-            def on_epoch_begin(self, epoch, logs=None) -> None:
-                self._started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None) -> None:
-                self.seconds.append(time.perf_counter() - self._started)
-
-        return EpochTimer()
 
 
 def _machine(backend: str) -> dict:
