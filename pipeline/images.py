@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,9 +28,8 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    """What ingest records about an accepted image."""
+class ImageInfo(NamedTuple):
+    """What ingest records about an accepted image (a tuple: it crosses from the pool's workers)."""
 
     sha256: str
     width: int

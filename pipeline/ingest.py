@@ -14,42 +14,71 @@ import logging
 import os
 import stat
 import sys
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write_text, write_json
+from pipeline.files import atomic_write_text, write_csv, write_json
 from pipeline.images import ImageRejected, inspect_image
-from pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTED_FILE, SOURCE_FILE
+from pipeline.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    REJECTED_COLUMNS,
+    REJECTED_FILE,
+    SOURCE_FILE,
+    ManifestRow,
+    RejectedRow,
+)
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("pipeline.ingest")
 
 DIGITS_SOURCE = "sklearn:digits"
 BUILTIN_IMAGES_DIR = "images"
-REJECTED_COLUMNS = ["path", "reason"]
 
 
 @dataclass(frozen=True)
 class IngestResult:
-    """The accepted images, the rejected files, and the duplicate groups found among them."""
+    """The accepted images (sorted by path), the rejected files (sorted by path), and how many
+    accepted files repeat an earlier one's content.
 
-    manifest: pd.DataFrame
-    rejected: pd.DataFrame
+    The stage works on plain rows, without pandas: its import alone is a quarter of a second of
+    serial start-up, and ingest runs on every core. ``manifest`` and ``rejected`` give the same
+    rows as data frames, for code that wants one.
+    """
+
+    images: list[ManifestRow]
+    rejected_files: list[RejectedRow]
     duplicate_files: int
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.images, columns=MANIFEST_COLUMNS)
+
+    @cached_property
+    def rejected(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.rejected_files, columns=REJECTED_COLUMNS)
 
 
 def export_digits(destination: Path) -> None:
     """Write scikit-learn's 1,797 digits as 8x8 grayscale PNGs in ``destination/<digit>/``."""
+    import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -104,41 +133,38 @@ def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None,
     class_folders = sorted({label for _, label in candidates})
     log.info("found %d candidate files in %d class folders under %s", len(candidates), len(class_folders), root)
 
-    rows: list[dict] = []
+    images: list[ManifestRow] = []
     for (rel, label), outcome in zip(candidates, _inspect_all(root, [rel for rel, _ in candidates],
                                                                max_pixels, workers)):
         if isinstance(outcome, str):
             rejected.append((rel, outcome))
         else:
-            rows.append({"path": rel, "label": label, "sha256": outcome.sha256, "width": outcome.width,
-                         "height": outcome.height, "channels": outcome.channels})
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest, conflicts = _drop_cross_label_duplicates(manifest)
+            images.append(ManifestRow(rel, label, *outcome))
+    images, conflicts = _drop_cross_label_duplicates(images)
     rejected.extend(conflicts)
     if max_per_class is not None:
-        # A seeded shuffle, then the first max_per_class of each class: a random sample per class.
-        shuffled = manifest.sort_values("path", kind="stable").sample(frac=1.0, random_state=seed)
-        manifest = shuffled.groupby("label", sort=False).head(max_per_class)
-    manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
-    rejected_frame = (pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
-                      .sort_values("path", kind="stable").reset_index(drop=True))
-    duplicate_files = int(manifest["sha256"].duplicated().sum())
-    return IngestResult(manifest, rejected_frame, duplicate_files)
+        images = _sample_per_class(images, max_per_class, seed)
+    images.sort(key=lambda row: row.path)
+    rejected_files = sorted((RejectedRow(*row) for row in rejected), key=lambda row: row.path)
+    seen: set[str] = set()
+    duplicate_files = 0
+    for row in images:
+        duplicate_files += row.sha256 in seen
+        seen.add(row.sha256)
+    return IngestResult(images, rejected_files, duplicate_files)
 
 
 def summarise(result: IngestResult) -> dict:
     """Counts for ``metrics/ingest.json``: accepted and rejected, per class and in total."""
-    per_class = result.manifest["label"].value_counts().sort_index()
-    rejected_per_class = {}
-    for path in result.rejected["path"]:
-        label = path.split("/", 1)[0] if "/" in path else "(root)"
-        rejected_per_class[label] = rejected_per_class.get(label, 0) + 1
+    per_class = Counter(row.label for row in result.images)
+    rejected_per_class = Counter(row.path.split("/", 1)[0] if "/" in row.path else "(root)"
+                                 for row in result.rejected_files)
     return {
-        "accepted": int(len(result.manifest)),
-        "rejected": int(len(result.rejected)),
-        "classes": int(per_class.size),
+        "accepted": len(result.images),
+        "rejected": len(result.rejected_files),
+        "classes": len(per_class),
         "duplicate_files": result.duplicate_files,
-        "accepted_per_class": {str(label): int(count) for label, count in per_class.items()},
+        "accepted_per_class": dict(sorted(per_class.items())),
         "rejected_per_class": dict(sorted(rejected_per_class.items())),
     }
 
@@ -162,12 +188,12 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = ingest_folder(root, params.ingest.max_image_pixels, params.ingest.max_per_class,
                            params.base.seed)
-    result.manifest.to_csv(out / MANIFEST_FILE, index=False, lineterminator="\n")
-    result.rejected.to_csv(out / REJECTED_FILE, index=False, lineterminator="\n")
+    write_csv(out / MANIFEST_FILE, MANIFEST_COLUMNS, result.images)
+    write_csv(out / REJECTED_FILE, REJECTED_COLUMNS, result.rejected_files)
     atomic_write_text(out / SOURCE_FILE, json.dumps({"source": source, "root": stored_root}, indent=2) + "\n")
     summary = summarise(result)
     write_json(Path(args.metrics), summary)
-    check_classes(result.manifest, result.rejected, root)
+    check_classes(result, root)
     log.info("accepted %d images in %d classes, rejected %d files (see %s)", summary["accepted"],
              summary["classes"], summary["rejected"], out / REJECTED_FILE)
     for label, count in summary["accepted_per_class"].items():
@@ -266,26 +292,47 @@ def _inspect_all(root: Path, relatives: list[str], max_pixels: int, workers: int
             return results
 
 
-def _drop_cross_label_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def _drop_cross_label_duplicates(images: list[ManifestRow]) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
     """The same picture under two labels cannot be right for both: leave every copy out."""
-    labels_per_hash = manifest.groupby("sha256")["label"].nunique()
-    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
-    if not conflicting:
-        return manifest, []
-    bad = manifest["sha256"].isin(conflicting)
-    reasons = []
-    for _, row in manifest[bad].iterrows():
-        labels = sorted(manifest.loc[manifest["sha256"] == row["sha256"], "label"].unique())
-        reasons.append((row["path"], f"same picture under several labels ({', '.join(labels)})"))
-    return manifest[~bad], reasons
+    labels_per_hash: dict[str, set[str]] = defaultdict(set)
+    for row in images:
+        labels_per_hash[row.sha256].add(row.label)
+    kept, reasons = [], []
+    for row in images:
+        labels = labels_per_hash[row.sha256]
+        if len(labels) > 1:
+            reasons.append((row.path, f"same picture under several labels ({', '.join(sorted(labels))})"))
+        else:
+            kept.append(row)
+    return kept, reasons
 
 
-def check_classes(manifest: pd.DataFrame, rejected: pd.DataFrame, root: Path) -> None:
+def _sample_per_class(images: list[ManifestRow], max_per_class: int, seed: int) -> list[ManifestRow]:
+    """A seeded shuffle, then the first ``max_per_class`` of each class: a random sample per class.
+
+    The shuffle is ``numpy.random.RandomState(seed).permutation`` of the rows in path order, the
+    one ``DataFrame.sample(frac=1, random_state=seed)`` makes, so a seed picks the same images as
+    in earlier versions of the pipeline.
+    """
+    import numpy as np
+
+    by_path = sorted(images, key=lambda row: row.path)
+    taken: Counter[str] = Counter()
+    sample = []
+    for index in np.random.RandomState(seed).permutation(len(by_path)):
+        row = by_path[index]
+        if taken[row.label] < max_per_class:
+            taken[row.label] += 1
+            sample.append(row)
+    return sample
+
+
+def check_classes(result: IngestResult, root: Path) -> None:
     """Fail unless at least two classes have images and no class folder came out empty."""
-    if manifest.empty:
-        raise PipelineError(f"ingest.source: no usable image under {root} ({len(rejected)} files rejected; "
-                            "expected <source>/<class>/<image>)")
-    labels = manifest["label"].unique()
+    if not result.images:
+        raise PipelineError(f"ingest.source: no usable image under {root} ({len(result.rejected_files)} files "
+                            "rejected; expected <source>/<class>/<image>)")
+    labels = sorted({row.label for row in result.images})
     if len(labels) < 2:
         raise PipelineError(f"ingest.source: only one class ({labels[0]}) has usable images under {root}; "
                             "a classifier needs at least two class folders")

@@ -4,13 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "channels"]
+if TYPE_CHECKING:    # pandas is imported where a frame is read: ingest writes its files without it
+    import pandas as pd
+
+
+class ManifestRow(NamedTuple):
+    """One accepted image: a row of ``manifest.csv``."""
+
+    path: str        # relative to the source root, POSIX form
+    label: str
+    sha256: str
+    width: int
+    height: int
+    channels: int
+
+
+class RejectedRow(NamedTuple):
+    """One file that is not a usable image: a row of ``rejected.csv``."""
+
+    path: str
+    reason: str
+
+
+MANIFEST_COLUMNS = list(ManifestRow._fields)
+REJECTED_COLUMNS = list(RejectedRow._fields)
 MANIFEST_FILE = "manifest.csv"
 REJECTED_FILE = "rejected.csv"
 SOURCE_FILE = "source.json"
@@ -62,6 +84,8 @@ def read_split(ingest_dir: Path, split_file: Path) -> SplitImages:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not path.exists():
         raise PipelineError(f"{path} is missing: run the earlier stages first (dvc repro)")
     return pd.read_csv(path, dtype={"label": str, "path": str, "sha256": str}, keep_default_na=False)

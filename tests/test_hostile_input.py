@@ -233,7 +233,10 @@ def test_stage_outputs_match_ingest_folder(checked_stage_run: dict) -> None:
     # The manifest survives the CSV round trip: spaces, commas, quotes, non-ASCII names.
     written = read_manifest(run.out)
     assert dict(zip(written["path"], written["label"])) == folder.expected_accepted
+    # The stage writes its CSV files without pandas; they must read as pandas would have written them.
     assert (run.out / MANIFEST_FILE).read_text(encoding="utf-8") == in_process.manifest.to_csv(
+        index=False, lineterminator="\n")
+    assert (run.out / REJECTED_FILE).read_text(encoding="utf-8") == in_process.rejected.to_csv(
         index=False, lineterminator="\n")
     rejected = pd.read_csv(run.out / REJECTED_FILE, dtype=str, keep_default_na=False)
     assert set(rejected["path"]) == folder.expected_rejected

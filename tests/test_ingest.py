@@ -244,14 +244,14 @@ def test_max_per_class_keeps_that_many_rows_per_class_folder(image_folder: Path)
 
 def test_check_classes_accepts_the_fixture(image_folder: Path) -> None:
     result = _ingest(image_folder)
-    check_classes(result.manifest, result.rejected, image_folder)
+    check_classes(result, image_folder)
 
 
 def test_check_classes_rejects_an_empty_class_folder(image_folder: Path) -> None:
     (image_folder / "hexagon").mkdir()
     result = _ingest(image_folder)
     with pytest.raises(PipelineError, match="hexagon"):
-        check_classes(result.manifest, result.rejected, image_folder)
+        check_classes(result, image_folder)
 
 
 def test_check_classes_rejects_a_class_folder_of_only_bad_files(image_folder: Path) -> None:
@@ -260,7 +260,7 @@ def test_check_classes_rejects_a_class_folder_of_only_bad_files(image_folder: Pa
     result = _ingest(image_folder)
     assert _reasons(result) == {"hexagon/bad.png": "not an image (no known image format)"}
     with pytest.raises(PipelineError, match="hexagon.*has no usable image"):
-        check_classes(result.manifest, result.rejected, image_folder)
+        check_classes(result, image_folder)
 
 
 def test_check_classes_rejects_a_single_class(tmp_path: Path) -> None:
@@ -268,7 +268,7 @@ def test_check_classes_rejects_a_single_class(tmp_path: Path) -> None:
     result = _ingest(root)
     assert len(result.manifest) == 4
     with pytest.raises(PipelineError, match=r"only one class \(only\)"):
-        check_classes(result.manifest, result.rejected, root)
+        check_classes(result, root)
 
 
 def test_check_classes_rejects_no_images_at_all(tmp_path: Path) -> None:
@@ -278,7 +278,7 @@ def test_check_classes_rejects_no_images_at_all(tmp_path: Path) -> None:
     result = _ingest(root)
     assert result.manifest.empty and list(result.manifest.columns) == MANIFEST_COLUMNS
     with pytest.raises(PipelineError, match="no usable image"):
-        check_classes(result.manifest, result.rejected, root)
+        check_classes(result, root)
 
 
 def test_ingest_folder_requires_a_folder(tmp_path: Path) -> None:
