@@ -44,7 +44,7 @@ from bench.common import (
 from bench.synth import folder_files, jpeg_folder
 
 SIZES = {"full": (5_000, 25_000), "quick": (500, 2_000), "tiny": (100, 200)}   # >= 64: the stage uses its pool
-REPEATS = {"full": 3, "quick": 3, "tiny": 1}
+REPEATS = {"full": 5, "quick": 3, "tiny": 1}   # this VM's speed drifts: 5 pairs
 TARGET_RATIO = 0.9
 MEMORY_LIMIT = GIB
 GROWTH_LIMIT = 1.25      # the large run may use at most this much more memory than the small one
@@ -180,11 +180,14 @@ def run(mode: str) -> RowResult:
                 ratio = paired_ratios(stage_rates, floor_rates)
                 peak = max(tree)
                 peaks[count] = peak
+                # The speed target is the issue's: the large folder. On the small one the stage's fixed
+                # start-up (interpreter, imports, pool: ~0.3 s) is a bigger share; shown, not judged.
+                judged = count == max(SIZES[mode])
                 row.lines.append(Line(
                     f"{count:,} JPEGs: images/s", fmt_stats(stats(stage_rates), "img/s"),
                     f"{fmt_stats(stats(floor_rates), 'img/s floor')} (1 core x {cores}: {single * cores:,.0f})",
-                    ratio, f">= {TARGET_RATIO}",
-                    ratio["median"] >= TARGET_RATIO,
+                    ratio, f">= {TARGET_RATIO}" if judged else "-",
+                    ratio["median"] >= TARGET_RATIO if judged else None,
                     {"files": count, "stage_images_per_s": stats(stage_rates), "floor_images_per_s": stats(floor_rates),
                      "single_core_images_per_s": single, "single_core_times_cores": single * cores,
                      "cores": cores}))

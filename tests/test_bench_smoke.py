@@ -59,8 +59,9 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
     assert any("images/s" in case for case in cases) and any("peak RSS" in case for case in cases)
     per_size = [line for line in ingest["lines"] if line["case"].endswith("images/s")]
     assert len(per_size) == 2
-    for line in per_size:
-        assert line["ratio"]["median"] > 0 and line["target"] == ">= 0.9"
+    assert all(line["ratio"]["median"] > 0 for line in per_size)
+    # The speed target is judged on the larger folder only; the smaller one shows start-up's share.
+    assert [line["target"] for line in per_size] == ["-", ">= 0.9"]
 
     for key in ("input", "numerics"):
         row = data["rows"][key]
