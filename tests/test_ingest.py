@@ -229,6 +229,16 @@ def test_max_per_class_keeps_that_many_per_class(image_folder: Path) -> None:
     pd.testing.assert_frame_equal(manifest, again)
 
 
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_max_per_class_picks_what_pandas_sample_picked(image_folder: Path, seed: int) -> None:
+    # Earlier versions sampled with DataFrame.sample(frac=1, random_state=seed) then took the first
+    # rows per class; a seed must keep picking the same images, or a dvc.lock would change for nothing.
+    everything = _ingest(image_folder).manifest
+    shuffled = everything.sort_values("path", kind="stable").sample(frac=1.0, random_state=seed)
+    expected = shuffled.groupby("label", sort=False).head(4)["path"].sort_values().tolist()
+    assert _ingest(image_folder, max_per_class=4, seed=seed).manifest["path"].tolist() == expected
+
+
 def test_max_per_class_keeps_that_many_rows_per_class_folder(image_folder: Path) -> None:
     # Counted by path, so this holds whether or not the label column survives.
     manifest = _ingest(image_folder, max_per_class=5, seed=3).manifest
