@@ -75,7 +75,9 @@ def resolve_precision(setting: str, model_name: str) -> str:
     elsewhere. Any other setting is used as it is."""
     if setting != "auto":
         return setting
-    gpus = tf.config.list_physical_devices("GPU")
+    # The GPUs this process may use (after any tf.config.set_visible_devices), the ones
+    # choose_placement trains on; physical devices, as get_device_details needs.
+    gpus = tf.config.get_visible_devices("GPU")
     if gpus:
         return gpu_precision([tf.config.experimental.get_device_details(gpu).get("compute_capability")
                               for gpu in gpus])

@@ -95,28 +95,19 @@ def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     out, metrics, stderr_file = work / "ingest", work / "ingest.json", work / "stage.stderr"
     with open(stderr_file, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "pipeline.ingest", "--params", str(params_file),
-             "--out", str(out), "--metrics", str(metrics)],
-            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        )
-        deadline = time.monotonic() + STAGE_TIMEOUT_S
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                process.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                pytest.fail(f"the ingest stage ran over {STAGE_TIMEOUT_S} s on {source}")
-            time.sleep(0.02)
-    launcher_output = process.stdout.read().decode().split()
-    process.stdout.close()
+        try:
+            launcher = subprocess.run(
+                [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "pipeline.ingest", "--params",
+                 str(params_file), "--out", str(out), "--metrics", str(metrics)],
+                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=STAGE_TIMEOUT_S, check=False,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the ingest stage ran over {STAGE_TIMEOUT_S} s on {source}")
+    launcher_output = launcher.stdout.decode().split()
     # Linux reports ru_maxrss in kilobytes.
     stage_max_rss = int(launcher_output[-1]) * 1024 if launcher_output else 0
-    return StageRun(process.returncode, stderr_file.read_text(encoding="utf-8", errors="replace"),
+    return StageRun(launcher.returncode, stderr_file.read_text(encoding="utf-8", errors="replace"),
                     stage_max_rss, out, metrics)
 
 
