@@ -59,6 +59,8 @@ def connect(experiment_name: str) -> str:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # A stage's output is a log, not a terminal: no progress bars for artifacts (a user's setting wins).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         client = MlflowClient(uri)
         with _quick_http_probe():

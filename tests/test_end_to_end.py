@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.project import (
     STAGES,
@@ -116,6 +117,17 @@ def test_misspelt_param_stops_repro_with_one_line(project: Path) -> None:
     assert result.returncode != 0
     assert "split.ratio: unknown key (did you mean 'ratios'?)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_champion_is_logged_from_code_not_as_a_pickle(project: Path) -> None:
+    """MLflow rebuilds the serving model from pipeline/serving_model.py; no pickle to trust."""
+    logged = [mlmodel for mlmodel in (project / "mlartifacts").rglob("MLmodel")
+              if (mlmodel.parent / "serving_model.py").exists()]
+    assert logged, "no serving model under mlartifacts/"
+    for mlmodel in logged:
+        flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+        assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+        assert not list(mlmodel.parent.rglob("*.pkl"))
 
 
 def test_mlflow_serves_the_champion_over_http(project: Path) -> None:
