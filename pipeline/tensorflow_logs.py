@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import os
 import re
 import sys
@@ -70,11 +69,16 @@ class _TensorFlowFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "tensorflow":
             return None
-        sys.meta_path.remove(self)  # one import only, and no recursion into this finder below
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader, self.min_level)
-        return spec
+        # Ask the finders after this one, as the import system would. A library that only asks
+        # whether TensorFlow is installed gets a spec too; the finder stays until a real import.
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _QuietLoader(spec.loader, self.min_level)
+                return spec
+        return None
 
 
 class _QuietLoader(importlib.abc.Loader):
@@ -91,6 +95,7 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _TensorFlowFinder)]
         captured: list[str] = []
         loaded = False
         try:

@@ -88,6 +88,15 @@ def test_import_through_pipeline_filters_what_the_library_writes(tmp_path: Path)
         assert done.stderr == "a note from the import itself\n"
 
 
+def test_asking_whether_tensorflow_is_installed_does_not_spend_the_capture(tmp_path: Path) -> None:
+    code = ("import importlib.util, pipeline; assert importlib.util.find_spec('tensorflow'); "
+            "import tensorflow")
+    done = _python(code, tmp_path, fake_tensorflow=FAKE)
+    assert done.returncode == 0, done.stderr
+    if not Path("/dev/nvidiactl").exists():
+        assert done.stderr == "a note from the import itself\n"
+
+
 def test_level_zero_shows_everything(tmp_path: Path) -> None:
     done = _python("import pipeline, tensorflow; tensorflow.config.list_physical_devices()", tmp_path, level="0",
                    fake_tensorflow=FAKE)
