@@ -1,7 +1,8 @@
 """``python -m pipeline.predict PATH...``: label and probability for images or folders of images.
 
 Uses the deployed model in ``deploy/`` by default and the same decode rules as training. Files
-that are not usable images are reported on stderr; the exit status is 1 if any was.
+that are not usable images are reported on stderr, one line each, after which the others are
+still predicted; the exit status is then 2, as for any other user error.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> None:
-    import keras
-
     model_dir = Path(args.model_dir)
     if not (model_dir / "model.keras").exists():
         raise PipelineError(f"{model_dir / 'model.keras'} is missing: run the pipeline first (make repro); "
                             "the gate deploys a model only when one passes both thresholds")
+    files = expand_paths(args.paths)
+    import keras  # TensorFlow takes seconds to load: only once there is something to predict
+
     info = ModelInfo.read(model_dir / "model.json")
     model = keras.models.load_model(model_dir / "model.keras", safe_mode=True)
-    files = expand_paths(args.paths)
     good, pixels, failed = [], [], 0
     for path in files:
         try:
