@@ -1,0 +1,60 @@
+"""Stage ``evaluate``: the scores it computes from a model's outputs, and its failure case."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate_model, load_trained_model, score_predictions
+from pipeline.manifest import SPLITS, read_split
+from tests.stage_runner import prepare_split
+
+
+def test_scores_from_softmax_outputs() -> None:
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.2, 0.7]])
+    scores = score_predictions([0, 1, 2, 2], probabilities, ["cat", "dog", "fox"])
+    assert scores.predicted == [0, 1, 1, 2]
+    assert scores.accuracy == 0.75
+    assert scores.confusion_matrix == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert scores.per_class["fox"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert scores.per_class["dog"]["precision"] == 0.5
+    assert scores.loss == pytest.approx(-np.mean(np.log([0.8, 0.7, 0.3, 0.7])))
+
+
+def test_scores_from_one_sigmoid_unit_for_two_classes() -> None:
+    scores = score_predictions([1, 0, 1], np.array([[0.9], [0.2], [0.4]]), ["cat", "dog"])
+    assert scores.predicted == [1, 0, 0]
+    assert scores.accuracy == pytest.approx(2 / 3)
+    assert scores.loss == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.4])))
+
+
+def test_a_class_that_is_never_predicted_scores_zero_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = score_predictions([0, 0, 1], np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]]), ["cat", "dog"])
+    assert scores.per_class["dog"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert math.isfinite(scores.loss)
+
+
+def test_a_missing_model_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"model.keras is missing: run the training stages first \(dvc repro\)"):
+        load_trained_model(tmp_path / "models/custom")
+
+
+def test_every_split_is_scored_on_its_own_images(tmp_path: Path, image_folder: Path, raw_params: dict) -> None:
+    prepare_split(tmp_path, image_folder, raw_params)
+    data = read_split(tmp_path / "data/ingest", tmp_path / "data/split.csv")
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(len(data.class_names), activation="softmax")])
+    scores, test_images = evaluate_model(model, data, image_size=16, channels=3, batch_size=8)
+    assert list(scores) == list(SPLITS)
+    for split in SPLITS:
+        assert sum(map(sum, scores[split].confusion_matrix)) == len(data.paths(split))
+        assert 0.0 <= scores[split].accuracy <= 1.0
+    assert test_images.shape == (len(data.paths("test")), 16, 16, 3)
