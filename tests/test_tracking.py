@@ -1,0 +1,86 @@
+"""MLflow helpers that decide where runs go and what they are tagged with (the store itself is
+exercised by the stage tests, a real server by test_mlflow_server)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import dvc_input_hashes, lineage_tags, pinned_requirements, project_root, tracking_uri
+
+
+def test_the_project_root_is_the_working_directory(tmp_path: Path) -> None:
+    assert project_root(tmp_path) == tmp_path.resolve()
+
+
+def test_a_dvc_temporary_experiment_workspace_belongs_to_the_project_that_queued_it(tmp_path: Path) -> None:
+    workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "run" / "tmpab12cd"
+    workspace.mkdir(parents=True)
+    assert project_root(workspace) == (tmp_path / "project").resolve()
+
+
+def test_the_default_store_is_mlflow_db_at_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking_uri() == "http://tracking.example:5000"
+
+
+def test_input_hashes_come_from_dvc_lock_for_the_paths_asked(tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("""schema: '2.0'
+stages:
+  ingest:
+    outs:
+    - path: data/ingest
+      md5: aaa111.dir
+  split:
+    outs:
+    - path: data/split.csv
+      md5: bbb222
+    - path: metrics/split.json
+      hash: md5
+""")
+    assert dvc_input_hashes(["data/ingest", "data/split.csv", "models/custom"], lock) == {
+        "dvc.input.data/ingest": "aaa111.dir", "dvc.input.data/split.csv": "bbb222"}
+    assert dvc_input_hashes(["data/ingest"], tmp_path / "missing.lock") == {}
+    lock.write_text("stages: [unclosed")
+    assert dvc_input_hashes(["data/ingest"], lock) == {}
+
+
+def test_lineage_tags_tie_a_run_to_commit_data_and_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(b"path,label\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-tern")
+
+    tags = lineage_tags("train_custom", manifest)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert tags["dvc.stage"] == "train_custom"
+    assert tags["git.commit"] == head and tags["git.dirty"] == "false"
+    assert tags["dvc.experiment"] == "bushy-tern"
+    assert tags["data.manifest_sha256"] == hashlib.sha256(b"path,label\n").hexdigest()
+    assert tags["version.mlflow"] and tags["version.tensorflow"]
+
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # an uncommitted change to a tracked file
+    assert lineage_tags("train_custom")["git.dirty"] == "true"
+
+
+def test_lineage_tags_outside_git_say_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert lineage_tags("gate")["git.commit"] == "unknown"
+
+
+def test_pinned_requirements_skip_what_is_not_installed() -> None:
+    pins = pinned_requirements(("mlflow", "no-such-package-here"))
+    assert len(pins) == 1 and pins[0].startswith("mlflow==")
