@@ -101,8 +101,8 @@ class _QuietLoader(importlib.abc.Loader):
         try:
             with _stderr_into(captured):
                 self._loader.exec_module(module)
-                module.config.list_physical_devices()  # the runtime's GPU probe prints its line now
                 loaded = True
+                _probe_devices(module)
         finally:
             module.__loader__ = module.__spec__.loader = self._loader
             text = "".join(captured)
@@ -111,6 +111,17 @@ class _QuietLoader(importlib.abc.Loader):
             if text and sys.stderr is not None:
                 sys.stderr.write(text)
                 sys.stderr.flush()
+
+
+def _probe_devices(tensorflow: ModuleType) -> None:
+    """List the physical devices, so that the runtime's GPU probe prints its line while captured.
+
+    A failure here is left for the pipeline's own device code to report; the import itself stands.
+    """
+    try:
+        tensorflow.config.list_physical_devices()
+    except Exception:  # whatever a broken driver raises, the import must not fail for it
+        pass
 
 
 @contextmanager

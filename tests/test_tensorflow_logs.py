@@ -112,6 +112,13 @@ def test_a_failing_import_writes_back_everything_it_printed(tmp_path: Path) -> N
     assert "ImportError: libtensorflow_framework.so.2: cannot open shared object file" in done.stderr
 
 
+def test_a_device_probe_that_fails_does_not_fail_the_import(tmp_path: Path) -> None:
+    broken = FAKE.replace("        return []", "        raise RuntimeError('CUDA driver version is insufficient')")
+    done = _python("import pipeline, tensorflow; print('imported')", tmp_path, fake_tensorflow=broken)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
+
+
 @pytest.mark.skipif(Path("/dev/nvidiactl").exists(), reason="a machine with an NVIDIA driver")
 def test_real_tensorflow_starts_without_a_word_on_stderr(tmp_path: Path) -> None:
     code = "import pipeline, keras, tensorflow as tf; print(float(tf.reduce_sum(tf.ones(3))))"
