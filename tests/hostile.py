@@ -71,7 +71,8 @@ def _noise(name: str, height: int = 16, width: int = 16, channels: int = 3, dtyp
     return rng.integers(0, high, size=shape, dtype=dtype)
 
 
-def _encode(image: Image.Image, format: str, **options) -> bytes:
+def encode_image(image: Image.Image, format: str, **options) -> bytes:
+    """The bytes of ``image`` saved in ``format``, as a file of that format would hold them."""
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
     return buffer.getvalue()
@@ -80,40 +81,40 @@ def _encode(image: Image.Image, format: str, **options) -> bytes:
 def _rgb(name: str, format: str = "PNG", **options) -> bytes:
     if format == "JPEG":
         options.setdefault("quality", 95)
-    return _encode(Image.fromarray(_noise(name)), format, **options)
+    return encode_image(Image.fromarray(_noise(name)), format, **options)
 
 
 def _gray(name: str) -> bytes:
-    return _encode(Image.fromarray(_noise(name, channels=1), mode="L"), "PNG")
+    return encode_image(Image.fromarray(_noise(name, channels=1), mode="L"), "PNG")
 
 
 def _rgba(name: str) -> bytes:
     pixels = _noise(name, channels=4)
     pixels[:4, :, 3] = 0  # a fully transparent band, composited over white on load
-    return _encode(Image.fromarray(pixels, mode="RGBA"), "PNG")
+    return encode_image(Image.fromarray(pixels, mode="RGBA"), "PNG")
 
 
 def _palette(name: str) -> bytes:
-    return _encode(Image.fromarray(_noise(name)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG")
+    return encode_image(Image.fromarray(_noise(name)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG")
 
 
 def _sixteen_bit(name: str) -> bytes:
     image = Image.fromarray(_noise(name, channels=1, dtype=np.uint16, high=65536))
     assert image.mode.startswith("I;16"), image.mode
-    return _encode(image, "PNG")
+    return encode_image(image, "PNG")
 
 
 def _bilevel(name: str) -> bytes:
-    return _encode(Image.fromarray(_noise(name, channels=1) > 127).convert("1"), "PNG")
+    return encode_image(Image.fromarray(_noise(name, channels=1) > 127).convert("1"), "PNG")
 
 
 def _cmyk(name: str) -> bytes:
-    return _encode(Image.fromarray(_noise(name)).convert("CMYK"), "JPEG", quality=95)
+    return encode_image(Image.fromarray(_noise(name)).convert("CMYK"), "JPEG", quality=95)
 
 
 def _animated_gif(name: str) -> bytes:
     frames = [Image.fromarray(_noise(f"{name}#{i}")).convert("P") for i in range(3)]
-    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    return encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
 
 
 def _exif_rotated(name: str) -> bytes:
@@ -125,16 +126,16 @@ def _exif_rotated(name: str) -> bytes:
     pixels[:, width // 2:] = (20, 20, 220)
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6
-    return _encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
+    return encode_image(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
 
 
 def _truncated_jpeg(name: str) -> bytes:
-    whole = _encode(Image.fromarray(_noise(name, 64, 64)), "JPEG", quality=95)
+    whole = encode_image(Image.fromarray(_noise(name, 64, 64)), "JPEG", quality=95)
     return whole[: len(whole) // 2]
 
 
 def _tiff(name: str) -> bytes:
-    return _encode(Image.fromarray(_noise(name)), "TIFF")
+    return encode_image(Image.fromarray(_noise(name)), "TIFF")
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -221,7 +222,7 @@ def _entries() -> list[_Entry]:
         good("cat/rotated.jpg", lambda: _exif_rotated("exif")),
         good("cat/really_a_png.jpg", lambda: _rgb("png named jpg", "PNG")),
         good("cat/progressive.jpg", lambda: _rgb("progressive", "JPEG", progressive=True)),
-        good("cat/one_pixel.png", lambda: _encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG")),
+        good("cat/one_pixel.png", lambda: encode_image(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG")),
         good("cat/nested/deeper.png", lambda: _rgb("nested deeper")),
         # cat: what must be refused.
         bad("cat/shared.png", shared, "several labels"),

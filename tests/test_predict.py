@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -14,7 +11,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.predict import expand_paths
-from tests.conftest import REPO_ROOT
+from tests.stage_runner import run_stage
 
 
 def test_folders_are_walked_in_sorted_order_without_hidden_entries(tmp_path: Path) -> None:
@@ -25,11 +22,6 @@ def test_folders_are_walked_in_sorted_order_without_hidden_entries(tmp_path: Pat
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["b/1.png", "b/2.png", "b/sub/3.png", "a.png"]
     with pytest.raises(PipelineError, match="nowhere.png: no such file or folder"):
         expand_paths([str(tmp_path / "nowhere.png")])
-
-
-def _predict(cwd: Path, *arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.predict", *arguments], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
 def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
@@ -44,7 +36,7 @@ def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
     Image.new("L", (8, 8), 200).save(photos / "b.png")
     (photos / "notes.txt").write_text("not an image")
 
-    done = _predict(tmp_path, "photos")
+    done = run_stage(tmp_path, "predict", "photos")
     lines = [line.split("\t") for line in done.stdout.splitlines()]
     assert [(Path(path).name, label in ("cat", "dog"), 0.5 <= float(p) <= 1.0) for path, label, p in lines] == \
         [("a.jpg", True, True), ("b.png", True, True)]
@@ -53,11 +45,11 @@ def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
 
-    assert _predict(tmp_path, "photos/b.png").returncode == 0
+    assert run_stage(tmp_path, "predict", "photos/b.png").returncode == 0
 
 
 def test_no_deployed_model_says_how_to_get_one(tmp_path: Path) -> None:
-    done = _predict(tmp_path, ".")
+    done = run_stage(tmp_path, "predict", ".")
     assert done.returncode == 2
     assert "deploy/model.keras is missing: run the pipeline first (make repro)" in done.stderr
     assert "Traceback" not in done.stderr

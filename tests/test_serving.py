@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
@@ -17,14 +16,13 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipeline.serving import ModelInfo, classify, log_serving_model, pixels_from_request, predictions_frame
+from tests.hostile import encode_image
 
 INFO = ModelInfo(class_names=["cat", "dog"], image_size=8, channels=3)
 
 
 def _png(size: tuple[int, int] = (20, 12), mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, 128).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode_image(Image.new(mode, size, 128), "PNG")
 
 
 # --- pixels_from_request ------------------------------------------------------------------------

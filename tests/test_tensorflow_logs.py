@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tensorflow_logs import lines_to_show
-from tests.conftest import REPO_ROOT
+from tests.stage_runner import stage_env
 
 # What `import tensorflow` and the first device listing wrote on a CPU-only machine (TF 2.21).
 PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -49,14 +49,13 @@ def test_every_line_that_is_not_a_tensorflow_log_line_stays() -> None:
 
 def _python(code: str, tmp_path: Path, level: str | None = None, fake_tensorflow: str | None = None):
     """Run ``code`` in a fresh interpreter, with a stand-in ``tensorflow`` package if given."""
-    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-    path = [str(REPO_ROOT)]
+    env = stage_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     if fake_tensorflow is not None:
         package = tmp_path / "fake" / "tensorflow"
         package.mkdir(parents=True)
         (package / "__init__.py").write_text(fake_tensorflow, encoding="utf-8")
-        path.insert(0, str(package.parent))
-    env["PYTHONPATH"] = os.pathsep.join(path)
+        env["PYTHONPATH"] = os.pathsep.join([str(package.parent), env["PYTHONPATH"]])
     if level is not None:
         env["TF_CPP_MIN_LOG_LEVEL"] = level
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
