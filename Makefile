@@ -2,9 +2,11 @@
 #   make repro   set up, then run the whole pipeline (dvc repro) on the built-in digits
 #   make test    set up, then run the test suite
 # Set-up is a virtual environment in .venv, installed from the pinned requirements.lock; it is
-# redone only when requirements.lock changes.
+# redone only when requirements.lock changes. It uses the first Python of the supported versions
+# that runs here (3.11, 3.12, 3.13); PYTHON=/path/to/python overrides.
 
-PYTHON ?= python3.11
+SUPPORTED_PYTHONS := 3.11 3.12 3.13
+PYTHON ?= $(shell for v in $(SUPPORTED_PYTHONS); do python$$v -c '' >/dev/null 2>&1 && { echo python$$v; break; }; done)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-from-lock
@@ -13,11 +15,13 @@ STAMP := $(VENV)/.installed-from-lock
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup repro test bench check-deploy ui plots clean-venv
+.PHONY: setup repro test test-fast bench check-deploy ui plots clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): requirements.lock
+	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
+	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet --requirement requirements.lock
@@ -26,8 +30,11 @@ $(STAMP): requirements.lock
 repro: setup  ## run every stage that is out of date
 	dvc repro
 
-test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro)
+test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro); prints the 10 slowest
 	python -m pytest
+
+test-fast: setup  ## the edit loop: unit and failure-case tests, no training runs or dvc repro (under a minute)
+	python -m pytest -m "not slow"
 
 bench: setup  ## the benchmark suite: one table, figures in bench/results.json (run it on a quiet machine)
 	python -m bench $(BENCH_ARGS)

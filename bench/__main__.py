@@ -1,4 +1,4 @@
-"""``python -m bench [--quick | --tiny] [--rows ingest,input,...] [--out FILE]``: run the suite,
+"""``python -m bench [--quick | --tiny] [--rows ingest,input,...] [--photos DIR] [--out FILE]``: run the suite,
 print one table, write the same figures as JSON (``bench/results.json`` for the full sizes,
 ``bench/results-quick.json`` / ``bench/results-tiny.json`` otherwise)."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -22,6 +23,7 @@ ROWS = {
     "orchestration": "bench.orchestration",
     "e2e": "bench.end_to_end",
     "photos": "bench.photos",
+    "recipe": "bench.photo_recipe",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -34,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="smallest sizes, for the smoke test (the e2e and photos rows are skipped)")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows to run, in any order (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--photos", type=Path, default=None,
+                        help="a photo folder with one subfolder per class for the photo rows (default: "
+                             "$BENCH_PHOTOS; the rows are skipped when neither names one)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file (default: bench/results.json, or results-quick.json / "
                              "results-tiny.json for --quick / --tiny)")
@@ -67,6 +72,8 @@ def run_row(key: str, mode: str) -> RowResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.photos is not None:
+        os.environ["BENCH_PHOTOS"] = str(args.photos.resolve())
     info = machine_info()
     started = datetime.now(UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     cores = info["cores"] or 1

@@ -1,6 +1,6 @@
 """Row 5, end to end: ``dvc repro`` on the default data in a fresh copy of the project.
 
-The copy is made by ``tests.project.copy_project`` and then given back the project's real
+The copy is made by ``bench.project.copy_project`` and then given back the project's real
 params.yaml (sklearn digits, the real epochs and model sizes), committed, and reproduced once from
 nothing. Per stage: the wall time from DVC's "Running stage" line to the next one (the stage's
 interpreter start, imports and DVC's bookkeeping included), and the stage's own "done in N s".
@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO_ROOT, Line, RowResult, git_commit_all, run_timestamped, stage_times
+from bench.project import STAGES
+from pipeline.model_table import TRAINING_STAGES
 
 BUDGET_S = 240.0
-STAGES = ("ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate")
 QUICK = {"max_per_class": 40, "epochs": 2}
 
 
@@ -34,7 +35,7 @@ def real_params() -> dict:
 
 def reproduce(params: dict) -> dict:
     """A fresh project copy with ``params``, ``dvc repro`` once, timed stage by stage."""
-    from tests.project import copy_project, project_env, stages_run
+    from bench.project import copy_project, project_env, stages_run
 
     with tempfile.TemporaryDirectory(prefix="bench-repro-") as temporary:
         root = copy_project(Path(temporary) / "project")
@@ -60,7 +61,7 @@ def reproduce(params: dict) -> dict:
             "evaluate": json.loads((metrics / "evaluate.json").read_text()),
             "ingest": json.loads((metrics / "ingest.json").read_text()),
             "train": {stage: json.loads((metrics / f"{stage}.json").read_text())
-                      for stage in ("train_custom", "train_resnet50")},
+                      for stage in TRAINING_STAGES},
             "params": params,
             "log": [f"{t:8.2f} {line}" for t, line in run.lines],
         }
@@ -106,7 +107,7 @@ def run(mode: str) -> RowResult:
     params = copy.deepcopy(real_params())
     if mode == "quick":
         params["ingest"]["max_per_class"] = QUICK["max_per_class"]
-        for stage in ("train_custom", "train_resnet50"):
+        for stage in TRAINING_STAGES:
             params[stage]["epochs"] = min(params[stage]["epochs"], QUICK["epochs"])
         row.notes.append(f"--quick: {QUICK['max_per_class']} digits per class and {QUICK['epochs']} epochs per "
                          "model, so the targets are not judged")

@@ -9,7 +9,6 @@ the held-out 20 %. Reference: float32 without XLA, the pipeline's setting.
 
 ``mixed_bfloat16`` is measured on a GPU or where the CPU has bf16 instructions (AVX-512 BF16 or
 AMX); ``mixed_float16`` is a GPU feature and is reported as not measured when there is no GPU.
-``bench/gpu_numerics.py`` measures the same models on a GPU machine that has no TensorFlow.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ SIZES = {
     "tiny": (160, {"custom": 3}, {"custom": {"blocks": [8], "dense_units": [16]}}),
 }
 # Training seeds per model: one run's accuracy moves by a few points from seed to seed (custom CNN,
-# float32, 6 epochs: 0.953-0.986 over ten seeds, bench/results-precision-custom.json), so the
+# float32, 6 epochs: 0.953-0.986 over ten seeds in one study), so the
 # accuracy compared is the mean over seeds. Three seeds once put mixed_bfloat16 1.7 points below
-# float32 by chance; ten put it 0.3 +- 0.5 points above (python -m bench.precision_seeds).
+# float32 by chance; ten put it 0.3 +- 0.5 points above.
 SEEDS = {
     "full": {"custom": (42, 43, 44, 45, 46), "resnet50": (42,)},
     "quick": {"custom": (42,), "resnet50": (42,)},
@@ -90,8 +89,7 @@ def run(mode: str) -> RowResult:
                                   {"auto_policy": auto, "params_jit_compile": params_jit,
                                    "agrees_with_fastest": chosen == best[0]}))
         if not info["gpu"]:
-            row.lines.append(Line(f"{model} mixed_float16", "not measured: no GPU (an H100's figures: "
-                                  "bench/results-gpu-h100.json)", "-", None, "-", None))
+            row.lines.append(Line(f"{model} mixed_float16", "not measured: no GPU", "-", None, "-", None))
     row.notes.append(f"task: sklearn digits at 32x32x1, stratified 80/20 split (seed 0), "
                      f"{', '.join(f'{m} {e} epochs' for m, e in epochs.items())}, first epoch excluded from "
                      "the speed (tracing / XLA compile); ratio = speed / float32 jit=off, epoch by epoch; "

@@ -1,6 +1,6 @@
 """Row 4, orchestration: what DVC costs when there is little or nothing to do.
 
-Set-up (not timed): a copy of the project made by ``tests.project.copy_project`` (tiny params,
+Set-up (not timed): a copy of the project made by ``bench.project.copy_project`` (tiny params,
 10 digits per class) and one full ``dvc repro``.
 
 - no-op ``dvc repro`` (nothing changed) against ``dvc status`` alone: the price of asking DVC
@@ -45,7 +45,7 @@ if _LOG:
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    from tests.project import project_env
+    from bench.project import project_env
 
     env = project_env()
     env.pop("PYTHONPATH", None)
@@ -62,7 +62,7 @@ def _timed(command: list[str], root: Path, env: dict[str, str]) -> tuple[float, 
 
 
 def run(mode: str) -> RowResult:
-    from tests.project import copy_project, read_params, stages_run, write_params
+    from bench.project import STAGES, copy_project, read_params, stages_run, write_params
 
     row = RowResult("orchestration", "no-op dvc repro vs dvc status; a gate-only rerun")
     repeats = REPEATS[mode]
@@ -74,7 +74,7 @@ def run(mode: str) -> RowResult:
         (hook_dir / "sitecustomize.py").write_text(HOOK)
         env = _env()
         setup_s, text = _timed(["dvc", "repro"], root, env)
-        if stages_run(text) != ["ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate"]:
+        if stages_run(text) != list(STAGES):
             raise RuntimeError(f"the set-up dvc repro did not run every stage:\n{text[-3000:]}")
         row.data["setup_repro_s"] = setup_s
         _timed(["dvc", "status"], root, env)                 # warm-up
@@ -138,7 +138,7 @@ def run(mode: str) -> RowResult:
                               f"mlflow {'yes' if any(e['mlflow'] for e in imported) else 'no'}, "
                               f"{max(e['modules'] for e in imported)} modules)",
                               "-", None, "no", no_tensorflow, {"per_repeat": imported}))
-    row.notes.append(f"project copy with tiny params (tests.project.copy_project), fully reproduced once "
+    row.notes.append(f"project copy with tiny params (bench.project.copy_project), fully reproduced once "
                      f"({setup_s:.0f} s, not timed); {repeats} repeats, order alternated; gate change = "
                      "gate.min_test_accuracy +0.001 per repeat; TensorFlow check via a sitecustomize hook "
                      "that logs sys.modules at exit of every Python process under dvc repro")

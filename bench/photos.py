@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bench.common import Line, RowResult
 from bench.end_to_end import real_params, reproduce, stage_lines, verdict_lines
+from pipeline.model_table import MODEL_NAMES
 
-PHOTOS = Path(os.environ.get("BENCH_PHOTOS", "/work/shared/data/catsdogs-small/train"))
 SETTINGS = {
     "full": {"max_per_class": None, "epochs": 5},
     "quick": {"max_per_class": 100, "epochs": 2},
@@ -24,26 +24,34 @@ SETTINGS = {
 IMAGE_SIZE = 64
 
 
+def photo_folder() -> Path | None:
+    """The photo folder the photo rows use: ``--photos`` or ``$BENCH_PHOTOS`` (None when neither is set)."""
+    named = os.environ.get("BENCH_PHOTOS")
+    return Path(named) if named else None
+
+
 def run(mode: str) -> RowResult:
-    row = RowResult("photos", f"dvc repro on real photos ({PHOTOS})")
+    photos = photo_folder()
+    row = RowResult("photos", f"dvc repro on real photos ({photos or 'no folder given'})")
     if mode == "tiny":
         row.status = "skipped"
         row.notes.append("skipped: --tiny (a dvc repro on photos takes minutes; run --quick or the full suite)")
         return row
-    if not PHOTOS.is_dir():
+    if photos is None or not photos.is_dir():
         row.status = "skipped"
-        row.notes.append(f"skipped: {PHOTOS} is absent (set BENCH_PHOTOS to a folder with one subfolder per class)")
+        row.notes.append(f"skipped: {'no photo folder given' if photos is None else f'{photos} is absent'} "
+                         "(python -m bench --photos DIR, or BENCH_PHOTOS=DIR: a folder with one subfolder per class)")
         return row
     settings = SETTINGS[mode]
     params = copy.deepcopy(real_params())
     params["base"].update(image_size=IMAGE_SIZE, channels=3)
-    params["ingest"].update(source=str(PHOTOS.resolve()), max_per_class=settings["max_per_class"])
+    params["ingest"].update(source=str(photos.resolve()), max_per_class=settings["max_per_class"])
     params["train_custom"]["epochs"] = settings["epochs"]
     params["train_resnet50"].update(epochs=settings["epochs"], weights=None, fine_tune_layers=0, fine_tune_epochs=0)
     result = reproduce(params)
     stage_lines(result, row, judged=False, unjudged="(reported)")
     verdict_lines(result, row, judged=False, unjudged="(reported)")
-    for name in ("custom", "resnet50"):
+    for name in MODEL_NAMES:
         scores = result["evaluate"][name]
         row.lines.append(Line(f"{name} test accuracy", f"{scores['test']['accuracy']:.3f}",
                               f"train {scores['train']['accuracy']:.3f}, val {scores['validation']['accuracy']:.3f}",

@@ -32,9 +32,9 @@ from bench.common import (
     stats,
     worker_main,
 )
+from pipeline import model_table
 
 TARGET_RATIO = 0.95
-MODELS = ("custom", "resnet50")
 
 # (data set, images (None: all), epochs including the warm-up epoch, overrides of the models' sizes, models).
 # ResNet50 alone takes ~30 s to trace on two cores: the smoke test's tiny sizes leave it out.
@@ -44,7 +44,7 @@ VARIANTS = {
     "full": [("digits", None, 10, {}, ("custom",)),
              ("digits", None, 6, {}, ("resnet50",)),
              ("jpeg64", 600, 10, {"image_size": 64, "channels": 3}, ("custom",))],
-    "quick": [("digits", 384, 4, {}, MODELS)],
+    "quick": [("digits", 384, 4, {}, model_table.MODEL_NAMES)],
     "tiny": [("digits", 96, 3, {"custom": {"blocks": [8], "dense_units": [16]}}, ("custom",))],
 }
 
@@ -52,7 +52,7 @@ VARIANTS = {
 def model_spec(model: str, overrides: dict) -> dict:
     """Sizes, optimizer and loss of one trainer, from the project's params.yaml."""
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    section = raw["train_custom" if model == "custom" else "train_resnet50"]
+    section = raw[model_table.model_spec(model).params_section]
     spec = {
         "model": model,
         "image_size": overrides.get("image_size", raw["base"]["image_size"]),

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
+
+from pipeline.model_table import model_spec
 
 log = logging.getLogger("pipeline.devices")
 
@@ -58,21 +62,17 @@ def _tf_config() -> dict:
         raise PipelineError("TF_CONFIG is not valid JSON (see the tf.distribute multi-worker guide)") from None
 
 
-# Measured with `make bench` (numerics row) on a 2-core AMD EPYC with AVX-512 BF16: see the README's
-# Performance section. bfloat16 pays off for the custom CNN's large convolutions (1.7x per core, the
-# same accuracy over ten seeds: bench/results-precision-custom.json); for ResNet50 it does not.
-_CPU_BF16_PRECISION = {"custom": "mixed_bfloat16", "resnet50": "float32"}
-
 # GPUs with bfloat16 tensor cores: compute capability 8.0 and up (A100, L4, H100, ...). On an H100
-# (bench/results-gpu-h100.json) mixed_bfloat16 trained both models at least as fast as
+# (a probe through Keras's JAX and torch backends, 2026-11-28; README, Performance) mixed_bfloat16 trained both models at least as fast as
 # mixed_float16, and it needs no loss scaling; older GPUs have float16 tensor cores only.
 _GPU_BF16_CAPABILITY = (8, 0)
 
 
-def resolve_precision(setting: str, model_name: str) -> str:
+def resolve_precision(setting: str, model_name: str, cpu_bfloat16: bool | None = None) -> str:
     """The Keras dtype policy for ``precision: auto``: mixed precision on a GPU (see
     :func:`gpu_precision`), the measured best on a CPU with bfloat16 instructions, float32
-    elsewhere. Any other setting is used as it is."""
+    elsewhere. Any other setting is used as it is. ``cpu_bfloat16`` overrides what
+    :func:`cpu_has_bfloat16` reads (for tests and benchmarks)."""
     if setting != "auto":
         return setting
     # The GPUs this process may use (after any tf.config.set_visible_devices), the ones
@@ -81,8 +81,8 @@ def resolve_precision(setting: str, model_name: str) -> str:
     if gpus:
         return gpu_precision([tf.config.experimental.get_device_details(gpu).get("compute_capability")
                               for gpu in gpus])
-    if cpu_has_bfloat16():
-        return _CPU_BF16_PRECISION.get(model_name, "float32")
+    if cpu_has_bfloat16() if cpu_bfloat16 is None else cpu_bfloat16:
+        return model_spec(model_name).cpu_bfloat16_precision
     return "float32"
 
 
@@ -94,11 +94,29 @@ def gpu_precision(compute_capabilities: list[tuple[int, int] | None]) -> str:
     return "mixed_float16"
 
 
-def cpu_has_bfloat16() -> bool:
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True on CPUs with AVX-512 BF16 or AMX (read from /proc/cpuinfo; False where it is absent)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo_field("flags", cpuinfo).split()))
+
+
+def machine_summary() -> dict[str, Any]:
+    """The facts that decide speed and the ``auto`` choices: CPU model, cores, vector extensions, GPUs."""
+    flags = set(cpuinfo_field("flags").split())
+    isa = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else \
+        "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    gpus = tf.config.get_visible_devices("GPU")
+    return {"cpu": cpuinfo_field("model name") or platform.machine(), "cpu_cores": os.cpu_count() or 0, "cpu_isa": isa,
+            "gpus": len(gpus)}
+
+
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The value of the first ``name : value`` line of /proc/cpuinfo ("" where there is none, as off Linux)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+        with open(cpuinfo, encoding="utf-8") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        pass
+    return ""

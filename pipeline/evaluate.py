@@ -16,21 +16,19 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
-import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from pipeline import cli, figures, tracking
+from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import decode_predictions, load_images
 from pipeline.errors import PipelineError
-from pipeline.files import read_json, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.manifest import SPLITS, SplitImages, read_split
+from pipeline.model_table import MODELS
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
-from pipeline.training import MODEL_FILE, RUN_FILE
 
 log = logging.getLogger("pipeline.evaluate")
-
-MODEL_NAMES = ("custom", "resnet50")
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,7 @@ class SplitScores:
     per_class: dict
     confusion_matrix: list[list[int]]
     predicted: list[int]
+    confidence: list[float]   # the probability the model gave its predicted class, per image
 
 
 def score_predictions(true_indices: Sequence[int], probabilities: np.ndarray,
@@ -57,7 +56,20 @@ def score_predictions(true_indices: Sequence[int], probabilities: np.ndarray,
     clipped = np.clip(full, 1e-7, 1.0)
     loss = float(log_loss(true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels))
     return SplitScores(float(accuracy_score(true, predicted)), loss, per_class,
-                       confusion_matrix(true, predicted, labels=labels).tolist(), predicted.tolist())
+                       confusion_matrix(true, predicted, labels=labels).tolist(), predicted.tolist(),
+                       full[np.arange(len(predicted)), predicted].tolist())
+
+
+def most_confident_mistakes(true_indices: Sequence[int], scores: SplitScores, per_class: int = 3) -> list[int]:
+    """Indices of the wrongly predicted images the model was surest of, up to ``per_class`` for each
+    true class (class order, surest first): a wrong label in the data shows up here first."""
+    true = np.asarray(true_indices)
+    predicted, confidence = np.asarray(scores.predicted), np.asarray(scores.confidence)
+    chosen: list[int] = []
+    for label in sorted(set(true.tolist())):
+        wrong = np.flatnonzero((true == label) & (predicted != label))
+        chosen.extend(wrong[np.argsort(-confidence[wrong], kind="stable")][:per_class].tolist())
+    return chosen
 
 
 def evaluate_model(model: keras.Model, data: SplitImages, image_size: int, channels: int,
@@ -72,12 +84,12 @@ def evaluate_model(model: keras.Model, data: SplitImages, image_size: int, chann
     return scores, images
 
 
-def load_trained_model(model_dir: Path) -> tuple[keras.Model, dict]:
+def load_trained_model(model_dir: Path) -> tuple[keras.Model, RunRecord]:
     """A model saved by a training stage (safe mode: no code from the file runs), with its run record."""
     model_path = model_dir / MODEL_FILE
     if not model_path.exists():
         raise PipelineError(f"{model_path} is missing: run the training stages first (dvc repro)")
-    return keras.models.load_model(model_path, safe_mode=True), read_json(model_dir / RUN_FILE)
+    return keras.models.load_model(model_path, safe_mode=True), RunRecord.read(model_dir)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -87,15 +99,16 @@ def main(args: argparse.Namespace) -> None:
     tracking.connect(params.base.experiment_name)
     headline: dict = {}
     report: dict = {"class_names": data.class_names}
-    for name, model_dir in zip(MODEL_NAMES, (args.custom, args.resnet50)):
-        model, run_record = load_trained_model(Path(model_dir))
+    for spec in MODELS:
+        name = spec.name
+        model, run_record = load_trained_model(Path(args.models) / spec.folder)
         scores, test_images = evaluate_model(model, data, params.base.image_size, params.base.channels,
                                              params.evaluate.batch_size)
         headline[name] = {split: {"accuracy": s.accuracy, "loss": s.loss} for split, s in scores.items()}
         report[name] = {split: {"accuracy": s.accuracy, "loss": s.loss, "per_class": s.per_class,
                                 "confusion_matrix": s.confusion_matrix} for split, s in scores.items()}
         _write_test_predictions(Path(args.plots_dir) / f"confusion_{name}.csv", data, scores["test"])
-        _log_to_run(run_record["run_id"], scores, data, test_images, name)
+        _log_to_run(run_record.run_id, scores, data, test_images, name)
         log.info("%-9s accuracy  train %.4f  validation %.4f  test %.4f", name, scores["train"].accuracy,
                  scores["validation"].accuracy, scores["test"].accuracy)
     write_json(Path(args.metrics), headline)
@@ -105,11 +118,9 @@ def main(args: argparse.Namespace) -> None:
 def _write_test_predictions(path: Path, data: SplitImages, scores: SplitScores) -> None:
     """One row per test image, actual and predicted label: DVC's confusion template reads this."""
     names = data.class_names
-    frame = pd.DataFrame({"path": data.subset("test")["path"],
-                          "actual": [names[i] for i in data.label_indices("test")],
-                          "predicted": [names[i] for i in scores.predicted]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, lineterminator="\n")
+    write_csv(path, ["path", "actual", "predicted"],
+              zip(data.subset("test")["path"], [names[i] for i in data.label_indices("test")],
+                  [names[i] for i in scores.predicted]))
 
 
 def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, test_images: np.ndarray,
@@ -128,14 +139,21 @@ def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, 
                                                      [names[i] for i in predicted[wrong]],
                                                      f"{name}: misclassified test images (true -> predicted)"),
                           "plots/misclassified_test.png")
+        surest = most_confident_mistakes(actual, scores["test"])
+        confidence = np.asarray(scores["test"].confidence)
+        mlflow.log_figure(figures.misclassified_grid(test_images[surest], [names[i] for i in actual[surest]],
+                                                     [f"{names[i]} {p:.2f}" for i, p in
+                                                      zip(predicted[surest], confidence[surest])],
+                                                     f"{name}: most confidently wrong test images per class "
+                                                     "(true -> predicted probability)"),
+                          "plots/most_confident_mistakes_test.png")
 
 
 if __name__ == "__main__":
     parser = cli.stage_parser("evaluate", __doc__.splitlines()[0])
     parser.add_argument("--ingest", default="data/ingest", help="ingest output folder")
     parser.add_argument("--split", default="data/split.csv", help="split manifest")
-    parser.add_argument("--custom", default="models/custom", help="folder of the custom CNN")
-    parser.add_argument("--resnet50", default="models/resnet50", help="folder of the ResNet50 model")
+    parser.add_argument("--models", default="models", help="folder holding one folder per trained model")
     parser.add_argument("--metrics", default="metrics/evaluate.json", help="accuracy and loss per model and split")
     parser.add_argument("--report", default="metrics/evaluate_report.json", help="per-class scores, confusion matrices")
     parser.add_argument("--plots-dir", default="metrics/plots", help="folder for the test-set prediction tables")

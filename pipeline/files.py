@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """The one atomic writer: yield a temporary path beside ``path`` (same suffix, so libraries
+    that look at it write the right format); when the block ends, rename it into place. If the
+    block fails, the temporary file goes and any old ``path`` stays as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8", newline="\n")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -32,12 +43,19 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV file as ``pandas.DataFrame.to_csv(index=False)`` would, "\\n" line ends."""
+    """The one CSV writer: as ``pandas.DataFrame.to_csv(index=False)`` would, "\\n" line ends,
+    NaN and infinities as empty cells (which DVC's plot renderer skips), written atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows([None if isinstance(value, float) and not math.isfinite(value) else value for value in row]
+                     for row in rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def write_frame_csv(path: Path, frame: Any) -> None:
+    """A pandas DataFrame through :func:`write_csv` (index left out)."""
+    write_csv(path, [str(column) for column in frame.columns], frame.itertuples(index=False, name=None))
 
 
 def read_json(path: Path) -> Any:

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.files import read_json, write_json
-from pipeline.params import GateParams, load_params
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel, RunRecord
+from pipeline.files import atomic_path, read_json, write_json
+from pipeline.model_table import MODELS
+from pipeline.params import BaseParams, GateParams, load_params
 
 log = logging.getLogger("pipeline.gate")
 
 UNDERFIT, OVERFIT, DEPLOY = "underfit", "overfit", "deploy"
-DEPLOY_MODEL_FILE = "model.keras"
-DEPLOY_INFO_FILE = "model.json"
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,11 @@ def decide(scores: dict[str, dict], gate: GateParams) -> Decision:
     return Decision(chosen is not None, chosen, thresholds, candidates)
 
 
-def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record: dict) -> None:
-    """Copy the chosen model into ``deploy/`` under temporary names, then rename into place."""
-    deploy_dir.mkdir(parents=True, exist_ok=True)
-    staged_model = deploy_dir / f".{DEPLOY_MODEL_FILE}.tmp"
-    shutil.copyfile(model_dir / DEPLOY_MODEL_FILE, staged_model)
-    info = {"model": model_name, "class_names": run_record["class_names"], "image_size": run_record["image_size"],
-            "channels": run_record["channels"], "mlflow_run_id": run_record["run_id"]}
-    write_json(deploy_dir / DEPLOY_INFO_FILE, info)
-    staged_model.replace(deploy_dir / DEPLOY_MODEL_FILE)
+def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record: RunRecord) -> None:
+    """Copy the chosen model into ``deploy/`` with its description, each file written whole or not at all."""
+    with atomic_path(deploy_dir / MODEL_FILE) as staged_model:
+        shutil.copyfile(model_dir / MODEL_FILE, staged_model)
+        DeployedModel.from_run(model_name, run_record).write(deploy_dir / DEPLOY_INFO_FILE)
 
 
 def summary_lines(decision: Decision, scores: dict[str, dict] | None = None) -> list[str]:
@@ -127,34 +123,35 @@ def main(args: argparse.Namespace) -> None:
     decision = decide(scores, params.gate)
     deploy_dir = Path(args.deploy)
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    model_dirs = {"custom": Path(args.custom), "resnet50": Path(args.resnet50)}
-    run_records = {name: read_json(path / "run.json") for name, path in model_dirs.items() if name in scores}
+    model_dirs = {spec.name: Path(args.models) / spec.folder for spec in MODELS}
+    run_records = {name: RunRecord.read(path) for name, path in model_dirs.items() if name in scores}
     if decision.deploy:
         deploy_model(model_dirs[decision.model], deploy_dir, decision.model, run_records[decision.model])
     write_json(Path(args.out), decision.to_json())
-    _record_in_mlflow(params, decision, run_records, deploy_dir)
+    _record_in_mlflow(params.base, params.gate, decision, run_records, deploy_dir)
     for line in summary_lines(decision, scores):
         log.info("%s", line)
 
 
-def _record_in_mlflow(params, decision: Decision, run_records: dict[str, dict], deploy_dir: Path) -> None:
+def _record_in_mlflow(base: BaseParams, gate: GateParams, decision: Decision, run_records: dict[str, RunRecord],
+                      deploy_dir: Path) -> None:
     """Tag each training run with its verdict; log the deployed model for serving, register and alias it."""
     import mlflow
 
     from pipeline import tracking
     from pipeline.serving import log_serving_model
 
-    tracking.connect(params.base.experiment_name)
+    tracking.connect(base.experiment_name)
     for name, verdict in decision.candidates.items():
-        with tracking.resume_run(run_records[name]["run_id"]):
+        with tracking.resume_run(run_records[name].run_id):
             mlflow.set_tags({"gate.verdict": verdict.verdict, "gate.deployed": str(decision.model == name).lower()})
     if decision.deploy:
         record = run_records[decision.model]
-        with tracking.resume_run(record["run_id"]):
-            serving_model = log_serving_model(deploy_dir, DEPLOY_MODEL_FILE, DEPLOY_INFO_FILE)
-        version = tracking.register_champion(serving_model.model_uri, params.gate.registered_model_name,
-                                             {"gate.verdict": DEPLOY, "source.run_id": record["run_id"]})
-        log.info("registered %s version %s with alias %s", params.gate.registered_model_name, version,
+        with tracking.resume_run(record.run_id):
+            serving_model = log_serving_model(deploy_dir)
+        version = tracking.register_champion(serving_model.model_uri, gate.registered_model_name,
+                                             {"gate.verdict": DEPLOY, "source.run_id": record.run_id})
+        log.info("registered %s version %s with alias %s", gate.registered_model_name, version,
                  tracking.CHAMPION_ALIAS)
 
 
@@ -171,8 +168,7 @@ if __name__ == "__main__":
         _check_main()
     parser = cli.stage_parser("gate", __doc__.splitlines()[0])
     parser.add_argument("--scores", default="metrics/evaluate.json", help="evaluate's headline metrics")
-    parser.add_argument("--custom", default="models/custom", help="folder of the custom CNN")
-    parser.add_argument("--resnet50", default="models/resnet50", help="folder of the ResNet50 model")
+    parser.add_argument("--models", default="models", help="folder holding one folder per trained model")
     parser.add_argument("--deploy", default="deploy", help="where the deployed model goes")
     parser.add_argument("--out", default="metrics/gate.json", help="the decision (JSON)")
     cli.main_entry("gate", main, parser)

@@ -9,7 +9,6 @@ ever read.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import stat
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write_text, write_csv, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.images import ImageRejected, inspect_image
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
@@ -190,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
                            params.base.seed)
     write_csv(out / MANIFEST_FILE, MANIFEST_COLUMNS, result.images)
     write_csv(out / REJECTED_FILE, REJECTED_COLUMNS, result.rejected_files)
-    atomic_write_text(out / SOURCE_FILE, json.dumps({"source": source, "root": stored_root}, indent=2) + "\n")
+    write_json(out / SOURCE_FILE, {"source": source, "root": stored_root})
     summary = summarise(result)
     write_json(Path(args.metrics), summary)
     check_classes(result, root)

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.params import AugmentParams
 
 log = logging.getLogger("pipeline.models")
 
@@ -21,22 +22,71 @@ log = logging.getLogger("pipeline.models")
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 
 
+def augmentation_layers(augment: AugmentParams | None) -> list[keras.layers.Layer]:
+    """Keras's random preprocessing layers for the switched-on changes, in a fixed order.
+
+    They act only in training (``model.fit``); ``predict`` and evaluation pass images through
+    unchanged. They work on raw 0-255 pixels and compute in float32 whatever the dtype policy.
+    """
+    if augment is None or not augment.active:
+        return []
+    layers: list[keras.layers.Layer] = []
+    common = {"dtype": "float32"}
+    if augment.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", name="augment_flip", **common))
+    if augment.rotation > 0:
+        layers.append(keras.layers.RandomRotation(augment.rotation, name="augment_rotation", **common))
+    if augment.zoom > 0:
+        layers.append(keras.layers.RandomZoom(augment.zoom, name="augment_zoom", **common))
+    if augment.translation > 0:
+        layers.append(keras.layers.RandomTranslation(augment.translation, augment.translation,
+                                                     name="augment_translation", **common))
+    if augment.contrast > 0:
+        layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), name="augment_contrast",
+                                                  **common))
+    if augment.hue > 0:
+        layers.append(keras.layers.RandomHue(augment.hue, value_range=(0, 255), name="augment_hue", **common))
+    return layers
+
+
+def _augmented(inputs, augment: AugmentParams | None):
+    x = inputs
+    for layer in augmentation_layers(augment):
+        x = layer(x)
+    return x
+
+
 def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks: Sequence[int],
-                     dense_units: Sequence[int], dropout: float) -> keras.Model:
-    """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers."""
+                     dense_units: Sequence[int], dropout: float, *, batch_norm: bool = False,
+                     pooling: str = "flatten", augment: AugmentParams | None = None) -> keras.Model:
+    """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers.
+
+    ``batch_norm`` puts BatchNormalization between each convolution and its ReLU; ``pooling``
+    ``global_average`` replaces Flatten; ``augment`` adds the random training-time changes first.
+    """
     inputs = keras.Input(shape=input_shape, name="image")
-    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(_augmented(inputs, augment))
     for number, filters in enumerate(blocks, start=1):
-        x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"block{number}_conv1")(x)
-        x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"block{number}_conv2")(x)
+        for conv in (1, 2):
+            name = f"block{number}_conv{conv}"
+            if batch_norm:  # the convolution's bias is redundant before a normalisation
+                x = keras.layers.Conv2D(filters, (3, 3), padding="same", use_bias=False, name=name)(x)
+                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
+            else:
+                x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=name)(x)
         x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{number}_pool")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+    if pooling == "global_average":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    else:
+        x = keras.layers.Flatten(name="flatten")(x)
     outputs = _classifier_head(x, num_classes, dense_units, dropout)
     return keras.Model(inputs, outputs, name="custom_cnn")
 
 
 def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights: str | None,
-                   dense_units: Sequence[int], dropout: float) -> tuple[keras.Model, keras.Model]:
+                   dense_units: Sequence[int], dropout: float, *,
+                   augment: AugmentParams | None = None) -> tuple[keras.Model, keras.Model]:
     """ResNet50 without its top and a new head; returns ``(model, base)``.
 
     ``weights`` is None (random initialisation), ``"imagenet"`` (downloaded by Keras once and
@@ -44,7 +94,7 @@ def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights:
     frozen and is called with ``training=False`` so its BatchNormalization statistics stay put.
     """
     inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
+    x = _augmented(inputs, augment)
     if input_shape[-1] == 1:
         x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
     x = imagenet_preprocessing_layer()(x)
@@ -88,16 +138,21 @@ def unfreeze_top_layers(base: keras.Model, count: int) -> int:
 
 
 def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int,
-                  jit_compile: bool = False) -> None:
-    """Compile with the params' optimizer and loss; the loss matches the output layer's shape."""
+                  jit_compile: bool = False, *, label_smoothing: float = 0.0, cosine_decay_steps: int = 0) -> None:
+    """Compile with the params' optimizer and loss; the loss matches the output layer's shape.
+
+    ``cosine_decay_steps`` > 0 decays the learning rate along a cosine to 0 over that many steps.
+    """
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     if loss == "mse":
         loss_function = keras.losses.MeanSquaredError()
     elif num_classes == 2:
-        loss_function = keras.losses.BinaryCrossentropy()
+        loss_function = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
     else:
-        loss_function = keras.losses.CategoricalCrossentropy()
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss_function,
+        loss_function = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, cosine_decay_steps) if cosine_decay_steps > 0 \
+        else learning_rate
+    model.compile(optimizer=optimizers[optimizer](learning_rate=rate), loss=loss_function,
                   metrics=["accuracy"], jit_compile=jit_compile)
 
 

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 RESNET50_MIN_IMAGE_SIZE = 32
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("crossentropy", "mse")
+MAX_ROTATION = 0.5  # a fraction of a full turn: 0.5 turns either way covers every angle
 
 
 class ParamsError(PipelineError):
@@ -81,14 +82,49 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    """Random changes to each training image (Keras preprocessing layers inside both models, active
+    only while training). Every factor 0 / false turns that change off."""
+
+    horizontal_flip: bool
+    rotation: float
+    zoom: float
+    translation: float
+    contrast: float
+    hue: float
+
+    FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
+
+    @property
+    def active(self) -> bool:
+        """Whether any change is switched on."""
+        return self.horizontal_flip or any(getattr(self, key) > 0 for key in self.FACTORS)
+
+    def check(self, where: str) -> None:
+        for key in self.FACTORS:
+            value = getattr(self, key)
+            _require(value >= 0, f"{where}.{key}", f"must be 0 (off) or more, got {value}")
+        _require(self.rotation <= MAX_ROTATION, f"{where}.rotation",
+                 f"is a fraction of a full turn and must be at most {MAX_ROTATION} (half a turn either way), "
+                 f"got {self.rotation}")
+        for key in ("zoom", "translation", "contrast", "hue"):
+            value = getattr(self, key)
+            _require(value < 1, f"{where}.{key}", f"must be below 1 (a fraction of the image), got {value}")
+
+
+@dataclass(frozen=True)
 class FitParams:
-    """What both trainers share: the deck's batch, epoch, loss and optimizer."""
+    """What both trainers share: the deck's batch, epoch, loss and optimizer, and the training options
+    of the from-scratch recipes (learning-rate schedule, label smoothing, class weights)."""
 
     epochs: int
     batch_size: int
     learning_rate: float
+    lr_schedule: Literal["constant", "cosine", "plateau"]
     optimizer: Literal["adam", "sgd", "rmsprop"]
     loss: Literal["crossentropy", "mse"]
+    label_smoothing: float
+    class_weight: Literal["balanced"] | None
     patience: int
     dense_units: tuple[int, ...]
     dropout: float
@@ -96,6 +132,10 @@ class FitParams:
     jit_compile: bool
 
     def check(self, where: str) -> None:
+        _require(0 <= self.label_smoothing < 1, f"{where}.label_smoothing",
+                 f"must be in [0, 1), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss == "crossentropy", f"{where}.label_smoothing",
+                 "applies to the crossentropy loss only; set it to 0 with loss: mse")
         _require(self.epochs >= 1, f"{where}.epochs", f"must be at least 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"{where}.batch_size", f"must be at least 1, got {self.batch_size}")
         _require(self.learning_rate > 0, f"{where}.learning_rate", f"must be greater than 0, got {self.learning_rate}")
@@ -109,6 +149,8 @@ class TrainCustomParams(FitParams):
     """The deck's VGG-style CNN."""
 
     blocks: tuple[int, ...]
+    batch_norm: bool
+    pooling: Literal["flatten", "global_average"]
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -176,6 +218,7 @@ class Params:
     base: BaseParams
     ingest: IngestParams
     split: SplitParams
+    augment: AugmentParams
     train_custom: TrainCustomParams
     train_resnet50: TrainResnet50Params
     evaluate: EvaluateParams
@@ -201,9 +244,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
     """Validate an already-parsed params mapping (what ``load_params`` does after reading YAML)."""
     try:
-        return _build(Params, raw, "")
+        params = _build(Params, raw, "")
+        _check_across_sections(params)
+        return params
     except ParamsError as error:
         raise ParamsError(f"{source}: {error}") from None
+
+
+def _check_across_sections(params: Params) -> None:
+    """Rules that tie two sections together."""
+    _require(params.base.channels == 3 or params.augment.hue == 0, "augment.hue",
+             "changes colours and needs base.channels: 3 (grayscale images have no hue); set it to 0")
 
 
 def to_flat_dict(section: Any, prefix: str) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
-from pipeline.serving import ModelInfo, classify
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
+from pipeline.serving import classify
 
 log = logging.getLogger("pipeline.predict")
 
@@ -38,14 +39,14 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
 
 def main(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_dir)
-    if not (model_dir / "model.keras").exists():
-        raise PipelineError(f"{model_dir / 'model.keras'} is missing: run the pipeline first (make repro); "
+    if not (model_dir / MODEL_FILE).exists():
+        raise PipelineError(f"{model_dir / MODEL_FILE} is missing: run the pipeline first (make repro); "
                             "the gate deploys a model only when one passes both thresholds")
     files = expand_paths(args.paths)
     import keras  # TensorFlow takes seconds to load: only once there is something to predict
 
-    info = ModelInfo.read(model_dir / "model.json")
-    model = keras.models.load_model(model_dir / "model.keras", safe_mode=True)
+    info = DeployedModel.read(model_dir / DEPLOY_INFO_FILE)
+    model = keras.models.load_model(model_dir / MODEL_FILE, safe_mode=True)
     good, pixels, failed = [], [], 0
     for path in files:
         try:

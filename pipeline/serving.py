@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_bytes
 
 IMAGE_COLUMN = "image"
 SERVING_PACKAGES = ("tensorflow", "keras", "mlflow", "pillow", "pandas", "numpy")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a client needs to know to feed the deployed model: ``deploy/model.json``."""
-
-    class_names: list[str]
-    image_size: int
-    channels: int
-
-    @classmethod
-    def read(cls, path: Path) -> ModelInfo:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(list(data["class_names"]), int(data["image_size"]), int(data["channels"]))
 
 
 @dataclass(frozen=True)
@@ -47,7 +33,7 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def classify(model: Any, pixels: np.ndarray, info: ModelInfo, batch_size: int = 64) -> list[Prediction]:
+def classify(model: Any, pixels: np.ndarray, info: DeployedModel, batch_size: int = 64) -> list[Prediction]:
     """Run the model on ``(n, size, size, channels)`` raw pixels and name the classes."""
     from pipeline.dataset import decode_predictions
 
@@ -60,7 +46,7 @@ def classify(model: Any, pixels: np.ndarray, info: ModelInfo, batch_size: int = 
             for index, row in zip(indices, probabilities)]
 
 
-def pixels_from_request(model_input: Any, info: ModelInfo) -> np.ndarray:
+def pixels_from_request(model_input: Any, info: DeployedModel) -> np.ndarray:
     """Turn what a client sent into model input, or raise ``ValueError`` saying what is wrong.
 
     Accepted: a DataFrame with an ``image`` column of file bytes (or their base64 text, as in
@@ -111,7 +97,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         import keras
 
         self.model = keras.models.load_model(context.artifacts["keras_model"], safe_mode=True)
-        self.info = ModelInfo.read(Path(context.artifacts["model_info"]))
+        self.info = DeployedModel.read(Path(context.artifacts["model_info"]))
 
     def predict(self, context, model_input, params=None):
         from mlflow.exceptions import MlflowException
@@ -125,7 +111,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return predictions_frame(classify(self.model, pixels, self.info))
 
 
-def log_serving_model(deploy_dir: Path, model_file: str, info_file: str):
+def log_serving_model(deploy_dir: Path):
     """Log the deployed model as a pyfunc to the active run; returns MLflow's ModelInfo."""
     from pipeline.tracking import pinned_requirements
 
@@ -133,7 +119,7 @@ def log_serving_model(deploy_dir: Path, model_file: str, info_file: str):
     requirements = pinned_requirements(SERVING_PACKAGES)
     return mlflow.pyfunc.log_model(
         name="serving_model", python_model=str(package_dir / "serving_model.py"),
-        artifacts={"keras_model": str(deploy_dir / model_file), "model_info": str(deploy_dir / info_file)},
+        artifacts={"keras_model": str(deploy_dir / MODEL_FILE), "model_info": str(deploy_dir / DEPLOY_INFO_FILE)},
         code_paths=[str(package_dir)], pip_requirements=requirements)
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write_text, write_json
+from pipeline.files import write_frame_csv, write_json
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
     manifest = read_manifest(Path(args.ingest))
     ratios = params.split.ratios
     result = split_dataset(manifest, ratios, params.base.seed)
-    atomic_write_text(Path(args.out), result.to_csv(index=False, lineterminator="\n"))
+    write_frame_csv(Path(args.out), result)
     counts = split_counts(result)
     write_json(Path(args.metrics), {"ratios": list(ratios), **counts})
     log.info("split %d images %s: train %d, validation %d, test %d", len(result), _ratio_text(ratios),

@@ -11,6 +11,11 @@ too) runs with file descriptor 2 captured, lists the physical devices while stil
 then writes back every captured line except TensorFlow log lines below the level and the cuInit
 failure on a machine without an NVIDIA driver. Anything else, and everything if the import fails,
 is written back unchanged. With ``TF_CPP_MIN_LOG_LEVEL=0`` nothing is captured at all.
+
+If the import kills the process instead (a fatal CPU-feature check calls ``abort()``), nobody is
+left to write the capture back, so a small guardian process started beside it does: it waits for
+an "ok" on a pipe that only a living process can send, and on end-of-file without it copies the
+captured text to the real stderr. Where the guardian cannot start, nothing is captured.
 """
 
 from __future__ import annotations
@@ -124,20 +129,51 @@ def _probe_devices(tensorflow: ModuleType) -> None:
         pass
 
 
+# Run with the real stderr: unless told "ok" before the pipe closes, print the capture file.
+_GUARDIAN = ("import os, sys\n"
+             "if os.read(int(sys.argv[1]), 2) != b'ok':\n"
+             "    with open(sys.argv[2], 'rb') as capture:\n"
+             "        os.write(2, capture.read())\n"
+             "    os.unlink(sys.argv[2])\n")
+
+
 @contextmanager
 def _stderr_into(captured: list[str]) -> Iterator[None]:
-    """Point file descriptor 2 at a temporary file; append what it got to ``captured`` at the end."""
+    """Point file descriptor 2 at a temporary file; append what it got to ``captured`` at the end.
+
+    A guardian process prints the file if this process dies first (see the module docstring).
+    """
+    import subprocess
+
     if sys.stderr is not None:
         sys.stderr.flush()
+    handle, path = tempfile.mkstemp(prefix="tensorflow-start-up-", suffix=".log")
+    listen, tell = os.pipe()
+    try:
+        guardian = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN, str(listen), path],
+                                    pass_fds=(listen,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except OSError:
+        guardian = None
+    os.close(listen)
+    if guardian is None:  # no safety net: better a few start-up lines than a lost error
+        os.close(tell)
+        os.close(handle)
+        os.unlink(path)
+        yield
+        return
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+    os.dup2(handle, 2)
+    try:
+        yield
+    finally:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        with os.fdopen(handle, "rb") as sink:
             sink.seek(0)
             captured.append(sink.read().decode("utf-8", "replace"))
+        os.write(tell, b"ok")
+        os.close(tell)
+        guardian.wait()
+        Path(path).unlink(missing_ok=True)

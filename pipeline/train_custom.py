@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
 
-from pipeline.models import build_custom_cnn, compile_model
-from pipeline.params import Params
-from pipeline.training import FitData, History, fit, trainer_entry
+from pipeline.models import build_custom_cnn
+from pipeline.params import AugmentParams, TrainCustomParams
+from pipeline.training import FitData, History, compile_for_fit, fit, trainer_entry
 
 STAGE = "train_custom"
 
 
-def train_custom(data: FitData, params: Params, history: History) -> keras.Model:
-    """Build the CNN from ``params.train_custom`` and fit it with early stopping."""
-    section = params.train_custom
+def train_custom(data: FitData, section: TrainCustomParams, augment: AugmentParams | None, history: History,
+                 callbacks: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+    """Build the CNN from its params section (and the augmentation) and fit it with early stopping."""
     model = build_custom_cnn(data.input_shape, data.num_classes, section.blocks, section.dense_units,
-                             section.dropout)
-    compile_model(model, section.optimizer, data.scaled_learning_rate(section.learning_rate), section.loss,
-                  data.num_classes, section.jit_compile)
-    fit(model, data, section, history, phase="train", epochs=section.epochs)
+                             section.dropout, batch_norm=section.batch_norm, pooling=section.pooling, augment=augment)
+    compile_for_fit(model, data, section, section.learning_rate, section.epochs)
+    fit(model, data, section, history, phase="train", epochs=section.epochs, callbacks=callbacks)
     return model
 
 
 if __name__ == "__main__":
-    trainer_entry(STAGE, "custom", train_custom, __doc__.splitlines()[0])
+    trainer_entry(STAGE, train_custom, __doc__.splitlines()[0])

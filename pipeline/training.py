@@ -1,7 +1,8 @@
-"""What both trainers share: input pipelines, the fit loop, saving, and the stage's I/O.
+"""What both trainers share: input pipelines, the fit loop, saving, and the stage's steps.
 
 A trainer module supplies one function that builds and fits its model (:data:`FitFunction`);
-:func:`run_training_stage` does everything around it: params, seeding, MLflow, files.
+:func:`run_training_stage` runs the named steps around it: params, seeding, placement, the MLflow
+run, and the files DVC tracks. :func:`fit` knows nothing of MLflow: the stage passes its logger in.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import mlflow
@@ -22,19 +22,19 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline import cli, figures, tracking
+from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
-from pipeline.devices import Placement, choose_placement, resolve_precision
-from pipeline.files import atomic_write_text, write_json
+from pipeline.devices import Placement, choose_placement, machine_summary, resolve_precision
+from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split
-from pipeline.params import FitParams, Params, load_params, to_flat_dict
+from pipeline.model_table import ModelSpec, model_spec
+from pipeline.models import compile_model
+from pipeline.params import AugmentParams, BaseParams, FitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger("pipeline.training")
 
-MODEL_FILE = "model.keras"
-RUN_FILE = "run.json"
 TRAINING_MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
-MODEL_NAMES = {"train_custom": "custom", "train_resnet50": "resnet50"}
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 
@@ -49,11 +49,21 @@ class FitData:
     num_classes: int
     input_shape: tuple[int, int, int]
     replicas: int = 1
+    train_label_counts: tuple[int, ...] = ()
 
     @property
     def iterations_per_epoch(self) -> int:
         """The deck's definition: batches needed to see every training image once."""
         return iterations_per_epoch(self.train_size, self.batch_size)
+
+    def balanced_class_weights(self) -> dict[int, float]:
+        """scikit-learn's "balanced" weights: n_images / (n_classes * images of the class)."""
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = [index for index, count in enumerate(self.train_label_counts) if count]
+        labels = np.repeat(np.arange(len(self.train_label_counts)), self.train_label_counts)
+        weights = compute_class_weight("balanced", classes=np.array(present), y=labels)
+        return {int(index): float(weight) for index, weight in zip(present, weights)}
 
     def scaled_learning_rate(self, learning_rate: float) -> float:
         """The Keras guides' linear scaling: a batch N times larger takes N times the step size."""
@@ -76,7 +86,27 @@ class History:
         return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS).replace([np.inf, -np.inf], np.nan)
 
 
-FitFunction = Callable[[FitData, Params, History], keras.Model]
+# A trainer: build and fit one model from its params section and the augmentation section, adding
+# to the history, with the stage's callbacks (the MLflow epoch logger) passed to every ``model.fit``.
+FitFunction = Callable[[FitData, Any, AugmentParams, History, Sequence[keras.callbacks.Callback]], keras.Model]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What ``precision: auto`` and ``distribution: auto`` resolved to, and on what machine:
+    recorded in the training metrics and the MLflow run, so runs on different CPUs are told apart."""
+
+    precision: str
+    distribution: str
+    replicas: int
+    global_batch_size: int
+    machine: dict[str, Any]
+
+    def as_params(self) -> dict[str, Any]:
+        """The same facts as flat MLflow params."""
+        return {"precision.policy": self.precision, "distribution.strategy": self.distribution,
+                "distribution.replicas": self.replicas, "distribution.global_batch_size": self.global_batch_size,
+                **{f"machine.{key}": value for key, value in self.machine.items()}}
 
 
 def iterations_per_epoch(train_size: int, batch_size: int) -> int:
@@ -84,13 +114,12 @@ def iterations_per_epoch(train_size: int, batch_size: int) -> int:
     return math.ceil(train_size / batch_size)
 
 
-def make_fit_data(data: SplitImages, params: Params, batch_size: int, placement: Placement | None = None) -> FitData:
+def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placement: Placement | None = None) -> FitData:
     """Training set shuffled with the seed, validation set in order; both decoded once and cached.
 
     ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
     images. With several workers each reads only its own share of the files.
     """
-    base = params.base
     replicas = placement.replicas if placement else 1
     shard = (placement.num_workers, placement.worker_index) if placement and placement.num_workers > 1 else None
     num_classes = len(data.class_names)
@@ -100,18 +129,40 @@ def make_fit_data(data: SplitImages, params: Params, batch_size: int, placement:
                              shuffle_seed=base.seed, **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
+    counts = np.bincount(data.label_indices("train"), minlength=num_classes)
     return FitData(train, validation, len(data.subset("train")), batch_size * replicas, num_classes,
-                   (base.image_size, base.image_size, base.channels), replicas)
+                   (base.image_size, base.image_size, base.channels), replicas, tuple(int(c) for c in counts))
 
 
-def fit(model: keras.Model, data: FitData, fit_params: FitParams, history: History, *, phase: str,
-        epochs: int) -> None:
-    """One ``model.fit`` with early stopping on validation loss (best weights kept)."""
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=fit_params.patience,
+def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learning_rate: float,
+                    epochs: int) -> None:
+    """Compile with the section's optimizer, loss, label smoothing and (cosine) learning-rate schedule
+    for a phase of ``epochs`` epochs; the rate is scaled to the number of replicas."""
+    decay_steps = epochs * data.iterations_per_epoch if section.lr_schedule == "cosine" else 0
+    compile_model(model, section.optimizer, data.scaled_learning_rate(learning_rate), section.loss, data.num_classes,
+                  section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps)
+
+
+def fit(model: keras.Model, data: FitData, section: FitParams, history: History, *, phase: str, epochs: int,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
+    """One ``model.fit`` with early stopping on validation loss (best weights kept), the section's
+    class weights and, for ``lr_schedule: plateau``, a halved rate when validation loss stalls.
+
+    ``callbacks`` come from the caller; a callback with a ``first_step`` attribute is told where
+    this phase's epochs start, so curves run on across phases.
+    """
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
                                             restore_best_weights=True)
-    first_step = len(history.rows)
+    own: list[keras.callbacks.Callback] = [stopper]
+    if section.lr_schedule == "plateau":
+        own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                     patience=max(1, section.patience // 2), verbose=1))
+    for callback in callbacks:
+        if hasattr(callback, "first_step"):
+            callback.first_step = len(history.rows)
+    class_weight = data.balanced_class_weights() if section.class_weight == "balanced" else None
     result = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=2, shuffle=False,
-                       callbacks=[stopper, _MlflowEpochLogger(first_step)])
+                       class_weight=class_weight, callbacks=[*own, *callbacks])
     history.add(phase, result)
     if stopper.stopped_epoch:
         log.info("%s: early stopping after epoch %d, weights of epoch %d kept", phase,
@@ -120,71 +171,97 @@ def fit(model: keras.Model, data: FitData, fit_params: FitParams, history: Histo
 
 def save_model(model: keras.Model, path: Path) -> None:
     """Save a ``.keras`` file under a temporary name, then rename, so no half-written model exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".keras")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
-def run_training_stage(args: argparse.Namespace, stage: str, fit_function: FitFunction) -> None:
-    """The whole stage around a trainer's fit function: params, seed, MLflow run, files."""
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics to the active MLflow run, numbered across fit phases.
+
+    mlflow.keras.MlflowCallback restarts its step at 0 on every fit and re-logs the optimizer's
+    settings as params, which MLflow refuses when fine-tuning changes the learning rate.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_step = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs:
+            mlflow.log_metrics({key: float(value) for key, value in logs.items()}, step=self.first_step + epoch)
+
+
+def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: FitFunction) -> None:
+    """The stage around a trainer's fit function, as named steps."""
     params = load_params(args.params)
-    section = getattr(params, stage)
+    section: FitParams = getattr(params, spec.params_section)
     if hasattr(section, "check_paths"):
-        section.check_paths(stage)
+        section.check_paths(spec.params_section)
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = read_split(Path(args.ingest), Path(args.split))
     tracking.connect(params.base.experiment_name)
-    placement = choose_placement(params.base.distribution)
-    precision = resolve_precision(section.precision, MODEL_NAMES[stage])
-    keras.mixed_precision.set_global_policy(precision)
-    fit_data = make_fit_data(data, params, section.batch_size, placement)
+    placement, setup = resolve_setup(params.base, section, spec)
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, %s on %d replica(s)",
-             stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size, fit_data.iterations_per_epoch,
-             precision, placement.name, placement.replicas)
-
-    out_dir = Path(args.out)
-    tags = {**tracking.lineage_tags(stage, Path(args.ingest) / MANIFEST_FILE),
+             spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
+             fit_data.iterations_per_epoch, setup.precision, setup.distribution, setup.replicas)
+    tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
-    with tracking.start_run(stage, tags) as run:
-        tracking.log_params_flat({**to_flat_dict(params.base, "base"), **to_flat_dict(section, stage),
-                                  "train_size": fit_data.train_size,
-                                  "iterations_per_epoch": fit_data.iterations_per_epoch,
-                                  "classes": ",".join(data.class_names),
-                                  "precision.policy": precision,
-                                  "distribution.strategy": placement.name, "distribution.replicas": placement.replicas,
-                                  "distribution.global_batch_size": fit_data.batch_size})
+    with tracking.start_run(spec.stage, tags) as run:
+        _log_training_params(params.base, params.augment, section, spec, fit_data, data.class_names, setup)
         history = History()
         with placement.strategy.scope():
-            model = fit_function(fit_data, params, history)
-        save_model(model, out_dir / MODEL_FILE)
-        frame = history.frame()
-        atomic_write_text(Path(args.history), frame.to_csv(index=False, lineterminator="\n", na_rep=""))
-        summary = _summary(frame, fit_data, data.class_names)
-        write_json(Path(args.metrics), summary)
-        mlflow.log_figure(figures.training_curves(frame, title=stage), "plots/training_curves.png")
-        model_info = _log_model(model, data, params)
-        write_json(out_dir / RUN_FILE, {"run_id": run.info.run_id, "model_uri": model_info.model_uri,
-                                       "class_names": data.class_names, "image_size": params.base.image_size,
-                                       "channels": params.base.channels})
-    log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", stage, summary["epochs_run"],
-             summary["best_val_accuracy"] or 0.0, out_dir / MODEL_FILE)
+            model = fit_function(fit_data, section, params.augment, history, [MlflowEpochLogger()])
+        summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
+        model_info = _log_model(model, data, params.base)
+        RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
+                  params.base.channels).write(Path(args.out))
+    log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
+             summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
 
 
-def trainer_entry(stage: str, model_name: str, fit_function: FitFunction, description: str) -> None:
+def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
+    """Choose the devices and the dtype policy (and set it), and record what was chosen."""
+    placement = choose_placement(base.distribution)
+    precision = resolve_precision(section.precision, spec.name)
+    keras.mixed_precision.set_global_policy(precision)
+    setup = RunSetup(precision, placement.name, placement.replicas, section.batch_size * placement.replicas,
+                     machine_summary())
+    return placement, setup
+
+
+def _log_training_params(base: BaseParams, augment: AugmentParams, section: FitParams, spec: ModelSpec,
+                         fit_data: FitData, class_names: list[str], setup: RunSetup) -> None:
+    tracking.log_params_flat({**to_flat_dict(base, "base"), **to_flat_dict(augment, "augment"),
+                              **to_flat_dict(section, spec.params_section),
+                              "train_size": fit_data.train_size,
+                              "iterations_per_epoch": fit_data.iterations_per_epoch,
+                              "classes": ",".join(class_names), **setup.as_params()})
+
+
+def _write_training_outputs(args: argparse.Namespace, model: keras.Model, history: History, fit_data: FitData,
+                            class_names: list[str], setup: RunSetup, stage: str) -> dict:
+    """The model, the curves (CSV and MLflow figure) and the summary DVC shows as metrics."""
+    save_model(model, Path(args.out) / MODEL_FILE)
+    frame = history.frame()
+    write_frame_csv(Path(args.history), frame)
+    summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
+               "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
+    write_json(Path(args.metrics), summary)
+    mlflow.log_figure(figures.training_curves(frame, title=stage), "plots/training_curves.png")
+    return summary
+
+
+def trainer_entry(stage: str, fit_function: FitFunction, description: str) -> None:
     """``python -m pipeline.<trainer>``: parse the paths dvc.yaml passes and run the stage."""
+    spec = model_spec(stage)
     parser = cli.stage_parser(stage, description)
     parser.add_argument("--ingest", default="data/ingest", help="ingest output folder")
     parser.add_argument("--split", default="data/split.csv", help="split manifest")
-    parser.add_argument("--out", default=f"models/{model_name}", help="folder for the model and its run id")
+    parser.add_argument("--out", default=f"models/{spec.folder}", help="folder for the model and its run record")
     parser.add_argument("--metrics", default=f"metrics/{stage}.json", help="training summary (JSON)")
     parser.add_argument("--history", default=f"metrics/{stage}_history.csv", help="per-epoch curves (CSV)")
-    cli.main_entry(stage, lambda args: run_training_stage(args, stage, fit_function), parser)
+    cli.main_entry(stage, lambda args: run_training_stage(args, spec, fit_function), parser)
 
 
 def _summary(frame: pd.DataFrame, fit_data: FitData, class_names: list[str]) -> dict:
@@ -201,12 +278,11 @@ def _summary(frame: pd.DataFrame, fit_data: FitData, class_names: list[str]) -> 
     }
 
 
-def _log_model(model: keras.Model, data: SplitImages, params: Params):
+def _log_model(model: keras.Model, data: SplitImages, base: BaseParams):
     """Log the Keras model with a signature inferred from a few real validation images."""
     from mlflow.models import infer_signature
 
-    sample = load_images(data.paths("validation")[:4], params.base.image_size, params.base.channels)
-    sample = sample.astype(np.float32)
+    sample = load_images(data.paths("validation")[:4], base.image_size, base.channels).astype(np.float32)
     signature = infer_signature(sample, model.predict(sample, verbose=0))
     return mlflow.keras.log_model(model, name="model", signature=signature,
                                   pip_requirements=tracking.pinned_requirements(TRAINING_MODEL_PACKAGES))
@@ -217,19 +293,3 @@ def _epochs(keras_history: keras.callbacks.History) -> list[dict]:
     count = len(values.get("loss", []))
     return [{column: float(values[column][i]) if column in values else None
              for column in ("loss", "accuracy", "val_loss", "val_accuracy")} for i in range(count)]
-
-
-class _MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to the active MLflow run, numbered across fit phases.
-
-    mlflow.keras.MlflowCallback restarts its step at 0 on every fit and re-logs the optimizer's
-    settings as params, which MLflow refuses when fine-tuning changes the learning rate.
-    """
-
-    def __init__(self, first_step: int) -> None:
-        super().__init__()
-        self.first_step = first_step
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs:
-            mlflow.log_metrics({key: float(value) for key, value in logs.items()}, step=self.first_step + epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.common import REPO_ROOT
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 12, seed: int = 0,
@@ -46,11 +47,32 @@ def raw_params() -> dict:
     return copy.deepcopy(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
 
 
-def tiny_params(raw: dict, source: str) -> dict:
-    """Params for a seconds-long run: small images, one small block, one epoch."""
-    raw = copy.deepcopy(raw)
-    raw["ingest"]["source"] = source
-    raw["train_custom"].update(blocks=[8], dense_units=[16], epochs=1, batch_size=16)
-    raw["train_resnet50"].update(epochs=1, batch_size=16, weights=None)
-    raw["gate"].update(min_train_accuracy=0.0, min_test_accuracy=0.0)
-    return raw
+@dataclass(frozen=True)
+class ReproducedProject:
+    """A tiny copy of this project after one real ``dvc repro``, and what that repro printed."""
+
+    root: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory) -> ReproducedProject:
+    """One tiny project reproduced once for the whole session (ResNet50 is trained here and only
+    here among the shared tests). Tests only read it; a test that changes it takes
+    ``reproduced_project_copy``."""
+    from bench.common import git_commit_all
+    from bench.project import copy_project, run
+
+    root = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+    output = run(root, "dvc", "repro").stdout
+    # As a user would: commit dvc.lock and the metrics, so experiments start from a clean workspace.
+    git_commit_all(root, "dvc repro")
+    return ReproducedProject(root, output)
+
+
+@pytest.fixture
+def reproduced_project_copy(reproduced_project: ReproducedProject, tmp_path: Path) -> Path:
+    """A private copy of the shared reproduced project, for a test that changes it."""
+    from bench.project import copy_reproduced
+
+    return copy_reproduced(reproduced_project.root, tmp_path / "project")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
+from bench.project import project_env
 from pipeline.ingest import ingest_folder
 from pipeline.manifest import MANIFEST_FILE, SOURCE_FILE
 from pipeline.split import split_dataset
 from tests.conftest import REPO_ROOT
-from tests.project import project_env
 
 
 def stage_env(**overrides: str) -> dict[str, str]:

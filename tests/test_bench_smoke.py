@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import ROW_NUMBERS
 from tests.conftest import REPO_ROOT
-
-ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6}
 
 
 def _bench(tmp_path: Path, *arguments: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -48,7 +47,7 @@ def _check_report(result: subprocess.CompletedProcess, out: Path, rows: list[str
 
 @pytest.mark.slow
 def test_bench_tiny_suite(tmp_path: Path) -> None:
-    rows = ["ingest", "input", "numerics", "e2e", "photos"]
+    rows = ["ingest", "input", "numerics", "e2e", "photos", "recipe"]
     out = tmp_path / "results.json"
     result = _bench(tmp_path, "--tiny", "--rows", ",".join(rows), "--out", str(out))
     data = _check_report(result, out, rows)
@@ -73,7 +72,7 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
     assert any("jit=on" in case for case in numerics)
     assert any("mixed_float16" in case for case in numerics)
 
-    for key in ("e2e", "photos"):
+    for key in ("e2e", "photos", "recipe"):
         assert data["rows"][key]["status"] == "skipped"
         assert data["rows"][key]["notes"]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, make_image_folder, tiny_params
+from bench.project import tiny_params
+from tests.conftest import REPO_ROOT, make_image_folder
 from tests.stage_runner import prepare_split, stage_env
 
 pytestmark = pytest.mark.slow
@@ -40,10 +41,10 @@ TRAIN_SCRIPT = textwrap.dedent("""
     seed_everything(params.base.seed, tensorflow=True)
     placement = choose_placement(params.base.distribution)
     data = read_split(work / "data/ingest", work / "data/split.csv")
-    fit_data = make_fit_data(data, params, params.train_custom.batch_size, placement)
+    fit_data = make_fit_data(data, params.base, params.train_custom.batch_size, placement)
     history = History()
     with placement.strategy.scope():
-        model = train_custom(fit_data, params, history)
+        model = train_custom(fit_data, params.train_custom, params.augment, history)
     last = history.rows[-1]
     print(json.dumps({"strategy": placement.name, "replicas": placement.replicas,
                       "global_batch": fit_data.batch_size, "val_accuracy": last["val_accuracy"]}))
@@ -59,10 +60,22 @@ def train(tmp_path: Path, raw_params: dict, distribution: str, cpus: int) -> dic
     params["split"]["ratios"] = [0.6, 0.2, 0.2]
     params["train_custom"].update(epochs=10, batch_size=8, patience=10, learning_rate=0.003)
     prepare_split(work, images, params)
+    store_before = _store_state()
     result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(work), str(cpus)], cwd=REPO_ROOT,
                             env=stage_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    # Training outside a stage logs nothing: the project's MLflow store is exactly as it was.
+    assert _store_state() == store_before
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _store_state() -> dict[str, tuple[int, int] | None]:
+    """Size and modification time of the project's MLflow store files (None where absent)."""
+    state = {}
+    for name in ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlruns", "mlartifacts"):
+        path = REPO_ROOT / name
+        state[name] = (path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
+    return state
 
 
 def test_mirrored_strategy_trains_across_two_cpu_replicas(tmp_path: Path, raw_params: dict) -> None:

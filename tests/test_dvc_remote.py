@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import STAGES, copy_project, project_env, read_params, run, stages_run, write_params
+from bench.project import project_env, read_params, run, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,10 @@ CACHED_OUTPUTS = ("deploy/model.keras", "deploy/model.json", "models/custom/mode
                   "models/resnet50/model.keras", "data/split.csv", "data/ingest/manifest.csv")
 
 
-def test_clone_and_pull_restores_every_output_without_rerunning(tmp_path: Path) -> None:
-    project = copy_project(tmp_path / "project")
-    first = run(project, "dvc", "repro")
-    assert stages_run(first.stdout) == list(STAGES)
+def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_project_copy: Path,
+                                                                 tmp_path: Path) -> None:
+    project = reproduced_project_copy
+    assert run(project, "dvc", "status").stdout.strip() == UP_TO_DATE
 
     remote = tmp_path / "remote"
     run(project, "dvc", "remote", "add", "-d", "local", str(remote))

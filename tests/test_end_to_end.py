@@ -1,8 +1,9 @@
 """The whole pipeline through the real ``dvc repro``, in a temporary copy of the repository.
 
 Tiny params (10 digits per class, one epoch, ResNet50 from scratch at 32x32) keep it to a
-minute or two. One test walks the life of a project: a first run deploys, a second changes
-nothing, a stricter gate reruns only the gate and deploys nothing.
+minute or two. The session's one reproduced project (``reproduced_project``) is checked as a first
+run leaves it; a private copy of it then walks on: a second run changes nothing, a stricter gate
+reruns only the gate and deploys nothing.
 """
 
 from __future__ import annotations
@@ -22,29 +23,20 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.project import (
-    STAGES,
-    copy_project,
-    free_port,
-    project_env,
-    read_params,
-    run,
-    stages_run,
-    write_params,
-)
+from bench.project import STAGES, free_port, project_env, read_params, run, stages_run, write_params
+from tests.conftest import ReproducedProject
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git repository holding a copy of this project, with tiny params."""
-    return copy_project(tmp_path_factory.mktemp("project"))
+@pytest.fixture
+def project(reproduced_project: ReproducedProject) -> Path:
+    return reproduced_project.root
 
 
-def test_dvc_repro_end_to_end(project: Path) -> None:
-    first = run(project, "dvc", "repro")
-    assert stages_run(first.stdout) == list(STAGES)
+def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
+    project = reproduced_project.root
+    assert stages_run(reproduced_project.output) == list(STAGES)
 
     gate = json.loads((project / "metrics/gate.json").read_text())
     assert set(gate) == {"deploy", "model", "thresholds", "candidates"}
@@ -86,7 +78,23 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     path, label, probability = lines[0].split("\t")
     assert Path(path).exists() and label in info["class_names"] and 0.0 <= float(probability) <= 1.0
 
-    # Nothing changed: nothing reruns.
+    # What ran is recorded: the precision and placement that "auto" chose, and the machine.
+    for stage in ("train_custom", "train_resnet50"):
+        summary = json.loads((project / f"metrics/{stage}.json").read_text())
+        assert summary["precision"] in ("float32", "mixed_bfloat16", "mixed_float16")
+        assert summary["distribution"] == "none" and summary["replicas"] == 1
+        assert summary["machine"]["cpu"] and summary["machine"]["cpu_cores"] >= 1
+        (logged,) = [r for r in runs if r.data.tags["dvc.stage"] == stage]
+        assert logged.data.params["precision.policy"] == summary["precision"]
+        assert logged.data.params["machine.cpu"] == summary["machine"]["cpu"]
+
+
+def test_a_second_run_changes_nothing_and_a_stricter_gate_reruns_only_the_gate(
+        reproduced_project_copy: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    project = reproduced_project_copy
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     second = run(project, "dvc", "repro")
     assert stages_run(second.stdout) == []
 
@@ -105,15 +113,13 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     assert refused.returncode == 1 and "NOT allowed" in refused.stderr
 
 
-def test_misspelt_param_stops_repro_with_one_line(project: Path) -> None:
-    original = read_params(project)
+def test_misspelt_param_stops_repro_with_one_line(reproduced_project_copy: Path) -> None:
+    # A copy: DVC removes a stage's outputs before running it, so the failed split leaves none.
+    project = reproduced_project_copy
     params = read_params(project)
     params["split"]["ratio"] = params["split"].pop("ratios")
     write_params(project, params)
-    try:
-        result = run(project, "dvc", "repro", "split", check=False)
-    finally:
-        write_params(project, original)
+    result = run(project, "dvc", "repro", "split", check=False)
     assert result.returncode != 0
     assert "split.ratio: unknown key (did you mean 'ratios'?)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline.dataset import load_images
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate_model, load_trained_model, score_predictions
+from pipeline.evaluate import evaluate_model, load_trained_model, most_confident_mistakes, score_predictions
 from pipeline.manifest import SPLITS, read_split
 from tests.stage_runner import prepare_split
 
@@ -48,13 +49,36 @@ def test_a_missing_model_names_the_file_and_the_fix(tmp_path: Path) -> None:
 
 
 def test_every_split_is_scored_on_its_own_images(tmp_path: Path, image_folder: Path, raw_params: dict) -> None:
+    """Each class of the fixture is one dominant colour, so a model that answers "the strongest
+    channel" is right on every image: any mix-up of a split's images and labels shows as a miss."""
     prepare_split(tmp_path, image_folder, raw_params)
     data = read_split(tmp_path / "data/ingest", tmp_path / "data/split.csv")
-    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-                              keras.layers.Dense(len(data.class_names), activation="softmax")])
+    assert len(data.class_names) == 3
+    dominant_channel = keras.layers.Dense(3, activation="softmax")
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), dominant_channel])
+    dominant_channel.set_weights([np.eye(3, dtype=np.float32) * 0.5, np.zeros(3, dtype=np.float32)])
+
     scores, test_images = evaluate_model(model, data, image_size=16, channels=3, batch_size=8)
+
     assert list(scores) == list(SPLITS)
     for split in SPLITS:
-        assert sum(map(sum, scores[split].confusion_matrix)) == len(data.paths(split))
-        assert 0.0 <= scores[split].accuracy <= 1.0
-    assert test_images.shape == (len(data.paths("test")), 16, 16, 3)
+        labels = data.label_indices(split)
+        matrix = np.array(scores[split].confusion_matrix)
+        assert matrix.sum(axis=1).tolist() == np.bincount(labels, minlength=3).tolist(), split
+        assert scores[split].accuracy == 1.0 and scores[split].predicted == labels, split
+    assert np.array_equal(test_images, load_images(data.paths("test"), 16, 3))
+
+
+def test_the_most_confident_mistakes_come_first_for_each_class() -> None:
+    probabilities = np.array([[0.9, 0.1],    # cat, right
+                              [0.3, 0.7],    # cat, wrong at 0.7
+                              [0.05, 0.95],  # cat, wrong at 0.95
+                              [0.4, 0.6],    # cat, wrong at 0.6
+                              [0.45, 0.55],  # cat, wrong at 0.55: fourth, left out
+                              [0.8, 0.2],    # dog, wrong at 0.8
+                              [0.1, 0.9]])   # dog, right
+    true = [0, 0, 0, 0, 0, 1, 1]
+    scores = score_predictions(true, probabilities, ["cat", "dog"])
+    assert scores.confidence == pytest.approx([0.9, 0.7, 0.95, 0.6, 0.55, 0.8, 0.9])
+    assert most_confident_mistakes(true, scores) == [2, 1, 3, 5]
+    assert most_confident_mistakes([0, 1], score_predictions([0, 1], np.eye(2), ["a", "b"])) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import copy_project, project_env, read_params, run, write_params
+from bench.project import project_env, read_params, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,10 @@ def leftovers(project: Path) -> list[str]:
             for p in (project / folder).rglob("*") if ".tmp" in p.name]
 
 
-def test_killed_training_and_gate_recover_with_dvc_repro(tmp_path: Path) -> None:
+def test_killed_training_and_gate_recover_with_dvc_repro(reproduced_project_copy: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    project = copy_project(tmp_path / "project")
+    project = reproduced_project_copy
     params = read_params(project)
     params["train_custom"].update(epochs=200, patience=200)  # long enough to be killed in the middle
     write_params(project, params)

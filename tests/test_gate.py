@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, RunRecord
 from pipeline.gate import (
     DEPLOY,
-    DEPLOY_INFO_FILE,
-    DEPLOY_MODEL_FILE,
     OVERFIT,
     UNDERFIT,
     Decision,
@@ -180,35 +179,34 @@ def test_deploy_model_copies_the_model_and_writes_model_json(tmp_path: Path) -> 
     model_dir = tmp_path / "models" / "custom"
     model_dir.mkdir(parents=True)
     payload = bytes(range(256)) * 40
-    (model_dir / DEPLOY_MODEL_FILE).write_bytes(payload)
-    record = {"class_names": ["cat", "dog"], "image_size": 32, "channels": 1, "run_id": "abc123",
-              "model_uri": "runs:/abc123/model"}
+    (model_dir / MODEL_FILE).write_bytes(payload)
+    record = RunRecord("abc123", "runs:/abc123/model", ["cat", "dog"], 32, 1)
     deploy_dir = tmp_path / "deploy"
 
     deploy_model(model_dir, deploy_dir, "custom", record)
 
-    assert (deploy_dir / DEPLOY_MODEL_FILE).read_bytes() == payload
+    assert (deploy_dir / MODEL_FILE).read_bytes() == payload
     info = json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())
     assert info == {"model": "custom", "class_names": ["cat", "dog"], "image_size": 32, "channels": 1,
                     "mlflow_run_id": "abc123"}
     # No temporary file left behind; the source untouched.
-    assert sorted(p.name for p in deploy_dir.iterdir()) == [DEPLOY_INFO_FILE, DEPLOY_MODEL_FILE]
-    assert (model_dir / DEPLOY_MODEL_FILE).read_bytes() == payload
+    assert sorted(p.name for p in deploy_dir.iterdir()) == [DEPLOY_INFO_FILE, MODEL_FILE]
+    assert (model_dir / MODEL_FILE).read_bytes() == payload
 
 
 def test_deploy_model_replaces_an_earlier_deployment(tmp_path: Path) -> None:
     deploy_dir = tmp_path / "deploy"
     deploy_dir.mkdir()
-    (deploy_dir / DEPLOY_MODEL_FILE).write_bytes(b"old model")
+    (deploy_dir / MODEL_FILE).write_bytes(b"old model")
     (deploy_dir / DEPLOY_INFO_FILE).write_text('{"model": "resnet50"}')
     model_dir = tmp_path / "custom"
     model_dir.mkdir()
-    (model_dir / DEPLOY_MODEL_FILE).write_bytes(b"new model")
-    record = {"class_names": ["a", "b", "c"], "image_size": 48, "channels": 3, "run_id": "r2"}
+    (model_dir / MODEL_FILE).write_bytes(b"new model")
+    record = RunRecord("r2", "runs:/r2/model", ["a", "b", "c"], 48, 3)
 
     deploy_model(model_dir, deploy_dir, "custom", record)
 
-    assert (deploy_dir / DEPLOY_MODEL_FILE).read_bytes() == b"new model"
+    assert (deploy_dir / MODEL_FILE).read_bytes() == b"new model"
     assert json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())["model"] == "custom"
 
 
@@ -216,5 +214,5 @@ def test_deploy_model_without_a_model_file_fails(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         deploy_model(tmp_path / "empty", tmp_path / "deploy", "custom",
-                     {"class_names": [], "image_size": 32, "channels": 1, "run_id": "x"})
-    assert not (tmp_path / "deploy" / DEPLOY_MODEL_FILE).exists()
+                     RunRecord("x", "runs:/x/model", [], 32, 1))
+    assert not (tmp_path / "deploy" / MODEL_FILE).exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.project import STAGES, copy_project, free_port, project_env, stages_run
+from bench.project import STAGES, copy_project, free_port, project_env, stages_run
 
 pytestmark = pytest.mark.slow
 

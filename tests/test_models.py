@@ -14,12 +14,14 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.models import (
+    augmentation_layers,
     build_custom_cnn,
     build_resnet50,
     compile_model,
     imagenet_preprocessing_layer,
     unfreeze_top_layers,
 )
+from pipeline.params import AugmentParams
 
 
 def _raw_images(count: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -113,13 +115,19 @@ def test_compile_model_matches_loss_to_output(num_classes: int, loss: str, expec
     assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
-def test_saved_custom_cnn_loads_in_safe_mode_with_same_predictions(custom_cnn: keras.Model, tmp_path: Path) -> None:
-    path = tmp_path / "model.keras"
-    custom_cnn.save(path)
+def saved_and_loaded(model: keras.Model, folder: Path, count: int = 3, tolerance: float = 1e-5) -> keras.Model:
+    """Save ``model``, load it back in safe mode, and check it predicts as before on the same pixels."""
+    path = folder / "model.keras"
+    model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
-    images = _raw_images(3, (32, 32, 1), seed=5)
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), custom_cnn.predict(images, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    images = _raw_images(count, model.input_shape[1:], seed=5)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0),
+                               rtol=tolerance, atol=tolerance / 10)
+    return loaded
+
+
+def test_saved_custom_cnn_loads_in_safe_mode_with_same_predictions(custom_cnn: keras.Model, tmp_path: Path) -> None:
+    saved_and_loaded(custom_cnn, tmp_path)
 
 
 # --- ImageNet preprocessing ----------------------------------------------------------------------
@@ -201,12 +209,7 @@ def test_pretrained_model_shape_and_head(pretrained) -> None:
 
 def test_saved_resnet50_loads_in_safe_mode_with_same_predictions(pretrained, tmp_path: Path) -> None:
     model, _ = pretrained
-    path = tmp_path / "model.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path, safe_mode=True)
-    images = _raw_images(2, (32, 32, 3), seed=9)
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0),
-                               rtol=1e-4, atol=1e-5)
+    loaded = saved_and_loaded(model, tmp_path, count=2, tolerance=1e-4)
     assert loaded.get_layer("resnet50_preprocess").trainable is False
 
 
@@ -264,3 +267,58 @@ def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> No
         build_resnet50((32, 32, 3), num_classes=3, weights=str(garbage), dense_units=(), dropout=0.0)
     assert str(garbage) in str(info.value)
     assert "train_resnet50.weights" in str(info.value)
+
+
+# --- augmentation and the photo recipe -----------------------------------------------------------
+
+PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05)
+
+
+def _photo_cnn(augment: AugmentParams | None = PHOTO_AUGMENT) -> keras.Model:
+    return build_custom_cnn((24, 24, 3), 2, blocks=(4, 8), dense_units=(), dropout=0.2, batch_norm=True,
+                            pooling="global_average", augment=augment)
+
+
+def test_augmentation_changes_images_in_training_only() -> None:
+    model = _photo_cnn()
+    images = _raw_images(4, (24, 24, 3), seed=3)
+    augmenting = keras.Sequential(augmentation_layers(PHOTO_AUGMENT))
+    trained_view = keras.ops.convert_to_numpy(augmenting(images, training=True))
+    assert not np.allclose(trained_view, images)                       # training sees changed pixels
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmenting(images, training=False)), images)
+    # In prediction the model is the same function with or without its augmentation layers.
+    plain = _photo_cnn(augment=None)
+    plain.set_weights(model.get_weights())
+    np.testing.assert_allclose(model.predict(images, verbose=0), plain.predict(images, verbose=0), rtol=1e-6)
+
+
+def test_no_augmentation_layer_unless_switched_on() -> None:
+    off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0)
+    assert augmentation_layers(off) == [] and augmentation_layers(None) == []
+    names = [layer.name for layer in augmentation_layers(PHOTO_AUGMENT)]
+    assert names == ["augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast",
+                     "augment_hue"]
+
+
+def test_batch_norm_and_global_average_pooling_are_built_when_asked() -> None:
+    model = _photo_cnn()
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("BatchNormalization") == 4 and "GlobalAveragePooling2D" in kinds and "Flatten" not in kinds
+    deck = build_custom_cnn((24, 24, 3), 2, blocks=(4, 8), dense_units=(), dropout=0.2)
+    assert "BatchNormalization" not in [type(layer).__name__ for layer in deck.layers]
+
+
+def test_augmented_cnn_saves_and_loads_in_safe_mode_with_same_predictions(tmp_path: Path) -> None:
+    loaded = saved_and_loaded(_photo_cnn(), tmp_path)
+    assert [layer.name for layer in loaded.layers if layer.name.startswith("augment_")] == [
+        "augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast", "augment_hue"]
+
+
+def test_cosine_schedule_and_label_smoothing_reach_the_optimizer_and_loss() -> None:
+    model = _photo_cnn(augment=None)
+    compile_model(model, "adam", 0.002, "crossentropy", 2, label_smoothing=0.1, cosine_decay_steps=100)
+    schedule = model.optimizer.learning_rate_schedule if hasattr(model.optimizer, "learning_rate_schedule") \
+        else model.optimizer._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    assert float(schedule(0)) == pytest.approx(0.002) and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,68 @@ def test_check_paths_rejects_a_directory(raw_params: dict, tmp_path: Path) -> No
 def test_to_flat_dict_prefixes_keys_and_lists_tuples(raw_params: dict) -> None:
     flat = to_flat_dict(params_from_dict(raw_params).split, "split")
     assert flat == {"split.ratios": list(map(float, raw_params["split"]["ratios"]))}
+
+
+# --- augmentation and the from-scratch training options ------------------------------------------
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("rotation", -0.1, "augment.rotation: must be 0 (off) or more, got -0.1"),
+    ("rotation", 0.6, "augment.rotation: is a fraction of a full turn and must be at most 0.5"),
+    ("zoom", 1.5, "augment.zoom: must be below 1"),
+    ("contrast", -1, "augment.contrast: must be 0 (off) or more"),
+    ("translation", "wide", "augment.translation: expected a number"),
+])
+def test_augmentation_factors_out_of_range_are_refused(raw_params: dict, key: str, value: object,
+                                                       message: str) -> None:
+    raw_params["augment"][key] = value
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        params_from_dict(raw_params)
+
+
+def test_hue_needs_colour(raw_params: dict) -> None:
+    raw_params["augment"].update(hue=0.1, contrast=0.2)
+    raw_params["base"]["channels"] = 1
+    with pytest.raises(ParamsError, match=r"augment.hue: changes colours and needs base.channels: 3"):
+        params_from_dict(raw_params)
+    raw_params["base"]["channels"] = 3
+    assert params_from_dict(raw_params).augment.active
+
+
+def test_contrast_alone_is_fine_on_grayscale(raw_params: dict) -> None:
+    raw_params["augment"]["contrast"] = 0.2
+    raw_params["base"]["channels"] = 1
+    assert params_from_dict(raw_params).augment.contrast == 0.2
+
+
+def test_the_digits_default_augments_nothing(raw_params: dict) -> None:
+    assert not params_from_dict(raw_params).augment.active
+
+
+@pytest.mark.parametrize("value", ["weighted", "auto", True, 1])
+def test_class_weight_is_null_or_balanced(raw_params: dict, value: object) -> None:
+    raw_params["train_custom"]["class_weight"] = value
+    with pytest.raises(ParamsError, match=r"train_custom.class_weight: must be one of balanced"):
+        params_from_dict(raw_params)
+
+
+def test_label_smoothing_needs_crossentropy(raw_params: dict) -> None:
+    raw_params["train_resnet50"].update(label_smoothing=0.1, loss="mse")
+    with pytest.raises(ParamsError, match=r"train_resnet50.label_smoothing: applies to the crossentropy loss only"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize(("key", "value"), [("pooling", "max"), ("lr_schedule", "linear")])
+def test_recipe_choices_are_checked(raw_params: dict, key: str, value: str) -> None:
+    raw_params["train_custom"][key] = value
+    with pytest.raises(ParamsError, match=rf"train_custom.{key}: must be one of"):
+        params_from_dict(raw_params)
+
+
+def test_the_photo_configuration_is_a_complete_valid_params_file() -> None:
+    photos = load_params(REPO_ROOT / "params.photos.yaml")
+    digits = load_params(REPO_ROOT / "params.yaml")
+    assert photos.base.channels == 3 and photos.augment.active and photos.augment.horizontal_flip
+    assert photos.train_custom.batch_norm and photos.train_custom.pooling == "global_average"
+    # Only what photos need differs: the split, the seed and the gate's registry name are the digits'.
+    assert photos.split == digits.split and photos.base.seed == digits.base.seed
+    assert photos.gate.registered_model_name == digits.gate.registered_model_name

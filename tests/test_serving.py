@@ -15,10 +15,11 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipeline.serving import ModelInfo, classify, log_serving_model, pixels_from_request, predictions_frame
+from pipeline.artifacts import DeployedModel
+from pipeline.serving import classify, log_serving_model, pixels_from_request, predictions_frame
 from tests.hostile import encode_image
 
-INFO = ModelInfo(class_names=["cat", "dog"], image_size=8, channels=3)
+INFO = DeployedModel(class_names=["cat", "dog"], image_size=8, channels=3)
 
 
 def _png(size: tuple[int, int] = (20, 12), mode: str = "RGB") -> bytes:
@@ -94,7 +95,7 @@ def test_logged_model_loads_from_code_and_answers_like_classify(model: keras.Mod
     model.save(deploy / "model.keras")
     (deploy / "model.json").write_text(json.dumps({"class_names": INFO.class_names, "image_size": 8, "channels": 3}))
     with mlflow.start_run(experiment_id=tracking_store):
-        logged = log_serving_model(deploy, "model.keras", "model.json")
+        logged = log_serving_model(deploy)
 
     local = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "download")))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]

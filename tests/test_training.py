@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bench.project import free_port, tiny_params
 from pipeline.errors import PipelineError
 from pipeline.models import build_resnet50
-from tests.conftest import tiny_params
-from tests.project import free_port
 from tests.stage_runner import prepare_split, run_stage, stage_env, train_arguments
 
 pytestmark = pytest.mark.slow

@@ -1,19 +1,32 @@
-"""A throw-away copy of this repository, as a fresh clone would have it, for tests that run ``dvc``."""
+"""A throw-away copy of this repository, as a fresh clone would have it, for the tests and benchmarks
+that run ``dvc``; tiny params for a seconds-long run."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO_ROOT, tiny_params
+from bench.common import REPO_ROOT
 
 STAGES = ("ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate")
+
+
+def tiny_params(raw: dict, source: str) -> dict:
+    """Params for a seconds-long run: small images, one small block, one epoch."""
+    raw = copy.deepcopy(raw)
+    raw["ingest"]["source"] = source
+    raw["train_custom"].update(blocks=[8], dense_units=[16], epochs=1, batch_size=16)
+    raw["train_resnet50"].update(epochs=1, batch_size=16, weights=None)
+    raw["gate"].update(min_train_accuracy=0.0, min_test_accuracy=0.0)
+    return raw
 _OUTPUTS = ("data/ingest/", "models/", "metrics/", "deploy/")
 
 
@@ -79,3 +92,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def copy_reproduced(source: Path, target: Path) -> Path:
+    """A private copy of a reproduced project (git, DVC cache, outputs, MLflow store) for a test that
+    changes it. The MLflow store's absolute artifact paths are moved to the copy, so what the test
+    logs lands in the copy, never in the shared project."""
+    shutil.copytree(source, target, symlinks=True)
+    store = target / "mlflow.db"
+    if store.exists():
+        old, new = str(source.resolve()), str(target.resolve())
+        with sqlite3.connect(store) as connection:
+            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                for column in connection.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                        connection.execute(f'UPDATE "{table}" SET "{column[1]}" = REPLACE("{column[1]}", ?, ?) '
+                                           f'WHERE "{column[1]}" LIKE ?', (old, new, f"%{old}%"))
+    return target

@@ -1,0 +1,164 @@
+"""Row 7, recipe: time to accuracy on real photos, the pipeline's custom CNN against the keras-io recipe.
+
+On the same photo folder, the same stratified split (``params.photos.yaml``'s ratios and seed) and
+the same decoded pixels, each in its own process:
+
+(a) the pipeline: ``params.photos.yaml`` as it ships, trained by the stage's own code
+    (``make_fit_data`` + ``train_custom``: the cached input pipeline, the builder, the fit loop with
+    early stopping, the precision ``auto`` picks), without MLflow;
+(b) the keras-io example "Image classification from scratch" (an Xception-like network with
+    flip + rotation augmentation, Adam 3e-4, binary cross-entropy on logits) written in bare Keras
+    here, fed from in-memory arrays, at the same image size, for a fixed number of epochs.
+
+Reported: test accuracy of each (with its Wilson 95 % interval, scipy), training wall time of each,
+and their ratios. Target: the pipeline at least as accurate as the recipe in no more time.
+Skipped when no photo folder is given (``--photos DIR`` or ``BENCH_PHOTOS``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import REPO_ROOT, Line, RowResult, run_worker, worker_main
+from bench.photos import photo_folder
+
+PHOTO_PARAMS = REPO_ROOT / "params.photos.yaml"
+# images per class (None: all), keras-io epochs, pipeline epochs (None: as params.photos.yaml says)
+SETTINGS = {
+    "full": (None, 30, None),
+    "quick": (150, 3, 3),
+}
+
+
+def run(mode: str) -> RowResult:
+    photos = photo_folder()
+    row = RowResult("recipe", "time to accuracy on photos: pipeline custom CNN vs keras-io recipe")
+    if mode == "tiny" or photos is None or not photos.is_dir():
+        row.status = "skipped"
+        row.notes.append("skipped: --tiny (training on photos takes minutes)" if mode == "tiny" else
+                         "skipped: no photo folder (python -m bench --photos DIR, or BENCH_PHOTOS=DIR)")
+        return row
+    per_class, keras_io_epochs, pipeline_epochs = SETTINGS[mode]
+    spec = {"folder": str(photos.resolve()), "per_class": per_class, "params": str(PHOTO_PARAMS)}
+    ours = run_worker("bench.photo_recipe", {**spec, "recipe": "pipeline", "epochs": pipeline_epochs,
+                                             "label": "pipeline"}, timeout=3600)
+    theirs = run_worker("bench.photo_recipe", {**spec, "recipe": "keras_io", "epochs": keras_io_epochs,
+                                               "label": "keras-io"}, timeout=3600)
+    judged = mode == "full"
+    for name, result in (("pipeline custom CNN (params.photos.yaml)", ours), ("keras-io recipe", theirs)):
+        low, high = result["test_accuracy_ci95"]
+        row.lines.append(Line(name, f"acc {result['test_accuracy']:.3f} [{low:.3f}-{high:.3f}], "
+                                    f"{result['fit_s']:.0f} s", "-", None, "-", None, result))
+    accuracy_gap = ours["test_accuracy"] - theirs["test_accuracy"]
+    time_ratio = ours["fit_s"] / theirs["fit_s"]
+    row.lines.append(Line("accuracy: pipeline - recipe", f"{accuracy_gap * 100:+.1f} points", "-", None, ">= 0",
+                          accuracy_gap >= 0 if judged else None))
+    row.lines.append(Line("training time: pipeline / recipe", f"{ours['fit_s']:.0f} s / {theirs['fit_s']:.0f} s",
+                          "-", _single(time_ratio), "<= 1", time_ratio <= 1 if judged else None))
+    row.notes.append(f"photos: {photos} ({ours['train_images']} train / {ours['test_images']} test images, "
+                     f"{ours['image_size']} px); keras-io {theirs['epochs_run']} epochs, pipeline "
+                     f"{ours['epochs_run']} epochs (early stopping as configured); the same split and pixels; "
+                     "each model in its own process; precision as the pipeline's auto picks for the custom "
+                     "CNN, float32 for keras-io (its example sets no policy)")
+    return row
+
+
+def _single(value: float) -> dict:
+    return {"median": value, "min": value, "max": value, "n": 1, "values": [value]}
+
+
+def worker(spec: dict) -> dict:
+    """One recipe in a fresh process: split, decode, train, score the test split."""
+    import time
+
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from pipeline.dataset import decode_predictions, load_images
+    from pipeline.ingest import ingest_folder
+    from pipeline.manifest import SplitImages
+    from pipeline.params import load_params
+    from pipeline.seeding import seed_everything
+    from pipeline.split import split_dataset
+
+    params = load_params(Path(spec["params"]))
+    base = params.base
+    root = Path(spec["folder"])
+    manifest = ingest_folder(root, params.ingest.max_image_pixels, spec["per_class"], base.seed).manifest
+    data = SplitImages(root, split_dataset(manifest, params.split.ratios, base.seed))
+    seed_everything(base.seed, tensorflow=True)
+    started = time.perf_counter()
+    if spec["recipe"] == "pipeline":
+        model, epochs_run = _train_pipeline(data, params, spec["epochs"])
+    else:
+        model, epochs_run = _train_keras_io(data, base.image_size, base.channels, base.seed, spec["epochs"])
+    fit_s = time.perf_counter() - started
+    test = load_images(data.paths("test"), base.image_size, base.channels).astype(np.float32)
+    outputs = model.predict(test, batch_size=128, verbose=0)
+    if spec["recipe"] == "keras_io":  # logits
+        outputs = 1.0 / (1.0 + np.exp(-outputs))
+    predicted, _ = decode_predictions(outputs)
+    right = int(np.sum(predicted == np.asarray(data.label_indices("test"))))
+    interval = binomtest(right, len(test)).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"recipe": spec["recipe"], "test_accuracy": right / len(test),
+            "test_accuracy_ci95": [float(interval.low), float(interval.high)], "fit_s": fit_s,
+            "epochs_run": epochs_run, "train_images": len(data.paths("train")), "test_images": len(test),
+            "image_size": base.image_size, "policy": model.dtype_policy.name}
+
+
+def _train_pipeline(data, params, epochs: int | None):
+    """The train_custom stage's own steps, without MLflow."""
+    import dataclasses
+
+    from pipeline.model_table import model_spec
+    from pipeline.train_custom import train_custom
+    from pipeline.training import History, make_fit_data, resolve_setup
+
+    section = params.train_custom if epochs is None else dataclasses.replace(params.train_custom, epochs=epochs)
+    placement, _ = resolve_setup(params.base, section, model_spec("custom"))
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement)
+    history = History()
+    model = train_custom(fit_data, section, params.augment, history)
+    return model, len(history.rows)
+
+
+def _train_keras_io(data, image_size: int, channels: int, seed: int, epochs: int):
+    """keras-io's "Image classification from scratch", as its example writes it, on our arrays."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from keras import layers
+
+    from pipeline.dataset import load_images
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images = load_images(data.paths(split), image_size, channels).astype(np.float32)
+        return images, np.asarray(data.label_indices(split), dtype=np.float32).reshape(-1, 1)
+
+    x_train, y_train = arrays("train")
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=seed).batch(32)
+    validation = tf.data.Dataset.from_tensor_slices(arrays("validation")).batch(32)
+    inputs = keras.Input(shape=(image_size, image_size, channels))
+    x = layers.RandomRotation(0.1)(layers.RandomFlip("horizontal")(inputs))
+    x = layers.Rescaling(1.0 / 255)(x)
+    x = layers.Activation("relu")(layers.BatchNormalization()(layers.Conv2D(128, 3, strides=2, padding="same")(x)))
+    previous = x
+    for size in (256, 512, 728):
+        x = layers.Activation("relu")(x)
+        x = layers.BatchNormalization()(layers.SeparableConv2D(size, 3, padding="same")(x))
+        x = layers.Activation("relu")(x)
+        x = layers.BatchNormalization()(layers.SeparableConv2D(size, 3, padding="same")(x))
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = layers.add([x, layers.Conv2D(size, 1, strides=2, padding="same")(previous)])
+        previous = x
+    x = layers.Activation("relu")(layers.BatchNormalization()(layers.SeparableConv2D(1024, 3, padding="same")(x)))
+    x = layers.Dropout(0.25)(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, layers.Dense(1)(x))
+    model.compile(optimizer=keras.optimizers.Adam(3e-4), loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.BinaryAccuracy(name="acc", threshold=0.0)])
+    history = model.fit(train, validation_data=validation, epochs=epochs, verbose=2)
+    return model, len(history.history["loss"])
+
+
+if __name__ == "__main__":
+    worker_main(worker)

@@ -1,0 +1,74 @@
+"""The files stages hand each other about a trained model, and the one class that reads each.
+
+A training stage writes ``models/<folder>/model.keras`` and ``run.json`` (:class:`RunRecord`);
+the gate copies the chosen model to ``deploy/model.keras`` with ``deploy/model.json``
+(:class:`DeployedModel`), which ``predict`` and the MLflow serving model read back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.files import write_json
+
+MODEL_FILE = "model.keras"
+RUN_FILE = "run.json"
+DEPLOY_INFO_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """``models/<folder>/run.json``: the MLflow run that trained the model and what it expects."""
+
+    run_id: str
+    model_uri: str
+    class_names: list[str]
+    image_size: int
+    channels: int
+
+    def write(self, model_dir: Path) -> None:
+        write_json(Path(model_dir) / RUN_FILE, asdict(self))
+
+    @classmethod
+    def read(cls, model_dir: Path) -> RunRecord:
+        data = _read(Path(model_dir) / RUN_FILE, "run the training stages first (dvc repro)")
+        return cls(str(data["run_id"]), str(data["model_uri"]), list(data["class_names"]),
+                   int(data["image_size"]), int(data["channels"]))
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    """``deploy/model.json``: what a client needs to feed the deployed model, and where it came from."""
+
+    class_names: list[str]
+    image_size: int
+    channels: int
+    model: str = ""
+    mlflow_run_id: str = ""
+
+    @classmethod
+    def from_run(cls, model_name: str, record: RunRecord) -> DeployedModel:
+        return cls(record.class_names, record.image_size, record.channels, model_name, record.run_id)
+
+    def write(self, path: Path) -> None:
+        data = {"model": self.model, "class_names": self.class_names, "image_size": self.image_size,
+                "channels": self.channels, "mlflow_run_id": self.mlflow_run_id}
+        write_json(Path(path), data)
+
+    @classmethod
+    def read(cls, path: Path) -> DeployedModel:
+        data = _read(Path(path), "run the pipeline first (make repro)")
+        return cls(list(data["class_names"]), int(data["image_size"]), int(data["channels"]),
+                   str(data.get("model", "")), str(data.get("mlflow_run_id", "")))
+
+
+def _read(path: Path, hint: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{path} is not valid JSON ({error})") from None
