@@ -267,7 +267,7 @@ class Measured:
     stderr: str
     wall_s: float
     peak_tree_rss: int | None        # peak of the sum of RSS over the process and all its descendants
-    peak_single_rss: int | None      # ru_maxrss from wait4: the largest single process in the tree
+    peak_single_rss: int | None      # the command's own ru_maxrss (its reaped children included)
     max_processes: int
 
     def check(self, what: str) -> Measured:
@@ -277,14 +277,30 @@ class Measured:
         return self
 
 
+# Starts argv[2:] as its only child, waits for it with wait4, writes the child's own peak RSS (kB)
+# to the file descriptor argv[1] and ends as the child ended. Measured from this small process, the
+# figure is the command's alone: a child forked straight from a large parent (pytest or a bench
+# row with TensorFlow loaded) is charged the parent's pages it held until exec.
+_LAUNCHER = ("import os, signal, subprocess, sys\n"
+             "child = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(child.pid, 0)\n"
+             "os.write(int(sys.argv[1]), str(usage.ru_maxrss).encode())\n"
+             "code = os.waitstatus_to_exitcode(status)\n"
+             "if code < 0:\n"
+             "    signal.signal(-code, signal.SIG_DFL)\n"
+             "    os.kill(os.getpid(), -code)\n"
+             "sys.exit(code)\n")
+
+
 def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
                  timeout: float = 3600, sample_every: float = 0.01, sample_tree: bool = True) -> Measured:
-    """Run a command and measure its wall time and the peak RSS of its whole process tree.
+    """Run a command and measure its wall time, its own peak RSS and the peak RSS of its process tree.
 
-    A thread samples the RSS of the process and every descendant (psutil) every ``sample_every``
-    seconds and keeps the largest sum; ``os.wait4`` adds the kernel's ru_maxrss (the largest single
-    process, its reaped children included). Summed RSS counts pages that forked workers share with
-    their parent once per process, so it is an upper bound of the memory actually used.
+    The one runner with time and memory that the benchmarks and the tests use. The command runs
+    under a small launcher process that reports the command's own ``ru_maxrss`` (see
+    ``_LAUNCHER``). A thread samples the RSS of the command and every descendant (psutil) every
+    ``sample_every`` seconds and keeps the largest sum. Summed RSS counts pages that forked workers
+    share with their parent once per process, so it is an upper bound of the memory actually used.
 
     Each sample walks ``/proc`` (about 1 ms of CPU), so sampling every 10 ms takes a tenth of a
     core from the command. Where a CPU-bound command's speed is compared with a reference that
@@ -292,23 +308,26 @@ def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[s
     """
     import psutil
 
+    report_read, report_write = os.pipe()
     started = time.perf_counter()
-    process = subprocess.Popen(list(command), cwd=cwd, env=env or child_env(), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report_write), *command], cwd=cwd,
+                               env=env or child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, pass_fds=(report_write,), start_new_session=True)
+    os.close(report_write)
     peak = {"rss": 0, "procs": 0}
     stop = threading.Event()
 
     def sample() -> None:
         try:
-            root = psutil.Process(process.pid)
+            launcher = psutil.Process(process.pid)
         except psutil.Error:
             return
         while not stop.is_set():
             total, count = 0, 0
             try:
-                members = [root, *root.children(recursive=True)]
+                members = launcher.children(recursive=True)   # the command's tree, not the launcher
             except psutil.Error:
-                members = [root]
+                members = []
             for member in members:
                 try:
                     total += member.memory_info().rss
@@ -327,32 +346,26 @@ def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[s
     def drain(name: str, stream) -> None:
         outputs[name] = stream.read()
 
-    readers = [threading.Thread(target=drain, args=("stdout", process.stdout), daemon=True),
-               threading.Thread(target=drain, args=("stderr", process.stderr), daemon=True)]
+    readers = [threading.Thread(target=drain, args=(name, stream), daemon=True)
+               for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
     for reader in readers:
         reader.start()
-    deadline = started + timeout
-    usage = None
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            process.returncode = os.waitstatus_to_exitcode(status)
-            break
-        if time.perf_counter() > deadline:
-            process.kill()
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = -9
-            break
-        time.sleep(0.005)
+    try:
+        process.wait(timeout=max(0.0, started + timeout - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
     wall = time.perf_counter() - started
     stop.set()
     if sample_tree:
         sampler.join()
     for reader in readers:
         reader.join()
+    with os.fdopen(report_read, "rb") as report:
+        reported = report.read().decode().strip()
     return Measured(process.returncode, outputs.get("stdout", b"").decode("utf-8", "replace"),
                     outputs.get("stderr", b"").decode("utf-8", "replace"), wall, peak["rss"] or None,
-                    usage.ru_maxrss * 1024 if usage else None, peak["procs"])
+                    int(reported) * 1024 if reported else None, peak["procs"])
 
 
 def run_worker(module: str, spec: dict, *, timeout: float = 3600, cwd: Path | None = None) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from bench.common import run_measured
 from pipeline.images import ImageRejected, inspect_image, load_pixels
 from pipeline.ingest import IngestResult, ingest_folder
 from pipeline.manifest import MANIFEST_FILE, REJECTED_FILE, read_manifest
@@ -73,19 +73,12 @@ class StageRun:
     metrics: Path
 
 
-# Runs the command in argv as its child, prints that child's peak RSS (kB), exits with its status.
-_LAUNCHER = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
-             "_, status, usage = os.wait4(child.pid, 0); print(usage.ru_maxrss); "
-             "sys.exit(os.waitstatus_to_exitcode(status))")
-
-
 def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
     """Run ``python -m pipeline.ingest`` as DVC would, and measure that one process's peak memory.
 
     ``getrusage(RUSAGE_CHILDREN)`` would be the peak over every child this pytest process ever
-    reaped, so a training subprocess from another test could fail or mask the check. Even a child's
-    own ``ru_maxrss`` counts what it inherited at fork from this (large, TensorFlow-loaded) pytest
-    process, so the stage is started by a small launcher process and measured there.
+    reaped, and even a child's own ``ru_maxrss`` counts what it inherited at fork from this (large,
+    TensorFlow-loaded) pytest process; :func:`bench.common.run_measured` measures the stage alone.
     """
     work.mkdir(parents=True, exist_ok=True)
     raw = copy.deepcopy(raw_params)
@@ -93,22 +86,14 @@ def _run_stage(work: Path, raw_params: dict, source: str | Path) -> StageRun:
     raw["ingest"]["max_image_pixels"] = MAX_PIXELS
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    out, metrics, stderr_file = work / "ingest", work / "ingest.json", work / "stage.stderr"
-    with open(stderr_file, "wb") as stderr:
-        try:
-            launcher = subprocess.run(
-                [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "pipeline.ingest", "--params",
-                 str(params_file), "--out", str(out), "--metrics", str(metrics)],
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=STAGE_TIMEOUT_S, check=False,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the ingest stage ran over {STAGE_TIMEOUT_S} s on {source}")
-    launcher_output = launcher.stdout.decode().split()
-    # Linux reports ru_maxrss in kilobytes.
-    stage_max_rss = int(launcher_output[-1]) * 1024 if launcher_output else 0
-    return StageRun(launcher.returncode, stderr_file.read_text(encoding="utf-8", errors="replace"),
-                    stage_max_rss, out, metrics)
+    out, metrics = work / "ingest", work / "ingest.json"
+    measured = run_measured([sys.executable, "-m", "pipeline.ingest", "--params", str(params_file), "--out", str(out),
+                             "--metrics", str(metrics)], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=STAGE_TIMEOUT_S,
+                            sample_tree=False)
+    if measured.returncode == -9:
+        pytest.fail(f"the ingest stage ran over {STAGE_TIMEOUT_S} s on {source}")
+    return StageRun(measured.returncode, measured.stderr, measured.peak_single_rss or 0, out, metrics)
 
 
 # --- ingest_folder: exactly the right verdicts -------------------------------------------------
