@@ -76,3 +76,15 @@ def reproduced_project_copy(reproduced_project: ReproducedProject, tmp_path: Pat
     from bench.project import copy_reproduced
 
     return copy_reproduced(reproduced_project.root, tmp_path / "project")
+
+
+SHARED_PROJECT_FIXTURES = {"reproduced_project", "reproduced_project_copy"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into scheduling names
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (make test), every test of the shared reproduced project
+    runs on one worker, so the project is reproduced once, not once per worker."""
+    for item in items:
+        if SHARED_PROJECT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("reproduced_project"))

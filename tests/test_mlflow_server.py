@@ -22,7 +22,9 @@ import requests
 
 from bench.project import STAGES, copy_project, free_port, project_env, stages_run
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module under make test's two workers: the server and its pipeline run are
+# module fixtures, made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]
 
 EXPERIMENT = "image-classification"
 REGISTERED_MODEL = "image-classifier"

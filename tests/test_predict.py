@@ -24,6 +24,7 @@ def test_folders_are_walked_in_sorted_order_without_hidden_entries(tmp_path: Pat
         expand_paths([str(tmp_path / "nowhere.png")])
 
 
+@pytest.mark.slow  # two real CLI runs, each loading TensorFlow
 def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
     deploy = tmp_path / "deploy"
     deploy.mkdir()
