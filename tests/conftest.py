@@ -56,18 +56,26 @@ class ReproducedProject:
 
 
 @pytest.fixture(scope="session")
-def reproduced_project(tmp_path_factory) -> ReproducedProject:
+def reproduced_project(tmp_path_factory, worker_id: str) -> ReproducedProject:
     """One tiny project reproduced once for the whole session (ResNet50 is trained here and only
     here among the shared tests). Tests only read it; a test that changes it takes
-    ``reproduced_project_copy``."""
+    ``reproduced_project_copy``. Under ``make test``'s two workers the first to need it builds it
+    in their common temporary folder while the other waits for it (pytest-xdist's recipe)."""
+    from filelock import FileLock
+
     from bench.common import git_commit_all
     from bench.project import copy_project, run
 
-    root = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
-    output = run(root, "dvc", "repro").stdout
-    # As a user would: commit dvc.lock and the metrics, so experiments start from a clean workspace.
-    git_commit_all(root, "dvc repro")
-    return ReproducedProject(root, output)
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, output_file = shared / "reproduced" / "project", shared / "reproduced" / "repro.out"
+    with FileLock(str(shared / "reproduced.lock")):
+        if not output_file.exists():
+            copy_project(root)
+            output = run(root, "dvc", "repro").stdout
+            # As a user would: commit dvc.lock and the metrics, so experiments start from a clean workspace.
+            git_commit_all(root, "dvc repro")
+            output_file.write_text(output)
+    return ReproducedProject(root, output_file.read_text())
 
 
 @pytest.fixture
@@ -76,15 +84,3 @@ def reproduced_project_copy(reproduced_project: ReproducedProject, tmp_path: Pat
     from bench.project import copy_reproduced
 
     return copy_reproduced(reproduced_project.root, tmp_path / "project")
-
-
-SHARED_PROJECT_FIXTURES = {"reproduced_project", "reproduced_project_copy"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into scheduling names
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (make test), every test of the shared reproduced project
-    runs on one worker, so the project is reproduced once, not once per worker."""
-    for item in items:
-        if SHARED_PROJECT_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("reproduced_project"))

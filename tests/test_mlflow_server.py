@@ -22,9 +22,7 @@ import requests
 
 from bench.project import STAGES, copy_project, free_port, project_env, stages_run
 
-# One worker runs the whole module under make test's two workers: the server and its pipeline run are
-# module fixtures, made once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "image-classification"
 REGISTERED_MODEL = "image-classifier"
