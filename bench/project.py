@@ -25,7 +25,7 @@ def tiny_params(raw: dict, source: str) -> dict:
     raw["ingest"]["source"] = source
     raw["train_custom"].update(blocks=[8], dense_units=[16], epochs=1, batch_size=16)
     raw["train_resnet50"].update(epochs=1, batch_size=16, weights=None)
-    raw["gate"].update(min_train_accuracy=0.0, min_test_accuracy=0.0)
+    raw["gate"].update(min_train_score=0.0, min_test_score=0.0)
     return raw
 _OUTPUTS = ("data/ingest/", "models/", "metrics/", "deploy/")
 

@@ -1,22 +1,26 @@
 """The files stages hand each other about a trained model, and the one class that reads each.
 
 A training stage writes ``models/<folder>/model.keras`` and ``run.json`` (:class:`RunRecord`);
-the gate copies the chosen model to ``deploy/model.keras`` with ``deploy/model.json``
-(:class:`DeployedModel`), which ``predict`` and the MLflow serving model read back.
+``evaluate`` writes each model's answers image by image (:class:`SplitPredictions`), which the
+gate's statistics read; the gate copies the chosen model to ``deploy/model.keras`` with
+``deploy/model.json`` (:class:`DeployedModel`), which ``predict`` and the MLflow serving model read
+back.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.files import write_json
+from pipeline.files import write_csv, write_json
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 DEPLOY_INFO_FILE = "model.json"
+PREDICTIONS_COLUMNS = ["split", "path", "actual", "predicted"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,41 @@ class DeployedModel:
         data = _read(Path(path), "run the pipeline first (make repro)")
         return cls(list(data["class_names"]), int(data["image_size"]), int(data["channels"]),
                    str(data.get("model", "")), str(data.get("mlflow_run_id", "")))
+
+
+@dataclass(frozen=True)
+class SplitPredictions:
+    """One model's answer for each image of one split, as class names, in manifest order."""
+
+    paths: tuple[str, ...]
+    actual: tuple[str, ...]
+    predicted: tuple[str, ...]
+
+
+def write_predictions(path: Path, by_split: dict[str, SplitPredictions]) -> None:
+    """``<predictions>/<model>.csv``: split, path, actual and predicted label, one row per image."""
+    rows = [(split, *row) for split, answers in by_split.items()
+            for row in zip(answers.paths, answers.actual, answers.predicted)]
+    write_csv(Path(path), PREDICTIONS_COLUMNS, rows)
+
+
+def read_predictions(path: Path) -> dict[str, SplitPredictions]:
+    """The file :func:`write_predictions` wrote, split by split."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run the evaluate stage first (dvc repro evaluate)")
+    columns: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames != PREDICTIONS_COLUMNS:
+            raise PipelineError(f"{path}: expected the columns {', '.join(PREDICTIONS_COLUMNS)}, got "
+                                f"{', '.join(reader.fieldnames or [])}: rerun the evaluate stage (dvc repro -f evaluate)")
+        for row in reader:
+            paths, actual, predicted = columns.setdefault(row["split"], ([], [], []))
+            paths.append(row["path"])
+            actual.append(row["actual"])
+            predicted.append(row["predicted"])
+    return {split: SplitPredictions(tuple(p), tuple(a), tuple(q)) for split, (p, a, q) in columns.items()}
 
 
 def _read(path: Path, hint: str) -> dict:

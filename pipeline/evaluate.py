@@ -1,8 +1,9 @@
 """Stage ``evaluate``: both models on all three splits, with scikit-learn's metrics.
 
-Writes the headline numbers (accuracy and loss per model and split) as a DVC metric, a full
-report (per-class precision / recall / F1, confusion matrices), the test-set predictions DVC
-draws as confusion matrices, and adds the same numbers and pictures to each model's MLflow run.
+Writes the headline numbers (accuracy, balanced accuracy, macro F1 and loss per model and split) as
+a DVC metric, a full report (per-class precision / recall / F1, confusion matrices), every model's
+answer for every image (what the gate's statistics read), the test-set predictions DVC draws as
+confusion matrices, and adds the same numbers and pictures to each model's MLflow run.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
-from pipeline import cli, figures, tracking
-from pipeline.artifacts import MODEL_FILE, RunRecord
+from pipeline import cli, figures, statistics, tracking
+from pipeline.artifacts import MODEL_FILE, RunRecord, SplitPredictions, write_predictions
 from pipeline.dataset import decode_predictions, load_images
 from pipeline.errors import PipelineError
 from pipeline.files import write_csv, write_json
@@ -36,6 +37,8 @@ class SplitScores:
     """How one model did on one split."""
 
     accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
     loss: float
     per_class: dict
     confusion_matrix: list[list[int]]
@@ -55,7 +58,9 @@ def score_predictions(true_indices: Sequence[int], probabilities: np.ndarray,
                         "support": int(support[i])} for i, name in enumerate(class_names)}
     clipped = np.clip(full, 1e-7, 1.0)
     loss = float(log_loss(true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels))
-    return SplitScores(float(accuracy_score(true, predicted)), loss, per_class,
+    return SplitScores(statistics.score("accuracy", true, predicted),
+                       statistics.score("balanced_accuracy", true, predicted),
+                       statistics.score("macro_f1", true, predicted), loss, per_class,
                        confusion_matrix(true, predicted, labels=labels).tolist(), predicted.tolist(),
                        full[np.arange(len(predicted)), predicted].tolist())
 
@@ -104,15 +109,26 @@ def main(args: argparse.Namespace) -> None:
         model, run_record = load_trained_model(Path(args.models) / spec.folder)
         scores, test_images = evaluate_model(model, data, params.base.image_size, params.base.channels,
                                              params.evaluate.batch_size)
-        headline[name] = {split: {"accuracy": s.accuracy, "loss": s.loss} for split, s in scores.items()}
+        headline[name] = {split: {"accuracy": s.accuracy, "balanced_accuracy": s.balanced_accuracy,
+                                  "macro_f1": s.macro_f1, "loss": s.loss} for split, s in scores.items()}
         report[name] = {split: {"accuracy": s.accuracy, "loss": s.loss, "per_class": s.per_class,
                                 "confusion_matrix": s.confusion_matrix} for split, s in scores.items()}
+        write_predictions(Path(args.predictions) / f"{name}.csv", answers(data, scores))
         _write_test_predictions(Path(args.plots_dir) / f"confusion_{name}.csv", data, scores["test"])
         _log_to_run(run_record.run_id, scores, data, test_images, name)
         log.info("%-9s accuracy  train %.4f  validation %.4f  test %.4f", name, scores["train"].accuracy,
                  scores["validation"].accuracy, scores["test"].accuracy)
     write_json(Path(args.metrics), headline)
     write_json(Path(args.report), report)
+
+
+def answers(data: SplitImages, scores: dict[str, SplitScores]) -> dict[str, SplitPredictions]:
+    """Each split's images with their true and predicted class names, for the gate's statistics."""
+    names = data.class_names
+    return {split: SplitPredictions(tuple(data.subset(split)["path"]),
+                                    tuple(names[i] for i in data.label_indices(split)),
+                                    tuple(names[i] for i in split_scores.predicted))
+            for split, split_scores in scores.items()}
 
 
 def _write_test_predictions(path: Path, data: SplitImages, scores: SplitScores) -> None:
@@ -132,7 +148,8 @@ def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, 
     wrong = np.flatnonzero(actual != predicted)
     with tracking.resume_run(run_id):
         for split, s in scores.items():
-            mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_loss": s.loss})
+            mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_balanced_accuracy": s.balanced_accuracy,
+                                f"{split}_macro_f1": s.macro_f1, f"{split}_loss": s.loss})
         mlflow.log_figure(figures.confusion_matrix(np.array(scores["test"].confusion_matrix), names,
                                                    f"{name}: test set"), "plots/confusion_matrix_test.png")
         mlflow.log_figure(figures.misclassified_grid(test_images[wrong], [names[i] for i in actual[wrong]],
@@ -156,5 +173,7 @@ if __name__ == "__main__":
     parser.add_argument("--models", default="models", help="folder holding one folder per trained model")
     parser.add_argument("--metrics", default="metrics/evaluate.json", help="accuracy and loss per model and split")
     parser.add_argument("--report", default="metrics/evaluate_report.json", help="per-class scores, confusion matrices")
+    parser.add_argument("--predictions", default="data/predictions",
+                        help="folder for each model's answer on every image (<model>.csv)")
     parser.add_argument("--plots-dir", default="metrics/plots", help="folder for the test-set prediction tables")
     cli.main_entry("evaluate", main, parser)

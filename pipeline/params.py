@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -198,16 +198,26 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GateParams:
-    """The deck's decision flow: train threshold, then test threshold, then deploy."""
+    """The deck's decision flow (train threshold, then test threshold), then the challenger against
+    the registered champion; see pipeline/gate.py."""
 
-    min_train_accuracy: float
-    min_test_accuracy: float
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"]
+    min_train_score: float
+    min_test_score: float
+    max_regression: float
+    confidence: float | None
     registered_model_name: str
 
+    # Keys of earlier versions, so an old params file gets told what to write instead.
+    RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",
+                                         "min_test_accuracy": "min_test_score"}
+
     def check(self, where: str) -> None:
-        for key in ("min_train_accuracy", "min_test_accuracy"):
+        for key in ("min_train_score", "min_test_score", "max_regression"):
             value = getattr(self, key)
             _require(0.0 <= value <= 1.0, f"{where}.{key}", f"must be between 0 and 1, got {value}")
+        _require(self.confidence is None or 0.5 <= self.confidence < 1.0, f"{where}.confidence",
+                 f"must be null or a level from 0.5 up to (not including) 1, such as 0.9 or 0.95; got {self.confidence}")
         _require(bool(self.registered_model_name.strip()), f"{where}.registered_model_name", "must not be empty")
 
 
@@ -281,6 +291,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = [key for key in raw if key not in names]
     if unknown:
         key = unknown[0]
+        renamed = getattr(cls, "RENAMED", {}).get(key)
+        if renamed:
+            raise ParamsError(f"{_join(where, key)}: renamed to '{renamed}'; write {renamed} instead")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
         raise ParamsError(f"{_join(where, key)}: unknown key{hint}")

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.errors import PipelineError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
-from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.serving import classify
 
 log = logging.getLogger("pipeline.predict")

@@ -123,6 +123,17 @@ def log_serving_model(deploy_dir: Path):
         code_paths=[str(package_dir)], pip_requirements=requirements)
 
 
+def read_logged_serving_model(model_dir: Path) -> tuple[Path, DeployedModel]:
+    """The Keras file and the description inside a serving model that :func:`log_serving_model`
+    logged and MLflow has since copied to ``model_dir`` (a registered version, downloaded)."""
+    import yaml
+
+    flavor = yaml.safe_load((Path(model_dir) / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
+    artifacts = flavor["artifacts"]
+    return (Path(model_dir) / artifacts["keras_model"]["path"],
+            DeployedModel.read(Path(model_dir) / artifacts["model_info"]["path"]))
+
+
 def _as_bytes(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)

@@ -20,7 +20,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -91,7 +91,7 @@ def start_run(run_name: str, tags: dict[str, str]):
         return mlflow.start_run(run_name=run_name, tags=tags)
     except Exception as error:
         raise PipelineError(_access_problem(error) or f"MLflow could not start a run in {tracking_uri()} "
-                            f"({_first_line(error)})") from None
+                            f"({first_line(error)})") from None
 
 
 @contextlib.contextmanager
@@ -152,16 +152,46 @@ def resume_run(run_id: str):
         access = _access_problem(error)
         if access:
             raise PipelineError(access) from None
-        raise PipelineError(f"MLflow run {run_id} was not found in {tracking_uri()} ({_first_line(error)}); "
+        raise PipelineError(f"MLflow run {run_id} was not found in {tracking_uri()} ({first_line(error)}); "
                             "was the store changed since training? Rerun training: dvc repro -f train_custom "
                             "train_resnet50") from None
 
 
-def register_champion(model_uri: str, name: str, tags: dict[str, str]) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point the ``champion`` alias at it."""
+def register_champion(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:
+    """Register ``model_uri`` as a new version of ``name`` (with why, in its description) and point
+    the ``champion`` alias at it: the one move of the alias, done last."""
     version = mlflow.register_model(model_uri, name, tags=tags)
-    MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    client = MlflowClient()
+    if description:
+        client.update_model_version(name, version.version, description=description)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
     return str(version.version)
+
+
+def find_champion(name: str):
+    """The model version the ``champion`` alias of ``name`` points at, or None when there is none yet.
+
+    Raises :class:`PipelineError` when the registry cannot answer.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as error:
+        # No registered model of that name, or one without the alias: MLflow's two answers for "none".
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise PipelineError(f"MLflow registry {tracking_uri()} could not say which version of {name} is "
+                            f"the {CHAMPION_ALIAS} ({first_line(error)})") from None
+    except Exception as error:      # the store went away after connect (connection, database errors)
+        raise PipelineError(f"MLflow registry {tracking_uri()} could not say which version of {name} is "
+                            f"the {CHAMPION_ALIAS} ({_store_problem(error)})") from None
+
+
+def download_model_version(name: str, version: str, destination: Path) -> Path:
+    """Every file of a registered model version, copied into ``destination``; returns its folder."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                    dst_path=str(destination)))
 
 
 def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
@@ -208,9 +238,4 @@ def _store_problem(error: BaseException) -> str:
         return "no server answers there"
     if isinstance(error, OSError):
         return f"{error.strerror or type(error).__name__}: {error.filename or ''}".strip()
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+    return first_line(error)

@@ -65,7 +65,7 @@ def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_proje
     # models/*/run.json name, so it needs the team's tracking store (here the first machine's, standing
     # in for a shared server); with a private, empty store it stops with "MLflow run ... was not found".
     params = read_params(clone)
-    params["gate"]["min_train_accuracy"] = 0.001
+    params["gate"]["min_train_score"] = 0.001
     write_params(clone, params)
     shared = {**project_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     gate = subprocess.run(["dvc", "repro"], cwd=clone, env=shared, capture_output=True, text=True, timeout=900,

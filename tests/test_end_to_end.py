@@ -39,12 +39,18 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
     assert stages_run(reproduced_project.output) == list(STAGES)
 
     gate = json.loads((project / "metrics/gate.json").read_text())
-    assert set(gate) == {"deploy", "model", "thresholds", "candidates"}
-    assert gate["deploy"] is True and gate["model"] in ("custom", "resnet50")
+    assert gate["deploy"] is True and gate["model"] in ("custom", "resnet50") and gate["metric"] == "accuracy"
     assert set(gate["candidates"]) == {"custom", "resnet50"}
     for candidate in gate["candidates"].values():
-        assert set(candidate) == {"train_accuracy", "test_accuracy", "verdict", "reasons"}
         assert candidate["verdict"] == "deploy"
+        interval = candidate["test_interval"]
+        assert interval["method"] == "wilson" and interval["low"] <= candidate["test_score"] <= interval["high"]
+    assert set(gate["comparisons"]) == {"custom_vs_resnet50"}
+    assert gate["champion"]["outcome"] == "none" and gate["champion"]["version"] is None
+    # evaluate wrote every model's answer for every image, the gate's input.
+    for model in ("custom", "resnet50"):
+        rows = (project / f"data/predictions/{model}.csv").read_text().splitlines()
+        assert rows[0] == "split,path,actual,predicted" and len(rows) == 1 + 10 * 10
 
     # The deployed model is a plain Keras model that takes raw pixels.
     import keras
@@ -62,7 +68,8 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["dvc.stage"] for r in runs) == ["train_custom", "train_resnet50"]
     for r in runs:
-        assert {"train_accuracy", "validation_accuracy", "test_accuracy", "loss", "val_loss"} <= set(r.data.metrics)
+        assert {"train_accuracy", "validation_accuracy", "test_accuracy", "test_balanced_accuracy", "test_macro_f1",
+                "gate_test_accuracy_low", "loss", "val_loss"} <= set(r.data.metrics)
         assert r.data.tags["gate.verdict"] == "deploy"
         assert len(r.data.tags["git.commit"]) == 40
         assert r.data.params["train_size"]
@@ -98,19 +105,49 @@ def test_a_second_run_changes_nothing_and_a_stricter_gate_reruns_only_the_gate(
     second = run(project, "dvc", "repro")
     assert stages_run(second.stdout) == []
 
-    # A stricter gate reruns only the gate: no training, nothing deployed, registry untouched.
+    # A stricter gate reruns only the gate: no training, nothing new deployed, registry untouched, and
+    # deploy/ still holds the champion, byte for byte.
+    deployed = {name: (project / "deploy" / name).read_bytes() for name in ("model.keras", "model.json")}
     params = read_params(project)
-    params["gate"].update(min_train_accuracy=1.0, min_test_accuracy=1.0)
+    params["gate"].update(min_train_score=1.0, min_test_score=1.0)
     write_params(project, params)
     third = run(project, "dvc", "repro")
     assert stages_run(third.stdout) == ["gate"]
     gate = json.loads((project / "metrics/gate.json").read_text())
     assert gate["deploy"] is False and gate["model"] is None
-    assert not (project / "deploy/model.keras").exists()
+    assert gate["champion"]["outcome"] == "stays" and gate["champion"]["version"] == "1"
+    assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
     assert str(client.get_model_version_by_alias("image-classifier", "champion").version) == "1"
     assert len(client.search_model_versions("name='image-classifier'")) == 1
     refused = run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False)
     assert refused.returncode == 1 and "NOT allowed" in refused.stderr
+    assert "champion v1 stays" in refused.stderr
+
+
+def test_a_worse_second_run_leaves_the_champion_where_it_was(reproduced_project_copy: Path) -> None:
+    """The issue's check: retrain with a worse setting; the new model passes the (zero) thresholds
+    but loses to the champion on the same test images, so the alias and deploy/ stay put."""
+    from mlflow.tracking import MlflowClient
+
+    project = reproduced_project_copy
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    first = json.loads((project / "metrics/gate.json").read_text())
+    deployed = (project / "deploy/model.keras").read_bytes()
+    params = read_params(project)
+    params["train_custom"]["learning_rate"] = 1e-7        # it barely moves from its random start
+    write_params(project, params)
+    second = run(project, "dvc", "repro")
+    assert stages_run(second.stdout) == ["train_custom", "evaluate", "gate"]
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    champion = gate["champion"]
+    assert champion["outcome"] == "stays", champion
+    assert champion["score"] == pytest.approx(first["candidates"][first["model"]]["test_score"])
+    assert champion["challenger_score"] < champion["score"]
+    assert gate["deploy"] is False and (project / "deploy/model.keras").read_bytes() == deployed
+    assert str(client.get_model_version_by_alias("image-classifier", "champion").version) == "1"
+    summary = second.stdout + second.stderr
+    assert "champion: challenger" in summary and "McNemar p = " in summary
+    assert "deployed: no, champion v1 stays (deploy/ unchanged)" in summary
 
 
 def test_misspelt_param_stops_repro_with_one_line(reproduced_project_copy: Path) -> None:

@@ -1,138 +1,280 @@
-"""Stage gate: the deck's flowchart (underfit / overfit / deploy), the choice of model, the CI check."""
+"""Stage gate: the deck's flowchart (underfit / overfit / deploy), the challenger against the
+champion, the choice of model, the summary and the CI check. The registry itself is in
+tests/test_gate_registry.py."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, RunRecord
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, RunRecord, SplitPredictions
 from pipeline.gate import (
     DEPLOY,
+    NO_CHAMPION,
+    NOT_COMPARABLE,
     OVERFIT,
+    REPLACED,
+    SAME_MODEL,
+    STAYS,
     UNDERFIT,
+    UNKNOWN,
+    ChampionCheck,
     Decision,
+    Estimate,
+    best_passing,
+    challenge,
     check,
+    compare_models,
     decide,
     deploy_model,
     judge,
+    judge_all,
     summary_lines,
 )
 from pipeline.params import GateParams
 from tests.conftest import REPO_ROOT
 
-GATE = GateParams(min_train_accuracy=0.9, min_test_accuracy=0.85, registered_model_name="image-classifier")
+GATE = GateParams(metric="accuracy", min_train_score=0.9, min_test_score=0.85, max_regression=0.0, confidence=None,
+                  registered_model_name="image-classifier")
+FIRST_RUN = ChampionCheck(NO_CHAMPION, reasons=["no image-classifier@champion in the registry yet"])
 
 
-def scores(**models: tuple[float, float]) -> dict:
-    """evaluate's metrics shape: {name: {"train": {"accuracy"}, "test": {"accuracy"}}}."""
-    return {name: {"train": {"accuracy": train}, "test": {"accuracy": test}} for name, (train, test) in models.items()}
+def answers(right: int, total: int, labels: tuple[str, ...] = ("cat", "dog")) -> SplitPredictions:
+    """``total`` images in turn of each label, the first ``right`` answered right, the rest wrong."""
+    actual = [labels[i % len(labels)] for i in range(total)]
+    predicted = [label if i < right else labels[(labels.index(label) + 1) % len(labels)]
+                 for i, label in enumerate(actual)]
+    return SplitPredictions(tuple(f"{label}/{i:04d}.png" for i, label in enumerate(actual)), tuple(actual),
+                            tuple(predicted))
+
+
+def model(train: float, test: float, total: int = 200) -> dict[str, SplitPredictions]:
+    """One model's answers: train and test accuracy as given (on ``total`` images each)."""
+    return {"train": answers(round(train * total), total), "validation": answers(total // 2, total),
+            "test": answers(round(test * total), total)}
+
+
+def verdicts(gate: GateParams = GATE, **models: tuple[float, float]) -> dict:
+    return judge_all({name: model(*scores) for name, scores in models.items()}, gate, seed=0)
+
+
+def decision_of(gate: GateParams = GATE, champion: ChampionCheck = FIRST_RUN, **models: tuple[float, float]) -> Decision:
+    predictions = {name: model(*scores) for name, scores in models.items()}
+    return decide(judge_all(predictions, gate, 0), compare_models(predictions, gate, 0), champion, gate)
 
 
 # --- judge ---------------------------------------------------------------------------------------
 
 def test_judge_underfit_when_train_below_threshold() -> None:
-    verdict = judge(0.5, 0.99, GATE)
+    verdict = judge(Estimate(0.5), Estimate(0.99), GATE)
     assert verdict.verdict == UNDERFIT == "underfit"
-    assert (verdict.train_accuracy, verdict.test_accuracy) == (0.5, 0.99)
+    assert (verdict.train.score, verdict.test.score) == (0.5, 0.99)
     assert len(verdict.reasons) == 1
-    assert "train accuracy 0.5000 < min_train_accuracy 0.9" in verdict.reasons[0]
+    assert "train accuracy 0.5000 < min_train_score 0.9" in verdict.reasons[0]
 
 
 def test_judge_overfit_when_train_passes_and_test_fails() -> None:
-    verdict = judge(0.99, 0.6, GATE)
+    verdict = judge(Estimate(0.99), Estimate(0.6), GATE)
     assert verdict.verdict == OVERFIT == "overfit"
     assert len(verdict.reasons) == 2
-    assert "train accuracy 0.9900 >= min_train_accuracy 0.9" in verdict.reasons[0]
-    assert "test accuracy 0.6000 < min_test_accuracy 0.85" in verdict.reasons[1]
+    assert "train accuracy 0.9900 >= min_train_score 0.9" in verdict.reasons[0]
+    assert "test accuracy 0.6000 < min_test_score 0.85" in verdict.reasons[1]
 
 
 def test_judge_deploy_when_both_pass() -> None:
-    verdict = judge(0.95, 0.9, GATE)
+    verdict = judge(Estimate(0.95), Estimate(0.9), GATE)
     assert verdict.verdict == DEPLOY == "deploy"
-    assert verdict.reasons == ["train accuracy 0.9500 >= min_train_accuracy 0.9",
-                               "test accuracy 0.9000 >= min_test_accuracy 0.85"]
+    assert verdict.reasons == ["train accuracy 0.9500 >= min_train_score 0.9",
+                               "test accuracy 0.9000 >= min_test_score 0.85"]
 
 
 def test_judge_thresholds_are_inclusive() -> None:
-    assert judge(0.9, 0.85, GATE).verdict == DEPLOY
-    assert judge(0.8999, 0.85, GATE).verdict == UNDERFIT
-    assert judge(0.9, 0.8499, GATE).verdict == OVERFIT
+    assert judge(Estimate(0.9), Estimate(0.85), GATE).verdict == DEPLOY
+    assert judge(Estimate(0.8999), Estimate(0.85), GATE).verdict == UNDERFIT
+    assert judge(Estimate(0.9), Estimate(0.8499), GATE).verdict == OVERFIT
 
 
 def test_judge_checks_train_first() -> None:
     # Both below: the flowchart stops at the first question.
-    assert judge(0.1, 0.1, GATE).verdict == UNDERFIT
+    assert judge(Estimate(0.1), Estimate(0.1), GATE).verdict == UNDERFIT
 
 
-@pytest.mark.parametrize(("train", "test", "expected"), [
-    (0.0, 0.0, DEPLOY), (0.2, 1.0, DEPLOY), (1.0, 0.0, DEPLOY),
-])
-def test_judge_with_zero_thresholds_always_deploys(train: float, test: float, expected: str) -> None:
-    gate = GateParams(0.0, 0.0, "m")
-    assert judge(train, test, gate).verdict == expected
+@pytest.mark.parametrize(("train", "test"), [(0.0, 0.0), (0.2, 1.0), (1.0, 0.0)])
+def test_judge_with_zero_thresholds_always_deploys(train: float, test: float) -> None:
+    gate = replace(GATE, min_train_score=0.0, min_test_score=0.0)
+    assert judge(Estimate(train), Estimate(test), gate).verdict == DEPLOY
 
 
-# --- decide --------------------------------------------------------------------------------------
+def test_at_a_confidence_the_lower_end_of_the_interval_must_clear_the_threshold() -> None:
+    confident = replace(GATE, confidence=0.95)
+    # 0.90 on 200 test images: the Wilson interval reaches down to about 0.85.
+    assert verdicts(GATE, custom=(0.95, 0.87))["custom"].verdict == DEPLOY
+    judged = verdicts(confident, custom=(0.95, 0.87))["custom"]
+    assert judged.verdict == OVERFIT
+    assert judged.test.interval.low < 0.85 < judged.test.score
+    assert "95% interval" in judged.reasons[1] and "lower end < min_test_score 0.85" in judged.reasons[1]
+    # Clear margins pass at a confidence too; the train score is judged by its interval as well.
+    assert verdicts(confident, custom=(0.99, 0.95))["custom"].verdict == DEPLOY
+    assert verdicts(confident, custom=(0.91, 0.95))["custom"].verdict == UNDERFIT
 
-def test_decide_picks_the_best_test_accuracy_among_passing_models() -> None:
-    decision = decide(scores(custom=(0.95, 0.88), resnet50=(0.99, 0.93)), GATE)
-    assert decision.deploy is True
-    assert decision.model == "resnet50"
+
+def test_at_a_confidence_no_interval_means_no_pass() -> None:
+    confident = replace(GATE, confidence=0.9)
+    verdict = judge(Estimate(1.0, None), Estimate(1.0, None), confident)
+    assert verdict.verdict == UNDERFIT
+    assert "no 90% interval (too few images)" in verdict.reasons[0]
+
+
+def test_the_gated_metric_can_be_balanced_accuracy() -> None:
+    # 180 cats all right, 20 dogs all wrong: accuracy 0.90 flatters a model that ignores the dogs.
+    lopsided = SplitPredictions(tuple(str(i) for i in range(200)), ("cat",) * 180 + ("dog",) * 20, ("cat",) * 200)
+    predictions = {"custom": {"train": lopsided, "test": lopsided, "validation": lopsided}}
+    gate = replace(GATE, min_train_score=0.8, min_test_score=0.8)
+    assert judge_all(predictions, gate, 0)["custom"].verdict == DEPLOY
+    balanced = judge_all(predictions, replace(gate, metric="balanced_accuracy"), 0)["custom"]
+    assert balanced.verdict == UNDERFIT and balanced.train.score == pytest.approx(0.5)
+    assert "train balanced_accuracy 0.5000 < min_train_score 0.8" in balanced.reasons[0]
+
+
+# --- the choice among the candidates -------------------------------------------------------------
+
+def test_the_best_test_score_among_passing_models_is_the_challenger() -> None:
+    decision = decision_of(custom=(0.95, 0.88), resnet50=(0.99, 0.93))
+    assert decision.deploy is True and decision.model == "resnet50"
     assert {name: v.verdict for name, v in decision.candidates.items()} == {"custom": DEPLOY, "resnet50": DEPLOY}
 
 
-def test_decide_ignores_a_better_test_score_from_a_failing_model() -> None:
-    # resnet50 has the best test accuracy but is underfit; custom passes.
-    decision = decide(scores(custom=(0.95, 0.86), resnet50=(0.5, 0.97)), GATE)
+def test_a_better_test_score_from_a_failing_model_is_ignored() -> None:
+    decision = decision_of(custom=(0.95, 0.86), resnet50=(0.5, 0.97))
     assert decision.model == "custom"
     assert decision.candidates["resnet50"].verdict == UNDERFIT
 
 
-def test_decide_tie_goes_to_the_first_model() -> None:
-    decision = decide(scores(custom=(0.95, 0.9), resnet50=(0.99, 0.9)), GATE)
-    assert decision.model == "custom"
+def test_a_tie_goes_to_the_first_model() -> None:
+    assert best_passing(verdicts(custom=(0.95, 0.9), resnet50=(0.99, 0.9))) == "custom"
 
 
-def test_decide_deploys_nothing_when_none_pass() -> None:
-    decision = decide(scores(custom=(0.5, 0.5), resnet50=(0.99, 0.5)), GATE)
-    assert decision.deploy is False
-    assert decision.model is None
+def test_nothing_deploys_when_no_model_passes() -> None:
+    decision = decision_of(custom=(0.5, 0.5), resnet50=(0.99, 0.5))
+    assert decision.deploy is False and decision.model is None
     assert decision.candidates["custom"].verdict == UNDERFIT
     assert decision.candidates["resnet50"].verdict == OVERFIT
     assert summary_lines(decision)[-1] == "deployed: nothing (no model passed both thresholds)"
 
 
-def test_decide_with_one_model() -> None:
-    decision = decide(scores(custom=(0.95, 0.9)), GATE)
-    assert decision.model == "custom" and list(decision.candidates) == ["custom"]
-    assert summary_lines(decision)[-1] == "deployed: custom -> deploy/"
+def test_the_two_models_are_compared_on_the_same_test_images() -> None:
+    decision = decision_of(custom=(0.95, 0.90), resnet50=(0.99, 0.95))
+    (comparison,) = decision.comparisons
+    assert (comparison.first, comparison.second) == ("custom", "resnet50")
+    assert comparison.difference == pytest.approx(-0.05)
+    # answers() makes the better model right on every image the worse one is right on.
+    assert (comparison.first_only_right, comparison.second_only_right) == (0, 10)
+    assert comparison.mcnemar_p_value == pytest.approx(2 / 1024)
+    assert "compared: custom 0.900 vs resnet50 0.950: -5.0 points" in "\n".join(summary_lines(decision))
 
 
-def test_decision_to_json_shape() -> None:
-    decision = decide(scores(custom=(0.95, 0.88), resnet50=(0.5, 0.4)), GATE)
-    data = decision.to_json()
-    assert set(data) == {"deploy", "model", "thresholds", "candidates"}
-    assert data["deploy"] is True and data["model"] == "custom"
-    assert data["thresholds"] == {"min_train_accuracy": 0.9, "min_test_accuracy": 0.85}
-    assert set(data["candidates"]) == {"custom", "resnet50"}
-    for candidate in data["candidates"].values():
-        assert set(candidate) == {"train_accuracy", "test_accuracy", "verdict", "reasons"}
-        assert isinstance(candidate["reasons"], list) and all(isinstance(r, str) for r in candidate["reasons"])
-    assert data["candidates"]["resnet50"]["verdict"] == "underfit"
-    assert data["candidates"]["custom"]["train_accuracy"] == 0.95
-    assert data["candidates"]["custom"]["test_accuracy"] == 0.88
-    # Round-trips through JSON unchanged.
+def test_predictions_for_different_images_are_refused() -> None:
+    from pipeline.errors import PipelineError
+
+    predictions = {"custom": model(0.9, 0.9), "resnet50": model(0.9, 0.9, total=100)}
+    with pytest.raises(PipelineError, match="different images: rerun the evaluate stage"):
+        compare_models(predictions, GATE, 0)
+
+
+# --- the challenger against the champion ---------------------------------------------------------
+
+def champion_answers(right: int, total: int = 200, first_right: int = 0) -> list[str]:
+    """The champion's answers for :func:`answers`' images: right on ``right`` images from ``first_right`` on."""
+    actual = answers(total, total).actual
+    wrong = answers(0, total).predicted
+    return [actual[i] if first_right <= i < first_right + right else wrong[i] for i in range(total)]
+
+
+def test_a_worse_challenger_leaves_the_champion_in_place() -> None:
+    result = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, seed=0)
+    assert result.outcome == STAYS and not result.challenger_deploys
+    assert result.comparison.difference == pytest.approx(-0.05)
+    assert result.comparison.second == "champion v3"
+    (reason,) = result.reasons
+    assert reason.startswith("challenger custom 0.900 vs champion v3 0.950: -5.0 points")
+    assert "McNemar p = " in reason and reason.endswith("needs at least as good: champion v3 stays")
+
+
+def test_an_equal_or_better_challenger_replaces_the_champion() -> None:
+    assert challenge("custom", answers(190, 200), "3", "custom", champion_answers(180), GATE, 0).outcome == REPLACED
+    assert challenge("custom", answers(180, 200), "3", "custom", champion_answers(180), GATE, 0).outcome == REPLACED
+
+
+def test_max_regression_allows_a_small_loss() -> None:
+    lenient = replace(GATE, max_regression=0.02)
+    # 1.5 points worse: within 2 points.
+    assert challenge("custom", answers(187, 200), "3", "", champion_answers(190), lenient, 0).outcome == REPLACED
+    assert challenge("custom", answers(185, 200), "3", "", champion_answers(190), lenient, 0).outcome == STAYS
+
+
+def test_at_a_confidence_the_challenger_must_be_better_beyond_doubt() -> None:
+    confident = replace(GATE, confidence=0.95)
+    # Two points better on 200 images (right on 10 the champion missed, wrong on 6 it got) is not sure:
+    # the interval of the difference reaches below 0.
+    close = challenge("custom", answers(184, 200), "3", "", champion_answers(180, first_right=10), confident, 0)
+    assert (close.comparison.first_only_right, close.comparison.second_only_right) == (10, 6)
+    assert close.outcome == STAYS and close.comparison.difference_interval.low < 0
+    assert "needs the 95% interval of the difference above" in close.reasons[0]
+    # Fifteen points better is.
+    clear = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, 0)
+    assert clear.outcome == REPLACED and clear.comparison.difference_interval.low > 0
+
+
+def test_the_champion_decides_whether_a_passing_model_deploys() -> None:
+    stays = ChampionCheck(STAYS, "3", "custom", reasons=["challenger ... champion v3 stays"])
+    decision = decision_of(champion=stays, custom=(0.95, 0.9))
+    assert decision.deploy is False and decision.model is None
+    assert decision.candidates["custom"].verdict == DEPLOY
+    assert summary_lines(decision)[-1] == "deployed: no, champion v3 stays (deploy/ unchanged)"
+    for outcome in (NO_CHAMPION, SAME_MODEL, NOT_COMPARABLE, REPLACED):
+        assert decision_of(champion=ChampionCheck(outcome, "3"), custom=(0.95, 0.9)).model == "custom", outcome
+    unknown = decision_of(champion=ChampionCheck(UNKNOWN, reasons=["the registry cannot be reached"]),
+                          custom=(0.95, 0.9))
+    assert unknown.deploy is False
+    assert summary_lines(unknown)[-1] == "deployed: nothing (the registry could not be asked; deploy/ unchanged)"
+
+
+def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None:
+    challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
+    data = decision_of(champion=challenged, custom=(0.95, 0.9), resnet50=(0.5, 0.4)).to_json()
+    assert set(data) == {"deploy", "model", "metric", "confidence", "thresholds", "candidates", "comparisons",
+                         "champion"}
+    assert data["metric"] == "accuracy" and data["confidence"] is None
+    assert data["thresholds"] == {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0}
+    custom = data["candidates"]["custom"]
+    assert set(custom) == {"train_score", "test_score", "train_interval", "test_interval", "verdict", "reasons"}
+    assert custom["test_score"] == 0.9 and custom["train_interval"] is None
+    assert custom["test_interval"]["method"] == "wilson" and custom["test_interval"]["confidence"] == 0.95
+    assert custom["test_interval"]["low"] < 0.9 < custom["test_interval"]["high"]
+    assert set(data["comparisons"]) == {"custom_vs_resnet50"}
+    champion = data["champion"]
+    assert champion["outcome"] == "stays" and champion["stays"] is True and champion["version"] == "3"
+    assert champion["score"] == 0.95 and champion["challenger_score"] == 0.9
+    assert champion["difference"] == pytest.approx(-0.05) and 0 < champion["p_value"] < 1
+    assert champion["comparison"]["table"]["second_only_right"] == 10
+    assert data["deploy"] is False and data["model"] is None
     assert json.loads(json.dumps(data)) == data
 
 
-def test_decision_to_json_when_nothing_deploys() -> None:
-    data = decide(scores(custom=(0.1, 0.1)), GATE).to_json()
-    assert data["deploy"] is False and data["model"] is None
-    assert json.loads(json.dumps(data))["model"] is None
+def test_the_summary_prints_intervals_and_the_comparison_in_words() -> None:
+    challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
+    lines = summary_lines(decision_of(champion=challenged, custom=(0.95, 0.9)), {"custom": 0.5})
+    text = "\n".join(lines)
+    assert lines[0] == "gate metric: accuracy"
+    interval = decision_of(custom=(0.95, 0.9)).candidates["custom"].test.interval
+    assert f"0.9000 [{interval.low:.3f}, {interval.high:.3f}]" in text
+    assert "champion: challenger custom 0.900 vs champion v3 0.950: -5.0 points" in text
+    assert lines[-1] == "deployed: no, champion v3 stays (deploy/ unchanged)"
 
 
 # --- check (the CI exit code) --------------------------------------------------------------------
@@ -143,16 +285,23 @@ def _write_decision(path: Path, decision: Decision) -> Path:
 
 
 def test_check_returns_0_when_deploy_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    gate_file = _write_decision(tmp_path / "gate.json", decide(scores(custom=(0.95, 0.9)), GATE))
+    gate_file = _write_decision(tmp_path / "gate.json", decision_of(custom=(0.95, 0.9)))
     assert check(gate_file) == 0
     assert "deploy allowed: custom" in capsys.readouterr().out
 
 
 def test_check_returns_1_when_deploy_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    gate_file = _write_decision(tmp_path / "gate.json", decide(scores(custom=(0.5, 0.5), resnet50=(0.99, 0.1)), GATE))
+    gate_file = _write_decision(tmp_path / "gate.json", decision_of(custom=(0.5, 0.5), resnet50=(0.99, 0.1)))
     assert check(gate_file) == 1
     err = capsys.readouterr().err
     assert "deploy NOT allowed" in err and "custom underfit" in err and "resnet50 overfit" in err
+
+
+def test_check_says_why_when_the_champion_stays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stays = ChampionCheck(STAYS, "3", reasons=["challenger custom 0.900 vs champion v3 0.950: champion v3 stays"])
+    assert check(_write_decision(tmp_path / "gate.json", decision_of(champion=stays, custom=(0.95, 0.9)))) == 1
+    err = capsys.readouterr().err
+    assert "custom deploy" in err and "champion: challenger custom 0.900 vs champion v3 0.950" in err
 
 
 def test_check_returns_2_when_gate_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,8 +314,7 @@ def test_check_returns_2_when_gate_file_missing(tmp_path: Path, capsys: pytest.C
 def test_check_command_line_exit_codes(tmp_path: Path, deploy: bool | None, code: int) -> None:
     gate_file = tmp_path / "gate.json"
     if deploy is not None:
-        model = (0.95, 0.9) if deploy else (0.1, 0.1)
-        _write_decision(gate_file, decide(scores(custom=model), GATE))
+        _write_decision(gate_file, decision_of(custom=(0.95, 0.9) if deploy else (0.1, 0.1)))
     completed = subprocess.run([sys.executable, "-m", "pipeline.gate", "--check", "--out", str(gate_file)],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == code, completed.stderr

@@ -159,7 +159,7 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None
         assert run["info"]["status"] == "FINISHED"
         assert {"train_accuracy", "validation_accuracy", "test_accuracy", "loss", "val_loss"} <= set(run["metrics"])
         model = stage.removeprefix("train_")
-        assert run["metrics"]["test_accuracy"] == pytest.approx(gate["candidates"][model]["test_accuracy"])
+        assert run["metrics"]["test_accuracy"] == pytest.approx(gate["candidates"][model]["test_score"])
         assert run["tags"]["gate.verdict"] == gate["candidates"][model]["verdict"] == "deploy"
         assert run["tags"]["gate.deployed"] == str(gate["model"] == model).lower()
         assert len(run["tags"]["git.commit"]) == 40

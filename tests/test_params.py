@@ -29,7 +29,7 @@ def test_load_params_reads_the_projects_own_file() -> None:
     assert len(params.split.ratios) == 3
     assert isinstance(params.split.ratios, tuple)
     assert isinstance(params.train_custom.blocks, tuple)
-    assert 0.0 <= params.gate.min_test_accuracy <= 1.0
+    assert 0.0 <= params.gate.min_test_score <= 1.0
 
 
 def test_sections_are_frozen(raw_params: dict) -> None:
@@ -57,10 +57,10 @@ def test_load_params_invalid_yaml_gives_the_line(tmp_path: Path) -> None:
 
 
 def test_load_params_names_the_file_in_errors(tmp_path: Path, raw_params: dict) -> None:
-    raw_params["gate"]["min_test_accuracy"] = 2
+    raw_params["gate"]["min_test_score"] = 2
     path = tmp_path / "custom-params.yaml"
     path.write_text(yaml.safe_dump(raw_params))
-    with pytest.raises(ParamsError, match=r"custom-params\.yaml: gate\.min_test_accuracy"):
+    with pytest.raises(ParamsError, match=r"custom-params\.yaml: gate\.min_test_score"):
         load_params(path)
 
 
@@ -81,7 +81,7 @@ def test_unknown_top_level_section(raw_params: dict) -> None:
 
 def test_unknown_key_without_close_match_lists_known_keys(raw_params: dict) -> None:
     raw_params["gate"]["zzzz"] = 1
-    with pytest.raises(ParamsError, match=r"gate\.zzzz: unknown key \(known keys: min_train_accuracy"):
+    with pytest.raises(ParamsError, match=r"gate\.zzzz: unknown key \(known keys: metric, min_train_score"):
         params_from_dict(raw_params)
 
 
@@ -165,7 +165,7 @@ def test_image_size_32_is_accepted(raw_params: dict) -> None:
     assert params_from_dict(raw_params).base.image_size == 32
 
 
-@pytest.mark.parametrize("key", ["min_train_accuracy", "min_test_accuracy"])
+@pytest.mark.parametrize("key", ["min_train_score", "min_test_score", "max_regression"])
 @pytest.mark.parametrize("value", [-0.01, 1.5])
 def test_thresholds_outside_0_1_are_rejected(raw_params: dict, key: str, value: float) -> None:
     raw_params["gate"][key] = value
@@ -175,8 +175,38 @@ def test_thresholds_outside_0_1_are_rejected(raw_params: dict, key: str, value: 
 
 @pytest.mark.parametrize("value", [0, 1, 0.0, 1.0])
 def test_thresholds_at_the_edges_are_accepted(raw_params: dict, value: float) -> None:
-    raw_params["gate"]["min_test_accuracy"] = value
-    assert params_from_dict(raw_params).gate.min_test_accuracy == float(value)
+    raw_params["gate"]["min_test_score"] = value
+    assert params_from_dict(raw_params).gate.min_test_score == float(value)
+
+
+@pytest.mark.parametrize("value", [1.5, 1.0, 0.3, 0, -0.95, "high"])
+def test_a_confidence_outside_half_to_one_is_refused(raw_params: dict, value: object) -> None:
+    raw_params["gate"]["confidence"] = value
+    with pytest.raises(ParamsError, match=r"gate\.confidence: (must be null or a level|expected a number)"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("value", [None, 0.5, 0.9, 0.95, 0.99])
+def test_a_confidence_level_or_null_is_accepted(raw_params: dict, value: float | None) -> None:
+    raw_params["gate"]["confidence"] = value
+    assert params_from_dict(raw_params).gate.confidence == value
+
+
+def test_the_gated_metric_is_one_of_three(raw_params: dict) -> None:
+    raw_params["gate"]["metric"] = "f2"
+    with pytest.raises(ParamsError, match=r"gate\.metric: must be one of accuracy \| balanced_accuracy \| macro_f1, "
+                                          r"got 'f2'"):
+        params_from_dict(raw_params)
+    raw_params["gate"]["metric"] = "macro_f1"
+    assert params_from_dict(raw_params).gate.metric == "macro_f1"
+
+
+@pytest.mark.parametrize(("old", "new"), [("min_train_accuracy", "min_train_score"),
+                                          ("min_test_accuracy", "min_test_score")])
+def test_an_old_threshold_name_says_what_it_is_called_now(raw_params: dict, old: str, new: str) -> None:
+    raw_params["gate"][old] = raw_params["gate"].pop(new)
+    with pytest.raises(ParamsError, match=rf"gate\.{old}: renamed to '{new}'; write {new} instead"):
+        params_from_dict(raw_params)
 
 
 def test_float_written_as_1e_minus_5_string_is_accepted(raw_params: dict) -> None:

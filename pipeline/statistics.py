@@ -1,0 +1,165 @@
+"""How sure a score is: the gated metrics, their confidence intervals, and paired comparisons.
+
+Every number comes from a maintained library: scikit-learn computes the metrics, SciPy the
+intervals and tests. A score on a few hundred test images is an estimate; these say how far off it
+may be, and whether one model's lead over another on the same images is more than chance.
+
+- Accuracy gets a Wilson score interval (``scipy.stats.binomtest(...).proportion_ci``); the other
+  metrics a bootstrap interval (``scipy.stats.bootstrap``) over the images.
+- Two models scored on the same images are compared image by image: the 2x2 table of right and
+  wrong, an exact McNemar test (a two-sided binomial test on the images where exactly one of the two
+  is right, ``scipy.stats.binomtest``), and a paired bootstrap interval of the difference in the
+  metric, seeded so it is the same on every run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+Metric = Literal["accuracy", "balanced_accuracy", "macro_f1"]
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy_score,
+    "balanced_accuracy": balanced_accuracy_score,
+    "macro_f1": partial(f1_score, average="macro", zero_division=0),
+}
+REPORTING_CONFIDENCE = 0.95     # the level of intervals that are reported but do not decide anything
+BOOTSTRAP_RESAMPLES = 1000      # per scikit-learn metric call (ms each); endpoints settle to about a third of a point
+MINIMUM_IMAGES = 2              # fewer cannot vary, so no interval says anything
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided confidence interval and how it was made."""
+
+    low: float
+    high: float
+    confidence: float
+    method: str
+
+    def text(self) -> str:
+        return f"[{self.low:.3f}, {self.high:.3f}]"
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models on the same images: the right/wrong table, the McNemar test, the difference.
+
+    ``difference`` is first minus second in the metric; ``first_only_right`` counts the images the
+    first model got right and the second wrong.
+    """
+
+    first: str
+    second: str
+    metric: str
+    first_score: float
+    second_score: float
+    difference: float
+    both_right: int
+    first_only_right: int
+    second_only_right: int
+    both_wrong: int
+    mcnemar_p_value: float
+    difference_interval: Interval | None
+
+    def significant(self, alpha: float = 1 - REPORTING_CONFIDENCE) -> bool:
+        """Whether the two disagree on more images than chance would explain (McNemar, level ``alpha``)."""
+        return self.mcnemar_p_value < alpha
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["table"] = {"both_right": data.pop("both_right"), "first_only_right": data.pop("first_only_right"),
+                         "second_only_right": data.pop("second_only_right"), "both_wrong": data.pop("both_wrong")}
+        return data
+
+
+def score(metric: str, actual: np.ndarray, predicted: np.ndarray) -> float:
+    """The metric (scikit-learn's) of ``predicted`` labels against ``actual`` ones."""
+    with warnings.catch_warnings():
+        # balanced_accuracy warns when a predicted class never occurs in ``actual``: not an error here.
+        warnings.simplefilter("ignore", UserWarning)
+        return float(METRICS[metric](np.asarray(actual), np.asarray(predicted)))
+
+
+def interval(metric: str, actual: np.ndarray, predicted: np.ndarray, confidence: float,
+             seed: int) -> Interval | None:
+    """A ``confidence`` interval for the metric on these images; None when there are too few of them."""
+    actual, predicted = np.asarray(actual), np.asarray(predicted)
+    if len(actual) < MINIMUM_IMAGES:
+        return None
+    if metric == "accuracy":
+        right = int(np.sum(actual == predicted))
+        ci = stats.binomtest(right, len(actual)).proportion_ci(confidence_level=confidence, method="wilson")
+        return Interval(float(ci.low), float(ci.high), confidence, "wilson")
+    return _bootstrap((actual, predicted), lambda a, p: score(metric, a, p), confidence, seed)
+
+
+def compare(first: str, second: str, metric: str, actual: np.ndarray, first_predicted: np.ndarray,
+            second_predicted: np.ndarray, confidence: float, seed: int) -> PairedComparison:
+    """Compare two models' predictions for the same images (see the module's description)."""
+    actual = np.asarray(actual)
+    first_predicted, second_predicted = np.asarray(first_predicted), np.asarray(second_predicted)
+    first_right, second_right = first_predicted == actual, second_predicted == actual
+    first_only = int(np.sum(first_right & ~second_right))
+    second_only = int(np.sum(~first_right & second_right))
+    first_score, second_score = score(metric, actual, first_predicted), score(metric, actual, second_predicted)
+    return PairedComparison(
+        first, second, metric, first_score, second_score, first_score - second_score,
+        both_right=int(np.sum(first_right & second_right)), first_only_right=first_only,
+        second_only_right=second_only, both_wrong=int(np.sum(~first_right & ~second_right)),
+        mcnemar_p_value=mcnemar_exact(first_only, second_only),
+        difference_interval=_difference_interval(metric, actual, first_predicted, second_predicted, confidence,
+                                                 seed))
+
+
+def mcnemar_exact(first_only_right: int, second_only_right: int) -> float:
+    """Exact McNemar p-value: a two-sided binomial test (p = 1/2) on the discordant images.
+
+    With no discordant image the two models cannot be told apart: p = 1.
+    """
+    discordant = first_only_right + second_only_right
+    if discordant == 0:
+        return 1.0
+    return float(stats.binomtest(first_only_right, discordant, 0.5).pvalue)
+
+
+def _difference_interval(metric: str, actual: np.ndarray, first: np.ndarray, second: np.ndarray,
+                         confidence: float, seed: int) -> Interval | None:
+    if len(actual) < MINIMUM_IMAGES:
+        return None
+    if np.array_equal(first, second):
+        # The same answer on every image: every resample differs by exactly zero.
+        return Interval(0.0, 0.0, confidence, "identical predictions")
+    if metric == "accuracy":
+        # Accuracy is the mean of right (1) and wrong (0): vectorised, so all resamples run at once.
+        first_right, second_right = (first == actual).astype(float), (second == actual).astype(float)
+        return _bootstrap((first_right, second_right), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+                          confidence, seed, vectorized=True)
+    return _bootstrap((actual, first, second), lambda a, p, q: score(metric, a, p) - score(metric, a, q),
+                      confidence, seed)
+
+
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float, seed: int,
+               vectorized: bool = False) -> Interval:
+    """SciPy's paired bootstrap (BCa; percentile where BCa is undefined, e.g. a constant jackknife)."""
+    resamples = 9999 if vectorized else BOOTSTRAP_RESAMPLES
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # DegenerateDataWarning: handled by the fallback below
+            result = stats.bootstrap(data, statistic, paired=True, vectorized=vectorized, n_resamples=resamples,
+                                     confidence_level=confidence, method=method,
+                                     rng=np.random.default_rng(seed))
+        low, high = result.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            return Interval(float(low), float(high), confidence, f"bootstrap {method}, {resamples} resamples")
+    # Every resample gave the same value: the interval is that value.
+    value = float(statistic(*data))
+    return Interval(value, value, confidence, "bootstrap (constant)")

@@ -1,0 +1,175 @@
+"""The gate against a real MLflow registry (SQLite): first run, a worse challenger refused, a better
+one promoted, the same model again, an incompatible champion, a damaged one, and no registry.
+
+The models are real Keras models whose answers are fixed by construction: each class of the
+fixture images is one dominant colour, and a model maps "strongest colour channel" to a class, so
+a chosen mapping is right on exactly the images of the classes it maps to themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bench.project import free_port
+from pipeline import gate, tracking
+from pipeline.artifacts import MODEL_FILE, RunRecord, write_predictions
+from pipeline.evaluate import answers, evaluate_model
+from pipeline.manifest import read_split
+from tests.conftest import make_image_folder
+from tests.stage_runner import prepare_split
+
+pytestmark = pytest.mark.slow
+
+NAME = "image-classifier"
+PERFECT, TWO_RIGHT, ONE_RIGHT = (0, 1, 2), (0, 1, 1), (0, 2, 1)   # channel -> class
+
+
+def channel_model(size: int, mapping: tuple[int, ...]) -> keras.Model:
+    """A model that answers class ``mapping[c]`` for an image whose strongest channel is ``c``."""
+    dense = keras.layers.Dense(3, activation="softmax")
+    model = keras.Sequential([keras.Input((size, size, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D(), dense])
+    weights = np.zeros((3, 3), dtype=np.float32)
+    for channel, label in enumerate(mapping):
+        weights[channel, label] = 20.0
+    dense.set_weights([weights, np.zeros(3, dtype=np.float32)])
+    return model
+
+
+class GateProject:
+    """A working folder with images, a split, a store, and two trained-model folders to fill."""
+
+    def __init__(self, root: Path, raw_params: dict, size: int = 32) -> None:
+        self.root, self.size = root, size
+        images = make_image_folder(root / "images", {"a": 12, "b": 12, "c": 12}, size=size)
+        params = raw_params
+        params["base"].update(image_size=size, channels=3)
+        params["gate"].update(min_train_score=0.0, min_test_score=0.0)
+        prepare_split(root, images, params)
+        self.data = read_split(root / "data/ingest", root / "data/split.csv")
+        tracking.connect(params["base"]["experiment_name"])
+        self.experiment_id = tracking.mlflow.get_experiment_by_name(params["base"]["experiment_name"]).experiment_id
+
+    def train(self, **mappings: tuple[int, ...]) -> None:
+        """'Train' each model as the given mapping: a new MLflow run, the model, run.json, predictions."""
+        for name, mapping in mappings.items():
+            model = channel_model(self.size, mapping)
+            run_id = MlflowClient().create_run(self.experiment_id).info.run_id
+            folder = self.root / "models" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            model.save(folder / MODEL_FILE)
+            RunRecord(run_id, f"runs:/{run_id}/model", self.data.class_names, self.size, 3).write(folder)
+            scores, _ = evaluate_model(model, self.data, self.size, 3, batch_size=64)
+            write_predictions(self.root / "data/predictions" / f"{name}.csv", answers(self.data, scores))
+
+    def gate(self) -> dict:
+        arguments = argparse.Namespace(params="params.yaml", predictions="data/predictions", ingest="data/ingest",
+                                       models="models", deploy="deploy", out="metrics/gate.json")
+        gate.main(arguments)
+        return json.loads((self.root / "metrics/gate.json").read_text())
+
+    def champion(self):
+        return MlflowClient().get_model_version_by_alias(NAME, "champion")
+
+    def versions(self) -> int:
+        return len(MlflowClient().search_model_versions(f"name='{NAME}'"))
+
+    def deployed(self) -> bytes:
+        return (self.root / "deploy" / MODEL_FILE).read_bytes() + (self.root / "deploy/model.json").read_bytes()
+
+
+@pytest.fixture
+def project(tmp_path: Path, raw_params: dict, monkeypatch: pytest.MonkeyPatch) -> GateProject:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return GateProject(tmp_path, raw_params)
+
+
+def test_the_champion_moves_only_forward(project: GateProject) -> None:
+    # First run: no champion, so no comparison; the better of the two is promoted.
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    first = project.gate()
+    assert first["deploy"] is True and first["model"] == "custom"
+    assert first["champion"]["outcome"] == "none" and "in the registry yet" in first["champion"]["reasons"][0]
+    assert first["comparisons"]["custom_vs_resnet50"]["difference"] > 0
+    assert str(project.champion().version) == "1"
+    deployed_first = project.deployed()
+
+    # A worse second run passes the thresholds but loses to the champion on the same test images.
+    project.train(custom=ONE_RIGHT, resnet50=ONE_RIGHT)
+    second = project.gate()
+    assert second["deploy"] is False and second["model"] is None
+    assert second["candidates"]["custom"]["verdict"] == "deploy"
+    champion = second["champion"]
+    assert champion["outcome"] == "stays" and champion["version"] == "1" and champion["model"] == "custom"
+    assert champion["score"] == pytest.approx(first["candidates"]["custom"]["test_score"])
+    assert champion["difference"] < 0 and 0 <= champion["p_value"] <= 1
+    assert str(project.champion().version) == "1" and project.versions() == 1
+    assert project.deployed() == deployed_first
+    assert "champion v1 stays" in champion["reasons"][0]
+
+    # A better third run replaces it: a new version, the alias moved, deploy/ updated, the reason kept.
+    project.train(custom=PERFECT)
+    third = project.gate()
+    assert third["deploy"] is True and third["model"] == "custom"
+    assert third["champion"]["outcome"] == "replaced" and third["champion"]["difference"] > 0
+    promoted = project.champion()
+    assert str(promoted.version) == "2" and project.versions() == 2
+    assert promoted.tags["gate.replaced_version"] == "1" and promoted.tags["model"] == "custom"
+    assert promoted.tags["gate.champion"] == "replaced"
+    assert "replaces champion v1" in promoted.description
+    assert json.loads((project.root / "deploy/model.json").read_text())["mlflow_run_id"] == \
+        promoted.tags["source.run_id"]
+    run = MlflowClient().get_run(promoted.tags["source.run_id"])
+    assert run.data.tags["gate.champion"] == "replaced" and run.data.tags["gate.champion_version"] == "1"
+    assert "gate_vs_champion_p_value" in run.data.metrics
+
+    # The gate again with nothing new: the champion is this very model; no new version.
+    again = project.gate()
+    assert again["deploy"] is True and again["champion"]["outcome"] == "same model"
+    assert project.versions() == 2
+
+
+def test_an_incompatible_champion_is_not_compared(project: GateProject, raw_params: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    project.train(custom=PERFECT, resnet50=ONE_RIGHT)
+    project.gate()
+    # The same store, new data: 40x40 images. The 32x32 champion cannot be scored on them.
+    monkeypatch.chdir(tmp_path / "bigger") if (tmp_path / "bigger").mkdir() is None else None
+    bigger = GateProject(tmp_path / "bigger", raw_params, size=40)
+    bigger.train(custom=ONE_RIGHT, resnet50=ONE_RIGHT)
+    decision = bigger.gate()
+    assert decision["champion"]["outcome"] == "not comparable"
+    assert "takes 32x32 images with 3 channel(s), this data is 40x40" in decision["champion"]["reasons"][0]
+    assert decision["deploy"] is True and str(bigger.champion().version) == "2"
+
+
+def test_a_champion_whose_files_are_gone_is_not_compared(project: GateProject) -> None:
+    project.train(custom=PERFECT, resnet50=ONE_RIGHT)
+    project.gate()
+    shutil.rmtree(project.root / "mlartifacts")
+    project.train(custom=TWO_RIGHT)
+    decision = project.gate()
+    assert decision["champion"]["outcome"] == "not comparable"
+    assert "its files cannot be loaded" in decision["champion"]["reasons"][0]
+
+
+def test_a_registry_that_cannot_be_reached_deploys_nothing(project: GateProject,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    project.train(custom=PERFECT, resnet50=ONE_RIGHT)
+    project.gate()
+    deployed = project.deployed()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    decision = project.gate()
+    assert decision["deploy"] is False and decision["champion"]["outcome"] == "unknown"
+    assert "the registry cannot be reached" in decision["champion"]["reasons"][0]
+    assert project.deployed() == deployed
+

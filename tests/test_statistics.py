@@ -1,0 +1,108 @@
+"""The gate's statistics against tables worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.statistics import compare, interval, mcnemar_exact, score
+
+CATS_AND_DOGS = np.array(["cat"] * 6 + ["dog"] * 4)
+
+
+def test_mcnemar_exact_on_hand_computed_tables() -> None:
+    # No discordant image: nothing tells the models apart.
+    assert mcnemar_exact(0, 0) == 1.0
+    # 5 to 0: two-sided binomial tail 2 * (1/2)^5.
+    assert mcnemar_exact(5, 0) == pytest.approx(0.0625)
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625)
+    # 1 to 9: 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024.
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    # An even split is the most likely outcome under "no difference".
+    assert mcnemar_exact(3, 3) == 1.0
+
+
+def test_the_two_by_two_table_counts_each_image_once() -> None:
+    actual = np.array([0, 0, 1, 1, 0])
+    first = np.array([0, 1, 1, 1, 0])     # right, wrong, right, right, right
+    second = np.array([0, 0, 0, 1, 1])    # right, right, wrong, right, wrong
+    result = compare("a", "b", "accuracy", actual, first, second, 0.95, seed=0)
+    assert (result.both_right, result.first_only_right, result.second_only_right, result.both_wrong) == (2, 2, 1, 0)
+    assert result.first_score == pytest.approx(0.8) and result.second_score == pytest.approx(0.6)
+    assert result.difference == pytest.approx(0.2)
+    assert result.mcnemar_p_value == pytest.approx(1.0)   # 2 to 1: the binomial two-sided p is 1
+    assert result.to_json()["table"] == {"both_right": 2, "first_only_right": 2, "second_only_right": 1,
+                                         "both_wrong": 0}
+
+
+def test_models_that_agree_on_every_image_cannot_be_told_apart() -> None:
+    predicted = np.array(["cat"] * 5 + ["dog"] * 5)
+    result = compare("a", "b", "accuracy", CATS_AND_DOGS, predicted, predicted.copy(), 0.95, seed=0)
+    assert result.difference == 0.0 and result.mcnemar_p_value == 1.0 and not result.significant()
+    assert (result.difference_interval.low, result.difference_interval.high) == (0.0, 0.0)
+    assert result.first_only_right == result.second_only_right == 0
+
+
+def test_models_that_disagree_on_every_image() -> None:
+    right = CATS_AND_DOGS.copy()
+    wrong = np.where(CATS_AND_DOGS == "cat", "dog", "cat")
+    result = compare("a", "b", "accuracy", CATS_AND_DOGS, right, wrong, 0.95, seed=0)
+    assert (result.both_right, result.first_only_right, result.second_only_right, result.both_wrong) == (0, 10, 0, 0)
+    assert result.difference == 1.0
+    assert result.mcnemar_p_value == pytest.approx(2 / 1024) and result.significant()
+    # Every resample differs by exactly one.
+    assert (result.difference_interval.low, result.difference_interval.high) == (1.0, 1.0)
+
+
+def test_the_difference_interval_is_seeded_and_brackets_the_difference() -> None:
+    rng = np.random.default_rng(3)
+    actual = rng.integers(0, 2, 300)
+    first = np.where(rng.random(300) < 0.9, actual, 1 - actual)
+    second = np.where(rng.random(300) < 0.8, actual, 1 - actual)
+    one = compare("a", "b", "accuracy", actual, first, second, 0.95, seed=7)
+    again = compare("a", "b", "accuracy", actual, first, second, 0.95, seed=7)
+    assert one.difference_interval == again.difference_interval
+    assert one.difference_interval.low < one.difference < one.difference_interval.high
+    # About ten points apart on 300 images: clearly more than chance.
+    assert one.difference_interval.low > 0 and one.significant()
+    wider = compare("a", "b", "accuracy", actual, first, second, 0.99, seed=7).difference_interval
+    assert wider.low < one.difference_interval.low and wider.high > one.difference_interval.high
+
+
+def test_wilson_interval_for_accuracy() -> None:
+    # 8 right of 10 at 95 %: the Wilson score interval (0.4902, 0.9433).
+    actual = np.zeros(10, dtype=int)
+    predicted = np.array([0] * 8 + [1] * 2)
+    result = interval("accuracy", actual, predicted, 0.95, seed=0)
+    assert result.method == "wilson"
+    assert (result.low, result.high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    # All right still leaves room below 1 (unlike the plain normal approximation).
+    perfect = interval("accuracy", actual, actual, 0.95, seed=0)
+    assert perfect.high == pytest.approx(1.0) and perfect.low < 0.75
+
+
+def test_bootstrap_interval_for_the_other_metrics() -> None:
+    rng = np.random.default_rng(0)
+    actual = np.array([0] * 80 + [1] * 20)                 # an unbalanced pair of classes
+    predicted = np.where(rng.random(100) < 0.85, actual, 1 - actual)
+    for metric in ("balanced_accuracy", "macro_f1"):
+        value = score(metric, actual, predicted)
+        result = interval(metric, actual, predicted, 0.95, seed=1)
+        assert result.method.startswith("bootstrap")
+        assert result.low < value < result.high, metric
+        assert result == interval(metric, actual, predicted, 0.95, seed=1)
+
+
+def test_the_metrics_are_scikit_learns() -> None:
+    # A model that always answers the big class: accuracy flatters it, the other two do not.
+    actual = np.array([0] * 9 + [1])
+    always_zero = np.zeros(10, dtype=int)
+    assert score("accuracy", actual, always_zero) == pytest.approx(0.9)
+    assert score("balanced_accuracy", actual, always_zero) == pytest.approx(0.5)
+    assert score("macro_f1", actual, always_zero) == pytest.approx((18 / 19 + 0) / 2)
+
+
+def test_too_few_images_for_an_interval() -> None:
+    one = np.array([1])
+    assert interval("accuracy", one, one, 0.95, seed=0) is None
+    assert compare("a", "b", "accuracy", one, one, one, 0.95, seed=0).difference_interval is None
