@@ -200,6 +200,11 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
         low = comparison.difference_interval.low if comparison.difference_interval else None
         replaces = low is not None and low > -gate.max_regression
         rule = f"the {level:.0%} interval of the difference above {-gate.max_regression:g}"
+        if not gate.max_regression:
+            # "Better beyond doubt" is also what the exact test says: with few images where the two
+            # disagree, a bootstrap interval can leave out 0 while McNemar's p is well above 1 - level.
+            replaces = replaces and comparison.mcnemar_p_value < 1 - level
+            rule += f" and McNemar p < {1 - level:.2g}"
     outcome = REPLACED if replaces else STAYS
     verdict = (f"replaces champion v{champion_version}" if replaces
                else f"champion v{champion_version} stays")

@@ -225,6 +225,12 @@ def test_at_a_confidence_the_challenger_must_be_better_beyond_doubt() -> None:
     assert (close.comparison.first_only_right, close.comparison.second_only_right) == (10, 6)
     assert close.outcome == STAYS and close.comparison.difference_interval.low < 0
     assert "needs the 95% interval of the difference above" in close.reasons[0]
+    # Right on 4 images the champion missed and wrong on none: the bootstrap interval leaves out 0, but
+    # 4 to 0 happens by chance one time in eight (exact McNemar): not beyond doubt.
+    few = challenge("custom", answers(184, 200), "3", "", champion_answers(180), confident, 0)
+    assert (few.comparison.first_only_right, few.comparison.second_only_right) == (4, 0)
+    assert few.comparison.difference_interval.low > 0 and few.comparison.mcnemar_p_value == pytest.approx(0.125)
+    assert few.outcome == STAYS and "and McNemar p < 0.05" in few.reasons[0]
     # Fifteen points better is.
     clear = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, 0)
     assert clear.outcome == REPLACED and clear.comparison.difference_interval.low > 0
