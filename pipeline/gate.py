@@ -100,14 +100,12 @@ class ChampionCheck:
         return self.outcome in _CHALLENGER_DEPLOYS
 
     def to_json(self) -> dict:
-        compared = self.comparison
+        compared = self.comparison.to_json() if self.comparison else {}
         return {"outcome": self.outcome, "version": self.version, "model": self.model,
-                "stays": self.outcome == STAYS,
-                "score": compared.second_score if compared else None,
-                "challenger_score": compared.first_score if compared else None,
-                "difference": compared.difference if compared else None,
-                "p_value": compared.mcnemar_p_value if compared else None,
-                "comparison": compared.to_json() if compared else None, "reasons": self.reasons}
+                "stays": self.outcome == STAYS, "challenger": compared.get("first"),
+                "score": compared.get("second_score"), "challenger_score": compared.get("first_score"),
+                "difference": compared.get("difference"), "difference_interval": compared.get("difference_interval"),
+                "p_value": compared.get("mcnemar_p_value"), "table": compared.get("table"), "reasons": self.reasons}
 
 
 @dataclass(frozen=True)

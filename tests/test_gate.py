@@ -267,7 +267,8 @@ def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None
     assert champion["outcome"] == "stays" and champion["stays"] is True and champion["version"] == "3"
     assert champion["score"] == 0.95 and champion["challenger_score"] == 0.9
     assert champion["difference"] == pytest.approx(-0.05) and 0 < champion["p_value"] < 1
-    assert champion["comparison"]["table"]["second_only_right"] == 10
+    assert champion["table"]["second_only_right"] == 10 and champion["challenger"] == "custom"
+    assert champion["difference_interval"]["high"] < 0
     assert data["deploy"] is False and data["model"] is None
     assert json.loads(json.dumps(data)) == data
 
