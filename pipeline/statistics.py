@@ -17,20 +17,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Literal
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 Metric = Literal["accuracy", "balanced_accuracy", "macro_f1"]
-
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": accuracy_score,
-    "balanced_accuracy": balanced_accuracy_score,
-    "macro_f1": partial(f1_score, average="macro", zero_division=0),
-}
 REPORTING_CONFIDENCE = 0.95     # the level of intervals that are reported but do not decide anything
 BOOTSTRAP_RESAMPLES = 1000      # per scikit-learn metric call (ms each); endpoints settle to about a third of a point
 MINIMUM_IMAGES = 2              # fewer cannot vary, so no interval says anything
@@ -83,10 +74,17 @@ class PairedComparison:
 
 def score(metric: str, actual: np.ndarray, predicted: np.ndarray) -> float:
     """The metric (scikit-learn's) of ``predicted`` labels against ``actual`` ones."""
+    # Imported here, not at the top: `python -m pipeline.gate --check` reads a JSON file and should
+    # not pay for SciPy and scikit-learn.
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "accuracy": accuracy_score, "balanced_accuracy": balanced_accuracy_score,
+        "macro_f1": lambda a, p: f1_score(a, p, average="macro", zero_division=0)}
     with warnings.catch_warnings():
         # balanced_accuracy warns when a predicted class never occurs in ``actual``: not an error here.
         warnings.simplefilter("ignore", UserWarning)
-        return float(METRICS[metric](np.asarray(actual), np.asarray(predicted)))
+        return float(metrics[metric](np.asarray(actual), np.asarray(predicted)))
 
 
 def interval(metric: str, actual: np.ndarray, predicted: np.ndarray, confidence: float,
@@ -96,6 +94,8 @@ def interval(metric: str, actual: np.ndarray, predicted: np.ndarray, confidence:
     if len(actual) < MINIMUM_IMAGES:
         return None
     if metric == "accuracy":
+        from scipy import stats
+
         right = int(np.sum(actual == predicted))
         ci = stats.binomtest(right, len(actual)).proportion_ci(confidence_level=confidence, method="wilson")
         return Interval(float(ci.low), float(ci.high), confidence, "wilson")
@@ -125,6 +125,8 @@ def mcnemar_exact(first_only_right: int, second_only_right: int) -> float:
 
     With no discordant image the two models cannot be told apart: p = 1.
     """
+    from scipy import stats
+
     discordant = first_only_right + second_only_right
     if discordant == 0:
         return 1.0
@@ -150,6 +152,8 @@ def _difference_interval(metric: str, actual: np.ndarray, first: np.ndarray, sec
 def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float, seed: int,
                vectorized: bool = False) -> Interval:
     """SciPy's paired bootstrap (BCa; percentile where BCa is undefined, e.g. a constant jackknife)."""
+    from scipy import stats
+
     resamples = 9999 if vectorized else BOOTSTRAP_RESAMPLES
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
