@@ -106,6 +106,16 @@ def test_summarise_counts(image_folder: Path) -> None:
         "duplicate_files": 0,
         "accepted_per_class": {"circle": 12, "square": 12, "triangle": 12},
         "rejected_per_class": {"(root)": 1, "square": 1},
+        "near_duplicate_distance": 0,
+        "exact_duplicate_groups": 0,
+        "near_duplicate_groups": 0,
+        "images_in_duplicate_groups": 0,
+        "largest_duplicate_group": 0,
+        "label_conflict_groups": 0,
+        "label_conflict_images": 0,
+        "class_balance": 1.0,
+        "almost_uniform_images": 0,
+        "small_images": 0,
     }
     json.dumps(summary)  # plain types only
 

@@ -27,11 +27,11 @@ def make_manifest(per_class: dict[str, int], duplicates: dict[str, int] | None =
         for i in range(count):
             sha = hashlib.sha256(f"{label}-{i}".encode()).hexdigest()
             rows.append({"path": f"{label}/{label}_{i:03d}.png", "label": label, "sha256": sha,
-                         "width": 12, "height": 12, "channels": 3})
+                         "width": 12, "height": 12, "channels": 3, "phash": "", "group": sha})
         for j in range((duplicates or {}).get(label, 0)):
             sha = hashlib.sha256(f"{label}-0".encode()).hexdigest()
             rows.append({"path": f"{label}/copy_{j:03d}.png", "label": label, "sha256": sha,
-                         "width": 12, "height": 12, "channels": 3})
+                         "width": 12, "height": 12, "channels": 3, "phash": "", "group": sha})
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
