@@ -101,8 +101,8 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
     Not all pairs: a multi-index (Norouzi et al., "Fast search in Hamming space with multi-index
     hashing", 2012). The 64 bits are cut into ``m`` bands; two hashes within ``d`` bits agree within
-    ``d // m`` bits on at least one band (pigeonhole). For each band and each way of flipping up
-    to ``d // m`` of its bits, a lookup table of the band's values gives the candidates, which are
+    about ``d / m`` bits on at least one band (pigeonhole; :func:`_band_radii`). For each band and
+    each way of flipping that many of its bits, a lookup table of the band's values gives the candidates, which are
     then checked on all 64 bits. ``m`` is chosen by an estimate of the work; for a few thousand
     hashes, or a distance so large that nearly everything is a candidate, plain blocks of all
     pairs are cheaper and used instead. Both give the same pairs (tested).
@@ -130,10 +130,10 @@ def choose_bands(count: int, max_distance: int) -> int | None:
     """
     best, best_cost = None, count * count / 2 / 4       # numpy checks all pairs ~4x cheaper than lookups
     for bands in range(math.ceil(HASH_BITS / BAND_BITS_MAX), max(max_distance + 1, 3) + 1):
-        widest = math.ceil(HASH_BITS / bands)
-        narrowest = HASH_BITS // bands
-        patterns = sum(math.comb(widest, k) for k in range(max_distance // bands + 1))
-        cost = bands * patterns * (PATTERN_OVERHEAD + count + count * count / 2 ** narrowest)
+        cost = 0.0
+        for (_, width), radius in zip(_band_edges(bands), _band_radii(bands, max_distance)):
+            patterns = sum(math.comb(width, k) for k in range(radius + 1))
+            cost += patterns * (PATTERN_OVERHEAD + count + count * count / 2 ** width)
         if cost < best_cost:
             best, best_cost = bands, cost
     return best
@@ -157,27 +157,39 @@ def _band_edges(bands: int) -> list[tuple[int, int]]:
     return [(int(shift), width) for shift, width in zip(shifts, widths)]
 
 
+def _band_radii(bands: int, max_distance: int) -> list[int]:
+    """How many bits to flip in each band (-1: the band need not be searched).
+
+    With ``d = q * bands + a``, two hashes within ``d`` bits agree within ``q`` bits on one of the
+    first ``a + 1`` bands, or within ``q - 1`` on one of the others: otherwise they would differ in
+    at least ``(a + 1)(q + 1) + (bands - a - 1) q = d + 1`` bits (Norouzi et al., proposition 2).
+    """
+    whole, extra = divmod(max_distance, bands)
+    return [whole if index <= extra else whole - 1 for index in range(bands)]
+
+
 def _multi_index_pairs(hashes: np.ndarray, max_distance: int, bands: int) -> np.ndarray:
-    radius = max_distance // bands
     count = len(hashes)
     index_type = np.int32 if count < 2**31 else np.int64
     found = []
-    for shift, width in _band_edges(bands):
+    for (shift, width), radius in zip(_band_edges(bands), _band_radii(bands, max_distance)):
         values = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
         order = np.argsort(values, kind="stable").astype(index_type)
         sizes = np.bincount(values, minlength=1 << width).astype(index_type)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(index_type)
+        starts = (np.cumsum(sizes, dtype=np.int64) - sizes).astype(index_type)
+        # Queries in band order: a flipped value lands near the last one's, so the table reads stay in cache.
+        queries = values[order]
         for flipped in range(radius + 1):
             for bits in itertools.combinations(range(width), flipped):
                 mask = sum(1 << bit for bit in bits)
-                targets = values ^ mask
+                targets = queries ^ mask
                 per_query = sizes[targets]
                 hit = np.flatnonzero(per_query)        # most lookups find nothing: work on the rest
                 if len(hit) == 0:
                     continue
                 counts = per_query[hit].astype(np.int64)
                 total = int(counts.sum())
-                left = np.repeat(hit, counts)
+                left = np.repeat(order[hit].astype(np.int64), counts)
                 offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
                 right = order[np.repeat(starts[targets[hit]].astype(np.int64), counts) + offsets].astype(np.int64)
                 keep = left < right
