@@ -1,6 +1,6 @@
 """The one set of decode rules: what counts as an image, and how it becomes model input.
 
-``ingest`` accepts a file only if :func:`inspect_image` decodes it completely; training, evaluation
+``ingest`` accepts a file only if :func:`decode_file` decodes it completely; training, evaluation
 and prediction load pixels with :func:`load_pixels`, which applies the same rules. So nothing that
 ingest accepted can fail to decode later.
 """
