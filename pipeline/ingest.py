@@ -2,8 +2,10 @@
 
 A source is either ``sklearn:digits`` (the handwritten digits that ship with scikit-learn,
 written out as PNG files) or a folder with one subfolder per class. Every file is decoded for
-real; the unusable ones go to a rejected-files report with the reason. The user's files are only
-ever read.
+real; the unusable ones go to a rejected-files report with the reason. Exact copies and near
+copies (close perceptual hashes, :mod:`pipeline.near_duplicates`) form groups that ``split`` keeps
+together; a group under several labels is left out. A data health report lists the groups, the
+conflicts, class balance, blank frames and small images. The user's files are only ever read.
 """
 
 from __future__ import annotations
