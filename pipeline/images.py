@@ -1,6 +1,6 @@
 """The one set of decode rules: what counts as an image, and how it becomes model input.
 
-``ingest`` accepts a file only if :func:`inspect_image` decodes it completely; training, evaluation
+``ingest`` accepts a file only if :func:`decode_file` decodes it completely; training, evaluation
 and prediction load pixels with :func:`load_pixels`, which applies the same rules. So nothing that
 ingest accepted can fail to decode later.
 """
@@ -37,12 +37,29 @@ class ImageInfo(NamedTuple):
     channels: int
 
 
-def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+class DecodedFile(NamedTuple):
+    """A file's SHA-256 and its decoded, upright image."""
+
+    sha256: str
+    image: Image.Image
+
+
+def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedFile:
     """Hash and fully decode one file; raise :class:`ImageRejected` with the reason if it is unusable."""
     data = _read_bytes(path)
-    image = _decode(data, max_pixels)
+    return DecodedFile(hashlib.sha256(data).hexdigest(), _decode(data, max_pixels))
+
+
+def describe(decoded: DecodedFile) -> ImageInfo:
+    """What ingest records about a decoded file."""
+    image = decoded.image
     channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
-    return ImageInfo(hashlib.sha256(data).hexdigest(), image.width, image.height, channels)
+    return ImageInfo(decoded.sha256, image.width, image.height, channels)
+
+
+def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Hash and fully decode one file (:func:`decode_file`) and describe it."""
+    return describe(decode_file(path, max_pixels))
 
 
 def load_pixels(path: str | Path, image_size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
@@ -71,6 +88,11 @@ def to_model_pixels(image: Image.Image, image_size: int, channels: int) -> np.nd
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]
     return pixels
+
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """Any mode as 8-bit grayscale (``L``), by the same rules as the model's input."""
+    return _flatten_mode(image, 1)
 
 
 def _read_bytes(path: str | Path) -> bytes:

@@ -2,8 +2,10 @@
 
 A source is either ``sklearn:digits`` (the handwritten digits that ship with scikit-learn,
 written out as PNG files) or a folder with one subfolder per class. Every file is decoded for
-real; the unusable ones go to a rejected-files report with the reason. The user's files are only
-ever read.
+real; the unusable ones go to a rejected-files report with the reason. Exact copies and near
+copies (close perceptual hashes, :mod:`pipeline.near_duplicates`) form groups that ``split`` keeps
+together; a group under several labels is left out. A data health report lists the groups, the
+conflicts, class balance, blank frames and small images. The user's files are only ever read.
 """
 
 from __future__ import annotations
@@ -16,26 +18,30 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import write_csv, write_json
-from pipeline.images import ImageRejected, inspect_image
+from pipeline.images import ImageRejected, decode_file, describe
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_FILE,
+    QUALITY_COLUMNS,
+    QUALITY_FILE,
     REJECTED_COLUMNS,
     REJECTED_FILE,
     SOURCE_FILE,
     ManifestRow,
+    QualityRow,
     RejectedRow,
 )
+from pipeline.near_duplicates import fingerprint, group_rows, hamming, hash_values
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
 
@@ -46,12 +52,26 @@ log = logging.getLogger("pipeline.ingest")
 
 DIGITS_SOURCE = "sklearn:digits"
 BUILTIN_IMAGES_DIR = "images"
+ALMOST_UNIFORM_SPREAD = 4.0   # grayscale standard deviation (0-255) below which a frame is nearly one colour
+SMALL_FRACTION = 0.5          # an image less than this share of base.image_size on its shorter side is small
+
+
+class Inspected(NamedTuple):
+    """What one worker learns about an accepted file (a tuple: it crosses from the pool's workers)."""
+
+    sha256: str
+    width: int
+    height: int
+    channels: int
+    phash: str
+    spread: float
 
 
 @dataclass(frozen=True)
 class IngestResult:
-    """The accepted images (sorted by path), the rejected files (sorted by path), and how many
-    accepted files repeat an earlier one's content.
+    """The accepted images (sorted by path), the rejected files (sorted by path), how many accepted
+    files repeat an earlier one's content, and the data health report (``quality``, sorted by check
+    and path, and its counts in ``health``).
 
     The stage works on plain rows, without pandas: its import alone is a quarter of a second of
     serial start-up, and ingest runs on every core. ``manifest`` and ``rejected`` give the same
@@ -61,6 +81,8 @@ class IngestResult:
     images: list[ManifestRow]
     rejected_files: list[RejectedRow]
     duplicate_files: int
+    quality: list[QualityRow] = field(default_factory=list)
+    health: dict = field(default_factory=dict)
 
     @cached_property
     def manifest(self) -> pd.DataFrame:
@@ -124,23 +146,30 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
 
 
 def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None, seed: int = 0,
-                  workers: int | None = None) -> IngestResult:
-    """Decode every candidate image under ``root`` and build the manifest and the rejected report."""
+                  workers: int | None = None, near_duplicate_distance: int = 0, image_size: int = 0) -> IngestResult:
+    """Decode every candidate image under ``root`` and build the manifest, the rejected report and
+    the health report.
+
+    Exact copies (same SHA-256) and near copies (perceptual hashes at most
+    ``near_duplicate_distance`` bits apart; 0: off) form groups; a group under several labels is
+    left out. ``image_size`` (base.image_size) is what "far smaller" is measured against.
+    """
     if not root.is_dir():
         raise PipelineError(f"ingest.source: {root} is not a folder (expected one subfolder per class)")
     candidates, rejected = find_candidates(root)
     class_folders = sorted({label for _, label in candidates})
     log.info("found %d candidate files in %d class folders under %s", len(candidates), len(class_folders), root)
 
-    images: list[ManifestRow] = []
+    inspected: list[tuple[str, str, Inspected]] = []
     for (rel, label), outcome in zip(candidates, _inspect_all(root, [rel for rel, _ in candidates],
                                                                max_pixels, workers)):
         if isinstance(outcome, str):
             rejected.append((rel, outcome))
         else:
-            images.append(ManifestRow(rel, label, *outcome))
-    images, conflicts = _drop_cross_label_duplicates(images)
-    rejected.extend(conflicts)
+            inspected.append((rel, label, outcome))
+    inspected.sort(key=lambda item: item[0])
+    images, spreads, conflicts = _group(inspected, near_duplicate_distance)
+    rejected.extend((row.path, row.detail) for row in conflicts)
     if max_per_class is not None:
         images = _sample_per_class(images, max_per_class, seed)
     images.sort(key=lambda row: row.path)
@@ -150,7 +179,84 @@ def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None,
     for row in images:
         duplicate_files += row.sha256 in seen
         seen.add(row.sha256)
-    return IngestResult(images, rejected_files, duplicate_files)
+    quality, health = health_report(images, spreads, conflicts, image_size)
+    health = {"near_duplicate_distance": near_duplicate_distance, **health}
+    return IngestResult(images, rejected_files, duplicate_files, quality, health)
+
+
+def inspect_file(path: Path, max_pixels: int) -> Inspected:
+    """Decode one file, hash its bytes, fingerprint its pixels: what each ingest worker does per file.
+
+    Raises :class:`ImageRejected` with the reason for an unusable file, a perceptual hash that
+    cannot be computed included.
+    """
+    decoded = decode_file(path, max_pixels)
+    try:
+        marks = fingerprint(decoded.image)
+    except Exception as error:  # noqa: BLE001 - any failure of the hash rejects this one file, never the run
+        raise ImageRejected(f"perceptual hash cannot be computed ({type(error).__name__}: {error})") from None
+    return Inspected(*describe(decoded), marks.phash, marks.spread)
+
+
+def health_report(images: list[ManifestRow], spreads: dict[str, float], conflicts: list[QualityRow],
+                  image_size: int) -> tuple[list[QualityRow], dict]:
+    """The data health report: groups of exact and near copies, label conflicts (already left out),
+    class balance, nearly one-colour frames and images far smaller than ``image_size``.
+
+    Returns the report's rows (sorted by check, then path) and its counts for ``metrics/ingest.json``.
+    """
+    rows: list[QualityRow] = list(conflicts)
+    members: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in images:
+        members[row.group].append(row)
+    exact_groups = near_groups = largest = 0
+    for group, in_group in members.items():
+        if len(in_group) < 2:
+            continue
+        largest = max(largest, len(in_group))
+        distinct = len({row.sha256 for row in in_group})
+        if distinct == 1:
+            exact_groups += 1
+            for row in in_group:
+                rows.append(QualityRow("exact_duplicate", row.path, row.label, group,
+                                       f"{len(in_group)} identical files"))
+            continue
+        near_groups += 1
+        nearest = _nearest_other_picture(in_group)
+        for row, (other, bits) in zip(in_group, nearest):
+            rows.append(QualityRow("near_duplicate", row.path, row.label, group,
+                                   f"group of {len(in_group)} ({distinct} distinct files); nearest other "
+                                   f"picture {other}, {bits} bits apart"))
+    small_side = SMALL_FRACTION * image_size
+    uniform = small = 0
+    for row in images:
+        spread = spreads.get(row.path)
+        if spread is not None and spread < ALMOST_UNIFORM_SPREAD:
+            uniform += 1
+            rows.append(QualityRow("almost_uniform", row.path, row.label, "",
+                                   f"grayscale spread {spread:g} of 255: a blank or nearly one-colour frame"))
+        if min(row.width, row.height) < small_side:
+            small += 1
+            rows.append(QualityRow("small_image", row.path, row.label, "",
+                                   f"{row.width}x{row.height}, under half of base.image_size {image_size}: "
+                                   "enlarged more than twice for training"))
+    per_class = Counter(row.label for row in images)
+    conflict_groups = len({row.group for row in conflicts})
+    rows.sort(key=lambda row: (CHECKS.index(row.check), row.path))
+    return rows, {
+        "exact_duplicate_groups": exact_groups,
+        "near_duplicate_groups": near_groups,
+        "images_in_duplicate_groups": sum(len(m) for m in members.values() if len(m) > 1),
+        "largest_duplicate_group": largest,
+        "label_conflict_groups": conflict_groups,
+        "label_conflict_images": len(conflicts),
+        "class_balance": round(min(per_class.values()) / max(per_class.values()), 4) if per_class else None,
+        "almost_uniform_images": uniform,
+        "small_images": small,
+    }
+
+
+CHECKS = ("label_conflict", "near_duplicate", "exact_duplicate", "almost_uniform", "small_image")
 
 
 def summarise(result: IngestResult) -> dict:
@@ -165,6 +271,7 @@ def summarise(result: IngestResult) -> dict:
         "duplicate_files": result.duplicate_files,
         "accepted_per_class": dict(sorted(per_class.items())),
         "rejected_per_class": dict(sorted(rejected_per_class.items())),
+        **result.health,
     }
 
 
@@ -186,9 +293,11 @@ def main(args: argparse.Namespace) -> None:
         stored_root = root.as_posix() if not root.is_absolute() else str(root)
     out.mkdir(parents=True, exist_ok=True)
     result = ingest_folder(root, params.ingest.max_image_pixels, params.ingest.max_per_class,
-                           params.base.seed)
+                           params.base.seed, near_duplicate_distance=params.ingest.near_duplicate_distance,
+                           image_size=params.base.image_size)
     write_csv(out / MANIFEST_FILE, MANIFEST_COLUMNS, result.images)
     write_csv(out / REJECTED_FILE, REJECTED_COLUMNS, result.rejected_files)
+    write_csv(out / QUALITY_FILE, QUALITY_COLUMNS, result.quality)
     write_json(out / SOURCE_FILE, {"source": source, "root": stored_root})
     summary = summarise(result)
     write_json(Path(args.metrics), summary)
@@ -197,6 +306,29 @@ def main(args: argparse.Namespace) -> None:
              summary["classes"], summary["rejected"], out / REJECTED_FILE)
     for label, count in summary["accepted_per_class"].items():
         log.info("  %-20s accepted %6d  rejected %6d", label, count, summary["rejected_per_class"].get(label, 0))
+    log_health(summary, out / QUALITY_FILE)
+
+
+def log_health(summary: dict, report: Path) -> None:
+    """The health report's counts as log lines: warnings, except the conflicts already left out."""
+    distance = summary["near_duplicate_distance"]
+    near = (f"{summary['near_duplicate_groups']} groups of near copies (perceptual hashes within {distance} bits)"
+            if distance else "near copies not searched (ingest.near_duplicate_distance: 0)")
+    log.info("health: %d groups of exact copies, %s; %d images in groups, the largest %d (split keeps each "
+             "group in one split)", summary["exact_duplicate_groups"], near, summary["images_in_duplicate_groups"],
+             summary["largest_duplicate_group"])
+    if summary["label_conflict_images"]:
+        log.warning("health: %d images in %d groups of copies under several labels were left out (see %s)",
+                    summary["label_conflict_images"], summary["label_conflict_groups"], report)
+    if summary["class_balance"] is not None and summary["class_balance"] < 0.5:
+        log.warning("health: class balance %.2f (smallest / largest class): consider train_custom.class_weight: "
+                    "balanced", summary["class_balance"])
+    else:
+        log.info("health: class balance %.2f (smallest / largest class)", summary["class_balance"] or 0)
+    for key, what in (("almost_uniform_images", "nearly one-colour (blank) frames"),
+                      ("small_images", "images under half of base.image_size on a side")):
+        if summary[key]:
+            log.warning("health: %d %s (see %s)", summary[key], what, report)
 
 
 def _walk_files(folder: str, relative: str) -> Iterable[tuple[str, os.DirEntry]]:
@@ -262,9 +394,9 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _inspect_one(root: Path, max_pixels: int, relative: str):
+def _inspect_one(root: Path, max_pixels: int, relative: str) -> Inspected | str:
     try:
-        return inspect_image(root / relative, max_pixels)
+        return inspect_file(root / relative, max_pixels)
     except ImageRejected as rejected:
         return rejected.reason
 
@@ -291,19 +423,60 @@ def _inspect_all(root: Path, relatives: list[str], max_pixels: int, workers: int
             return results
 
 
-def _drop_cross_label_duplicates(images: list[ManifestRow]) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
-    """The same picture under two labels cannot be right for both: leave every copy out."""
-    labels_per_hash: dict[str, set[str]] = defaultdict(set)
-    for row in images:
-        labels_per_hash[row.sha256].add(row.label)
-    kept, reasons = [], []
-    for row in images:
-        labels = labels_per_hash[row.sha256]
-        if len(labels) > 1:
-            reasons.append((row.path, f"same picture under several labels ({', '.join(sorted(labels))})"))
+def _group(inspected: list[tuple[str, str, Inspected]], max_distance: int,
+           ) -> tuple[list[ManifestRow], dict[str, float], list[QualityRow]]:
+    """Group exact and near copies; leave out every member of a group under several labels.
+
+    ``inspected`` is in path order. Returns the manifest rows, the grayscale spread per path, and a
+    report row per file left out (its ``detail`` is the rejected-files reason).
+    """
+    first = group_rows([info.sha256 for _, _, info in inspected], [info.phash for _, _, info in inspected],
+                       max_distance)
+    labels_of_group: dict[int, set[str]] = defaultdict(set)
+    labels_of_sha: dict[str, set[str]] = defaultdict(set)
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, (_, label, info) in enumerate(inspected):
+        labels_of_group[int(first[index])].add(label)
+        labels_of_sha[info.sha256].add(label)
+        members[int(first[index])].append(index)
+    kept: list[ManifestRow] = []
+    conflicts: list[QualityRow] = []
+    for index, (path, label, info) in enumerate(inspected):
+        head = int(first[index])
+        group = inspected[head][2].sha256
+        labels = labels_of_group[head]
+        if len(labels) == 1:
+            kept.append(ManifestRow(path, label, info.sha256, info.width, info.height, info.channels, info.phash,
+                                    group))
+            continue
+        names = ", ".join(sorted(labels))
+        if len(labels_of_sha[info.sha256]) > 1:
+            reason = f"same picture under several labels ({names})"
         else:
-            kept.append(row)
-    return kept, reasons
+            others = [other for other in members[head] if inspected[other][1] != label]
+            bits = hamming(hash_values([info.phash] * len(others)),
+                           hash_values([inspected[other][2].phash for other in others]))
+            nearest = others[int(bits.argmin())]
+            reason = (f"near copy of {inspected[nearest][0]} ({inspected[nearest][1]}), {int(bits.min())} bits "
+                      f"apart: one picture under several labels ({names})")
+        conflicts.append(QualityRow("label_conflict", path, label, group, reason))
+    spreads = {path: info.spread for path, _, info in inspected}
+    return kept, spreads, conflicts
+
+
+def _nearest_other_picture(rows: list[ManifestRow]) -> list[tuple[str, int]]:
+    """For each row of a group: the nearest member with other bytes, and the bits between their hashes."""
+    import numpy as np
+
+    hashes = hash_values([row.phash or "0" for row in rows])
+    distances = hamming(hashes[:, None], hashes[None, :]).astype(float)
+    _, picture = np.unique([row.sha256 for row in rows], return_inverse=True)
+    distances[picture[:, None] == picture[None, :]] = np.inf
+    found = []
+    for index, row in enumerate(rows):
+        other = int(distances[index].argmin())
+        found.append((rows[other].path, int(distances[index, other])))
+    return found
 
 
 def _sample_per_class(images: list[ManifestRow], max_per_class: int, seed: int) -> list[ManifestRow]:

@@ -22,6 +22,8 @@ class ManifestRow(NamedTuple):
     width: int
     height: int
     channels: int
+    phash: str       # perceptual hash, 16 hex digits (empty: too small to hash)
+    group: str       # the SHA-256 of the first file (by path) of its group of exact and near copies
 
 
 class RejectedRow(NamedTuple):
@@ -31,10 +33,23 @@ class RejectedRow(NamedTuple):
     reason: str
 
 
+class QualityRow(NamedTuple):
+    """One finding of the data health report, a row of ``quality.csv`` (warnings, except the
+    label conflicts, which are left out of the manifest)."""
+
+    check: str       # exact_duplicate | near_duplicate | label_conflict | almost_uniform | small_image
+    path: str
+    label: str
+    group: str       # the group's id (as in the manifest) for the group checks, else empty
+    detail: str
+
+
 MANIFEST_COLUMNS = list(ManifestRow._fields)
 REJECTED_COLUMNS = list(RejectedRow._fields)
+QUALITY_COLUMNS = list(QualityRow._fields)
 MANIFEST_FILE = "manifest.csv"
 REJECTED_FILE = "rejected.csv"
+QUALITY_FILE = "quality.csv"
 SOURCE_FILE = "source.json"
 SPLITS = ("train", "validation", "test")
 
@@ -88,4 +103,4 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
     if not path.exists():
         raise PipelineError(f"{path} is missing: run the earlier stages first (dvc repro)")
-    return pd.read_csv(path, dtype={"label": str, "path": str, "sha256": str}, keep_default_na=False)
+    return pd.read_csv(path, dtype={"label": str, "path": str, "sha256": str, "phash": str, "group": str}, keep_default_na=False)

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 RESNET50_MIN_IMAGE_SIZE = 32
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("crossentropy", "mse")
+MAX_NEAR_DUPLICATE_DISTANCE = 32  # of 64 bits: two unrelated pictures' hashes differ in about 32
 MAX_ROTATION = 0.5  # a fraction of a full turn: 0.5 turns either way covers every angle
 
 
@@ -55,6 +56,7 @@ class IngestParams:
     source: str
     max_per_class: int | None
     max_image_pixels: int
+    near_duplicate_distance: int
 
     def check(self, where: str) -> None:
         _require(bool(self.source.strip()), f"{where}.source",
@@ -62,6 +64,9 @@ class IngestParams:
         if self.max_per_class is not None:
             _require(self.max_per_class >= 1, f"{where}.max_per_class", "must be null or at least 1")
         _require(self.max_image_pixels >= 1, f"{where}.max_image_pixels", "must be at least 1")
+        _require(0 <= self.near_duplicate_distance <= MAX_NEAR_DUPLICATE_DISTANCE, f"{where}.near_duplicate_distance",
+                 f"must be between 0 (off) and {MAX_NEAR_DUPLICATE_DISTANCE} bits of the 64-bit perceptual hash "
+                 f"(beyond half the bits, hashes are as unlike as random ones), got {self.near_duplicate_distance}")
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,16 @@ def test_bench_table_format() -> None:
     assert "1 ingest" in table and "0.91 [0.90-0.92]" in table and " ok" in table
     assert "6 photos" in table and "skipped" in table
     assert json.dumps(row.to_json())
+
+
+def test_bench_tiny_near_duplicates(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = _bench(tmp_path, "--tiny", "--rows", "near_duplicates", "--out", str(out), timeout=300)
+    data = _check_report(result, out, ["near_duplicates"])
+    row = data["rows"]["near_duplicates"]
+    assert row["status"] == "ok", row["notes"]
+    scaling = [line for line in row["lines"] if "hashes, within" in line["case"]]
+    assert [line["data"]["hashes"] for line in scaling] == [2_000, 10_000]
+    assert all(line["verdict"] == "ok" for line in scaling)    # every planted near copy found
+    study = [line for line in row["lines"] if line["case"].startswith("sklearn crops: within")]
+    assert [line["data"]["bits"] for line in study] == list(range(0, 21, 2))

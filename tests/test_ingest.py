@@ -26,7 +26,14 @@ from pipeline.ingest import (
     ingest_folder,
     summarise,
 )
-from pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTED_FILE, SOURCE_FILE
+from pipeline.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    QUALITY_COLUMNS,
+    QUALITY_FILE,
+    REJECTED_FILE,
+    SOURCE_FILE,
+)
 from tests.conftest import REPO_ROOT, make_image_folder
 
 MAX_PIXELS = 89_478_485
@@ -106,6 +113,16 @@ def test_summarise_counts(image_folder: Path) -> None:
         "duplicate_files": 0,
         "accepted_per_class": {"circle": 12, "square": 12, "triangle": 12},
         "rejected_per_class": {"(root)": 1, "square": 1},
+        "near_duplicate_distance": 0,
+        "exact_duplicate_groups": 0,
+        "near_duplicate_groups": 0,
+        "images_in_duplicate_groups": 0,
+        "largest_duplicate_group": 0,
+        "label_conflict_groups": 0,
+        "label_conflict_images": 0,
+        "class_balance": 1.0,
+        "almost_uniform_images": 0,
+        "small_images": 0,
     }
     json.dumps(summary)  # plain types only
 
@@ -215,6 +232,113 @@ def test_source_folder_is_left_byte_for_byte_unchanged(image_folder: Path, tmp_p
 
     assert _snapshot(image_folder) == before
     assert {p: p.lstat().st_mtime_ns for p in image_folder.rglob("*")} == mtimes
+
+
+# --- near duplicates and the health report ----------------------------------------------------------
+
+def _scene(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> Path:
+    """A photo-like picture (smooth colour blobs) saved as JPEG."""
+    rng = np.random.default_rng(seed)
+    blobs = Image.fromarray(rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blobs.resize(size, Image.Resampling.BICUBIC).save(path, quality=95)
+    return path
+
+
+def _resaved(source: Path, target: Path, quality: int = 50) -> None:
+    Image.open(source).save(target, quality=quality)
+
+
+def _scene_folder(root: Path, per_class: int = 6) -> Path:
+    for index in range(per_class):
+        _scene(root / "cat" / f"c{index}.jpg", seed=index)
+        _scene(root / "dog" / f"d{index}.jpg", seed=100 + index)
+    return root
+
+
+def test_near_copies_share_a_group_and_are_reported(tmp_path: Path) -> None:
+    root = _scene_folder(tmp_path / "photos")
+    _resaved(root / "cat" / "c0.jpg", root / "cat" / "c0_q50.jpg")
+    shutil.copyfile(root / "dog" / "d1.jpg", root / "dog" / "d1_copy.jpg")
+    result = _ingest(root, near_duplicate_distance=10, image_size=64)
+    manifest = result.manifest.set_index("path")
+
+    assert list(result.manifest.columns) == MANIFEST_COLUMNS
+    assert result.rejected.empty
+    assert manifest.loc["cat/c0_q50.jpg", "sha256"] != manifest.loc["cat/c0.jpg", "sha256"]
+    assert manifest.loc["cat/c0_q50.jpg", "group"] == manifest.loc["cat/c0.jpg", "group"] == \
+        manifest.loc["cat/c0.jpg", "sha256"]     # the group's id: the SHA-256 of its first path
+    assert manifest.loc["dog/d1_copy.jpg", "group"] == manifest.loc["dog/d1.jpg", "group"]
+    assert manifest["group"].nunique() == 12                  # the distinct scenes stay apart
+    assert all(len(value) == 16 for value in manifest["phash"])
+    health = summarise(result)
+    assert (health["exact_duplicate_groups"], health["near_duplicate_groups"]) == (1, 1)
+    assert (health["images_in_duplicate_groups"], health["largest_duplicate_group"]) == (4, 2)
+    report = {(row.check, row.path): row for row in result.quality}
+    assert set(report) == {("near_duplicate", "cat/c0.jpg"), ("near_duplicate", "cat/c0_q50.jpg"),
+                           ("exact_duplicate", "dog/d1.jpg"), ("exact_duplicate", "dog/d1_copy.jpg")}
+    assert "nearest other picture cat/c0_q50.jpg" in report["near_duplicate", "cat/c0.jpg"].detail
+
+
+def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: Path) -> None:
+    root = _scene_folder(tmp_path / "photos")
+    _resaved(root / "cat" / "c2.jpg", root / "dog" / "from_cat.jpg")
+    result = _ingest(root, near_duplicate_distance=10)
+    reasons = _reasons(result)
+
+    assert set(reasons) == {"cat/c2.jpg", "dog/from_cat.jpg"}
+    assert reasons["dog/from_cat.jpg"].startswith("near copy of cat/c2.jpg (cat), ")
+    assert reasons["dog/from_cat.jpg"].endswith("bits apart: one picture under several labels (cat, dog)")
+    assert not {"cat/c2.jpg", "dog/from_cat.jpg"} & set(result.manifest["path"])
+    conflicts = [row for row in result.quality if row.check == "label_conflict"]
+    assert [row.path for row in conflicts] == ["cat/c2.jpg", "dog/from_cat.jpg"]
+    assert summarise(result)["label_conflict_groups"] == 1 and summarise(result)["label_conflict_images"] == 2
+
+
+def test_distance_0_turns_the_near_search_off(tmp_path: Path) -> None:
+    root = _scene_folder(tmp_path / "photos")
+    _resaved(root / "cat" / "c2.jpg", root / "dog" / "from_cat.jpg")
+    result = _ingest(root, near_duplicate_distance=0)
+    assert result.rejected.empty
+    assert result.manifest["group"].tolist() == result.manifest["sha256"].tolist()
+    assert summarise(result)["near_duplicate_groups"] == 0
+
+
+def test_a_hash_that_cannot_be_computed_rejects_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import ingest
+
+    root = _scene_folder(tmp_path / "photos")
+    real = ingest.fingerprint
+
+    def failing(image: Image.Image):
+        if image.size == (161, 121):
+            raise ValueError("no hash for you")
+        return real(image)
+
+    _scene(root / "cat" / "odd.jpg", seed=55, size=(161, 121))
+    monkeypatch.setattr(ingest, "fingerprint", failing)
+    result = _ingest(root, near_duplicate_distance=10)
+    assert _reasons(result) == {"cat/odd.jpg": "perceptual hash cannot be computed (ValueError: no hash for you)"}
+    assert len(result.manifest) == 12
+
+
+def test_blank_and_tiny_images_are_warnings_in_the_report(tmp_path: Path) -> None:
+    root = _scene_folder(tmp_path / "photos")
+    Image.new("RGB", (120, 90), (30, 31, 30)).save(root / "cat" / "blank.png")
+    _scene(root / "dog" / "tiny.jpg", seed=7, size=(20, 16))
+    result = _ingest(root, near_duplicate_distance=10, image_size=64)
+    report = {(row.check, row.path) for row in result.quality}
+    assert report == {("almost_uniform", "cat/blank.png"), ("small_image", "dog/tiny.jpg")}
+    assert len(result.manifest) == 14       # warnings: nothing is left out
+    assert result.manifest.set_index("path").loc["dog/tiny.jpg", "phash"] == ""   # too small to hash
+    health = summarise(result)
+    assert (health["almost_uniform_images"], health["small_images"]) == (1, 1)
+    assert health["class_balance"] == 1.0
+
+
+def test_class_balance_is_smallest_over_largest(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "unbalanced", {"few": 3, "many": 12})
+    assert summarise(_ingest(root))["class_balance"] == 0.25
 
 
 # --- max_per_class ---------------------------------------------------------------------------------
@@ -359,6 +483,13 @@ def test_stage_main_writes_manifest_and_metrics(tmp_path: Path, image_folder: Pa
     assert json.loads((out / SOURCE_FILE).read_text()) == {"source": str(image_folder), "root": str(image_folder)}
     metrics = json.loads((tmp_path / "ingest.json").read_text())
     assert metrics["accepted"] == 111 and metrics["rejected"] == 1 and metrics["classes"] == 3
+    assert metrics["near_duplicate_distance"] == raw_params["ingest"]["near_duplicate_distance"]
+    assert metrics["small_images"] == 111            # 12 px against base.image_size 32: a warning
+    quality = pd.read_csv(out / QUALITY_FILE, dtype=str, keep_default_na=False)
+    assert list(quality.columns) == QUALITY_COLUMNS
+    assert set(quality["check"]) == {"small_image"} and len(quality) == 111
+    assert "health: 0 groups of exact copies, 0 groups of near copies" in completed.stderr
+    assert "health: 111 images under half of base.image_size on a side" in completed.stderr
     assert _snapshot(image_folder) == before
 
 

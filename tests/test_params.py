@@ -165,6 +165,25 @@ def test_image_size_32_is_accepted(raw_params: dict) -> None:
     assert params_from_dict(raw_params).base.image_size == 32
 
 
+@pytest.mark.parametrize("distance", [-1, 33, 64])
+def test_near_duplicate_distance_outside_0_32_is_rejected(raw_params: dict, distance: int) -> None:
+    raw_params["ingest"]["near_duplicate_distance"] = distance
+    with pytest.raises(ParamsError, match=r"ingest\.near_duplicate_distance: must be between 0 \(off\) and 32 bits"):
+        params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("distance", [0, 8, 32])
+def test_near_duplicate_distance_0_to_32_is_accepted(raw_params: dict, distance: int) -> None:
+    raw_params["ingest"]["near_duplicate_distance"] = distance
+    assert params_from_dict(raw_params).ingest.near_duplicate_distance == distance
+
+
+def test_near_duplicate_distance_must_be_a_whole_number(raw_params: dict) -> None:
+    raw_params["ingest"]["near_duplicate_distance"] = 8.5
+    with pytest.raises(ParamsError, match=r"ingest\.near_duplicate_distance: expected a whole number"):
+        params_from_dict(raw_params)
+
+
 @pytest.mark.parametrize("key", ["min_train_score", "min_test_score", "max_regression"])
 @pytest.mark.parametrize("value", [-0.01, 1.5])
 def test_thresholds_outside_0_1_are_rejected(raw_params: dict, key: str, value: float) -> None:

@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_COLUMNS, SPLITS
-from pipeline.split import minimum_class_size, split_counts, split_dataset
+from pipeline.split import _deal, leak_check, minimum_class_size, split_counts, split_dataset
 from tests.conftest import REPO_ROOT
 
 DECK_RATIOS = [(0.8, 0.1, 0.1), (0.7, 0.15, 0.15), (0.6, 0.2, 0.2)]
@@ -27,11 +28,11 @@ def make_manifest(per_class: dict[str, int], duplicates: dict[str, int] | None =
         for i in range(count):
             sha = hashlib.sha256(f"{label}-{i}".encode()).hexdigest()
             rows.append({"path": f"{label}/{label}_{i:03d}.png", "label": label, "sha256": sha,
-                         "width": 12, "height": 12, "channels": 3})
+                         "width": 12, "height": 12, "channels": 3, "phash": "", "group": sha})
         for j in range((duplicates or {}).get(label, 0)):
             sha = hashlib.sha256(f"{label}-0".encode()).hexdigest()
             rows.append({"path": f"{label}/copy_{j:03d}.png", "label": label, "sha256": sha,
-                         "width": 12, "height": 12, "channels": 3})
+                         "width": 12, "height": 12, "channels": 3, "phash": "", "group": sha})
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
@@ -102,6 +103,59 @@ def test_duplicates_always_land_in_the_same_split(seed: int) -> None:
     assert set(result.groupby("label")["split"].nunique()) == {3}
 
 
+def _with_near_groups(seed: int) -> pd.DataFrame:
+    """cat, dog, fox of 30; in each class, groups of 2-5 near copies (other bytes, one group id)."""
+    manifest = make_manifest({"cat": 30, "dog": 30, "fox": 30})
+    rng = np.random.default_rng(seed)
+    groups = manifest["group"].copy()
+    for label in ("cat", "dog", "fox"):
+        rows = manifest.index[manifest["label"] == label].tolist()
+        start = 0
+        while start < 20:
+            size = int(rng.integers(2, 6))
+            members = rows[start:start + size]
+            groups[members] = manifest.loc[members[0], "sha256"]
+            start += size
+    return manifest.assign(group=groups)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_near_duplicate_groups_always_land_in_one_split(seed: int) -> None:
+    manifest = _with_near_groups(seed)
+    result = split_dataset(manifest, (0.6, 0.2, 0.2), seed=seed)
+    assert (result.groupby("group")["split"].nunique() == 1).all()
+    assert set(result.groupby("label")["split"].nunique()) == {3}
+    for label, rows in result.groupby("label"):      # still stratified, within a group's size
+        counts = rows["split"].value_counts()
+        assert abs(counts["test"] - 0.2 * len(rows)) <= 5, (label, counts.to_dict())
+    pd.testing.assert_frame_equal(result, split_dataset(manifest.sample(frac=1.0, random_state=seed), (0.6, 0.2, 0.2),
+                                                        seed=seed))
+
+
+def test_leak_check_counts_what_a_byte_hash_split_would_have_cut() -> None:
+    manifest = _with_near_groups(0)
+    result = split_dataset(manifest, (0.6, 0.2, 0.2), seed=1)
+    leaks = leak_check(result, (0.6, 0.2, 0.2), seed=1)
+    by_bytes = _deal(manifest, (0.6, 0.2, 0.2), 1, "sha256")
+    cut = int((by_bytes.groupby("group")["split"].nunique() > 1).sum())
+    assert leaks == {"groups_of_copies": manifest["group"].value_counts().gt(1).sum(),
+                     "near_duplicate_groups": manifest["group"].value_counts().gt(1).sum(),
+                     "straddling_groups": 0, "leaks_prevented": cut}
+    assert cut > 0      # with these groups, splitting by bytes does leak
+
+
+def test_without_near_copies_the_split_is_the_split_by_bytes(manifest: pd.DataFrame) -> None:
+    with_copies = make_manifest({"cat": 30, "dog": 30}, duplicates={"cat": 3})
+    for frame in (manifest, with_copies):
+        pd.testing.assert_frame_equal(split_dataset(frame, (0.8, 0.1, 0.1), seed=5),
+                                      _deal(frame, (0.8, 0.1, 0.1), 5, "sha256"))
+
+
+def test_a_manifest_without_groups_is_refused(manifest: pd.DataFrame) -> None:
+    with pytest.raises(PipelineError, match="no group column .* run ingest again"):
+        split_dataset(manifest.drop(columns="group"), (0.8, 0.1, 0.1), seed=0)
+
+
 def test_class_with_too_few_images_is_named_with_its_count() -> None:
     minimum = minimum_class_size((0.8, 0.1, 0.1))
     assert minimum == 5
@@ -165,4 +219,7 @@ def test_stage_main_writes_split_and_metrics(tmp_path: Path, raw_params: dict) -
     assert frame["split"].value_counts().to_dict() == {"train": 24, "validation": 8, "test": 8}
     metrics = json.loads((tmp_path / "split.json").read_text())
     assert metrics["ratios"] == [0.6, 0.2, 0.2]
+    assert metrics["leaks"] == {"groups_of_copies": 0, "near_duplicate_groups": 0, "straddling_groups": 0,
+                                "leaks_prevented": 0}
+    assert "0 straddle two splits" in completed.stderr
     assert metrics["test"]["per_class"] == {"cat": 4, "dog": 4}

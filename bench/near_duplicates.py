@@ -1,0 +1,250 @@
+"""Row 8, near duplicates: how far copies of a photo land from it, and how the pair search scales.
+
+Threshold study (what ``ingest.near_duplicate_distance`` is chosen from): every photo of a folder
+(``--photos DIR`` / ``$BENCH_PHOTOS``, one subfolder per class) and, always, 24 distinct crops of
+scikit-learn's two sample photographs, each copied four ways (JPEG quality 50, resized to 90 %, 5 %
+cropped off the edges, brightened by 15 %); measured: the bits between each copy's perceptual hash
+and its original's, against the bits from each photo to the nearest other photo of its class, and
+of any class (distinct pictures: a threshold at or above those distances makes false matches,
+and across classes a false match leaves both photos out).
+
+Scaling: :func:`pipeline.near_duplicates.hamming_pairs` on 10,000, 100,000 and 1,000,000 random
+64-bit hashes, 1 % of them planted copies of another a few bits away, against checking all pairs
+(measured at the smallest size, extrapolated as n^2 above it). Time, and peak memory of the
+search (tracemalloc, which counts NumPy's arrays).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from bench.common import Line, RowResult, fmt_bytes
+
+SIZES = {"full": (10_000, 100_000, 1_000_000), "quick": (10_000, 100_000), "tiny": (2_000, 10_000)}
+PLANTED_SHARE = 0.01
+STUDY_BITS = range(0, 21, 2)   # 64-bit phashes have 32 bits set (median split), so distances are even
+
+
+def _reload(image: Image.Image, quality: int = 95) -> Image.Image:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    decoded = Image.open(buffer)
+    decoded.load()
+    return decoded
+
+
+def jpeg_50(image: Image.Image) -> Image.Image:
+    """Re-saved at JPEG quality 50."""
+    return _reload(image, 50)
+
+
+def resized_90(image: Image.Image) -> Image.Image:
+    """Resized to 90 % of each side."""
+    size = (round(image.width * 0.9), round(image.height * 0.9))
+    return _reload(image.resize(size, Image.Resampling.LANCZOS))
+
+
+def cropped_5(image: Image.Image) -> Image.Image:
+    """5 % of the width and height cut off, half on each side."""
+    dx, dy = round(image.width * 0.025), round(image.height * 0.025)
+    return _reload(image.crop((dx, dy, image.width - dx, image.height - dy)))
+
+
+def brightened_15(image: Image.Image) -> Image.Image:
+    """15 % brighter."""
+    return _reload(ImageEnhance.Brightness(image).enhance(1.15))
+
+
+NEAR_COPIES: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "jpeg q50": jpeg_50, "resize 90%": resized_90, "crop 5%": cropped_5, "brightness +15%": brightened_15}
+
+
+def sample_photo_crops() -> list[Image.Image]:
+    """24 distinct real photos: 150x120 crops of scikit-learn's china.jpg and flower.jpg (640x427),
+    a 4x3 grid per photo with no two crops overlapping, enlarged to 400x320 so that they take the
+    large-image path of the hash."""
+    from sklearn.datasets import load_sample_images
+
+    crops = []
+    for array in load_sample_images().images:
+        photo = Image.fromarray(array)
+        for top in (0, 130, 260):
+            for left in (0, 160, 320, 480):
+                crops.append(photo.crop((left, top, left + 150, top + 120)).resize((400, 320), Image.Resampling.LANCZOS))
+    return crops
+
+
+def load_photos(folder: Path) -> dict[str, list[tuple[str, Image.Image]]]:
+    """Every decodable image of a class-per-folder tree, decoded by the pipeline's own rules."""
+    from pipeline.images import ImageRejected, decode_file
+
+    photos: dict[str, list[tuple[str, Image.Image]]] = {}
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for path in sorted(class_folder.rglob("*")):
+            try:
+                photos.setdefault(class_folder.name, []).append((str(path.relative_to(folder)),
+                                                                 decode_file(path).image))
+            except ImageRejected:
+                continue
+    return photos
+
+
+def threshold_study(photos: dict[str, list[tuple[str, Image.Image]]]) -> dict:
+    """Bits from each near copy to its original, and from each photo to the nearest other photo of its class."""
+    from pipeline.near_duplicates import fingerprint, hamming, hash_values
+
+    copy_bits: dict[str, list[int]] = {name: [] for name in NEAR_COPIES}
+    nearest: list[int] = []
+    closest: list[tuple[int, str, str]] = []
+    everything = hash_values([fingerprint(image).phash for items in photos.values() for _, image in items])
+    across = hamming(everything[:, None], everything[None, :]).astype(float)
+    np.fill_diagonal(across, np.inf)
+    for items in photos.values():
+        names = [name for name, _ in items]
+        originals = hash_values([fingerprint(image).phash for _, image in items])
+        for kind, make in NEAR_COPIES.items():
+            copies = hash_values([fingerprint(make(image)).phash for _, image in items])
+            copy_bits[kind].extend(int(bits) for bits in hamming(copies, originals))
+        distances = hamming(originals[:, None], originals[None, :]).astype(float)
+        np.fill_diagonal(distances, np.inf)
+        for index, row in enumerate(distances):
+            other = int(row.argmin())
+            nearest.append(int(row[other]))
+            if index < other:
+                closest.append((int(row[other]), names[index], names[other]))
+    closest.sort()
+    return {"photos": len(nearest), "copy_bits": copy_bits, "nearest_distinct_bits": nearest,
+            "nearest_any_class_bits": [int(bits) for bits in across.min(axis=1)],
+            "closest_distinct_pairs": closest[:10]}
+
+
+def _within(values: list[int], bits: int) -> float:
+    return sum(value <= bits for value in values) / len(values)
+
+
+def study_lines(name: str, study: dict) -> list[Line]:
+    """The study as table lines: per threshold, the share of copies caught and of photos falsely matched."""
+    lines = []
+    for bits in STUDY_BITS:
+        caught = ", ".join(f"{kind} {100 * _within(values, bits):.0f}%" for kind, values in study["copy_bits"].items())
+        false = _within(study["nearest_distinct_bits"], bits)
+        false_any = _within(study["nearest_any_class_bits"], bits)
+        lines.append(Line(f"{name}: within {bits} bits", f"copies caught: {caught}",
+                          f"distinct photos matched: {100 * false:.1f}% same class, {100 * false_any:.1f}% any",
+                          None, "-", None, {"bits": bits, "false_match_share": false,
+                                            "false_match_share_any_class": false_any}))
+    return lines
+
+
+def histograms(study: dict) -> dict:
+    """The study with each list of distances as {bits: how many} (results files stay small)."""
+    def count(values: list[int]) -> dict[str, int]:
+        return {str(bits): values.count(bits) for bits in sorted(set(values))}
+
+    return {"photos": study["photos"], "copy_bits": {kind: count(v) for kind, v in study["copy_bits"].items()},
+            **{key: count(study[key]) for key in ("nearest_distinct_bits", "nearest_any_class_bits")},
+            "closest_distinct_pairs": study["closest_distinct_pairs"]}
+
+
+def study_summary(study: dict) -> str:
+    """Percentiles, for the README."""
+    parts = []
+    for kind, values in study["copy_bits"].items():
+        parts.append(f"{kind}: median {np.median(values):.0f}, p95 {np.percentile(values, 95):.0f}, max {max(values)}")
+    nearest = study["nearest_distinct_bits"]
+    parts.append(f"nearest distinct photo of its class: min {min(nearest)}, p1 {np.percentile(nearest, 1):.0f}, "
+                 f"p5 {np.percentile(nearest, 5):.0f}, median {np.median(nearest):.0f}")
+    parts.append(f"of any class: min {min(study['nearest_any_class_bits'])}")
+    return "; ".join(parts)
+
+
+def planted_hashes(count: int, max_distance: int, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """``count`` random 64-bit hashes; the last 1 % copy an earlier one with 1..max_distance bits flipped."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**64, size=count, dtype=np.uint64)
+    planted = max(1, int(count * PLANTED_SHARE))
+    pairs = set()
+    for index in range(count - planted, count):
+        original = int(rng.integers(0, count - planted))
+        bits = rng.choice(64, size=int(rng.integers(1, max_distance + 1)), replace=False)
+        hashes[index] = hashes[original] ^ np.uint64(sum(1 << int(bit) for bit in bits))
+        pairs.add((original, index))
+    return hashes, pairs
+
+
+def measure_search(hashes: np.ndarray, max_distance: int, all_pairs: bool = False) -> tuple[float, int, np.ndarray]:
+    """Seconds, peak traced bytes and the pairs of one search."""
+    from pipeline import near_duplicates
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    if all_pairs:
+        pairs = near_duplicates._all_pairs(hashes, max_distance)
+    else:
+        pairs = near_duplicates.hamming_pairs(hashes, max_distance)
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds, peak, pairs
+
+
+def scaling_lines(sizes: tuple[int, ...], max_distance: int) -> list[Line]:
+    from pipeline.near_duplicates import choose_bands
+
+    lines = []
+    brute_rate = None
+    for count in sizes:
+        hashes, planted = planted_hashes(count, max_distance)
+        seconds, peak, pairs = measure_search(hashes, max_distance)
+        found = {tuple(pair) for pair in pairs.tolist()}
+        missed = len(planted - found)
+        if brute_rate is None:
+            brute_seconds, _, brute_pairs = measure_search(hashes, max_distance, all_pairs=True)
+            if {tuple(pair) for pair in brute_pairs.tolist()} != found:
+                raise RuntimeError(f"hamming_pairs and all pairs disagree at {count} hashes")
+            brute_rate = brute_seconds / (count * count)
+            reference = f"all pairs {brute_seconds:.2f} s (measured)"
+        else:
+            reference = f"all pairs ~{brute_rate * count * count:,.0f} s (n^2 from {sizes[0]:,})"
+        bands = choose_bands(count, max_distance)
+        lines.append(Line(
+            f"{count:,} hashes, within {max_distance} bits", f"{seconds:.2f} s, peak {fmt_bytes(peak)}", reference,
+            None, "all planted pairs found", missed == 0,
+            {"hashes": count, "seconds": seconds, "peak_bytes": peak, "pairs": len(found), "planted": len(planted),
+             "missed": missed, "bands": bands, "all_pairs_seconds_per_pair": brute_rate}))
+    return lines
+
+
+def run(mode: str) -> RowResult:
+    from bench.common import REPO_ROOT
+    from bench.photos import photo_folder
+    from pipeline.params import load_params
+
+    distance = load_params(REPO_ROOT / "params.yaml").ingest.near_duplicate_distance
+    row = RowResult("near_duplicates", "near duplicates: copies vs distinct photos; pair search scaling")
+    row.lines.extend(scaling_lines(SIZES[mode], distance))
+    crops = threshold_study({"sample": [(f"crop{i}", image) for i, image in enumerate(sample_photo_crops())]})
+    row.lines.extend(study_lines("sklearn crops", crops))
+    row.data["sklearn_crops"] = {**histograms(crops), "summary": study_summary(crops)}
+    row.notes.append("sklearn crops: " + study_summary(crops))
+    photos = photo_folder()
+    if photos is not None and photos.is_dir() and mode != "tiny":
+        study = threshold_study(load_photos(photos))
+        row.lines.extend(study_lines(photos.name, study))
+        row.data["photos"] = {**histograms(study), "folder": os.path.relpath(photos, REPO_ROOT),
+                              "summary": study_summary(study)}
+        row.notes.append(f"{os.path.relpath(photos, REPO_ROOT)} ({study['photos']} photos): " + study_summary(study))
+    else:
+        row.notes.append("photo study skipped: no photo folder (--photos DIR or BENCH_PHOTOS) or --tiny")
+    row.notes.append(f"scaling: random 64-bit hashes, {PLANTED_SHARE:.0%} planted copies 1..{distance} bits away "
+                     "(ingest.near_duplicate_distance); peak = tracemalloc's peak during the search")
+    return row

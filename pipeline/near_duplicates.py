@@ -1,0 +1,242 @@
+"""Near-duplicate photos: a perceptual hash per image, the pairs of hashes a few bits apart, and groups.
+
+A byte hash (SHA-256) finds exact copies only. The same photo re-saved at another JPEG quality,
+resized, slightly cropped or brightened has other bytes but nearly the same perceptual hash
+(``imagehash.phash``: the signs of the 8x8 lowest frequencies of a 32x32 grayscale DCT, 64 bits).
+Images whose hashes differ in at most ``max_distance`` bits are near copies; near copies and exact
+copies form groups, transitively, and ``split`` keeps each group in one split.
+
+Everything here is pure: decoded images and arrays in, values out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from pipeline.images import to_gray
+
+HASH_BITS = 64
+HASH_SIDE = 32              # phash works on a 32x32 grayscale image (hash_size 8 x highfreq_factor 4)
+SAMPLE_SIDE = 128           # a large image is sampled at 128x128 points before it is averaged down
+PATTERN_OVERHEAD = 5_000    # a flip pattern's fixed cost, in units of one lookup
+BAND_BITS_MAX = 22          # a band's lookup table has 2**bits entries: 4 Mi at most (16 MiB of int32)
+
+
+class Fingerprint(NamedTuple):
+    """What ingest keeps from the decoded image besides its bytes' hash."""
+
+    phash: str       # 16 hex digits (64 bits), imagehash's text form; empty for an image too small to hash
+    spread: float    # standard deviation of the 32x32 grayscale thumbnail, 0-255: near 0 for a blank frame
+
+
+def fingerprint(image: Image.Image) -> Fingerprint:
+    """The perceptual hash and the grayscale spread of a decoded image.
+
+    An image under 32 pixels on a side gets no perceptual hash (``phash`` empty): the hash would
+    see its few pixels directly, and distinct pictures collide. On scikit-learn's 8x8 digits,
+    875 of 1,797 different drawings fell into near-duplicate groups at 8 bits, 8 of them across
+    labels. Such images are matched by their bytes only.
+    """
+    pixels = np.asarray(thumbnail(image), dtype=np.float64)
+    flat = pixels.ravel()
+    mean = flat.mean()
+    spread = math.sqrt(max(0.0, float(np.dot(flat, flat)) / flat.size - mean * mean))
+    hashable = min(image.width, image.height) >= HASH_SIDE
+    return Fingerprint(phash(pixels) if hashable else "", round(spread, 2))
+
+
+def thumbnail(image: Image.Image) -> Image.Image:
+    """The 32x32 grayscale image the hash is computed from.
+
+    Cheap on purpose: ingest decodes every image once and the hash must cost little beside that
+    decode. Any pass over all pixels of a large photo (a grayscale conversion, a box reduction)
+    costs a fifth to a third of the decode, so a large image is first sampled at 128x128 points
+    (nearest neighbour: only those pixels are read), then averaged in 4x4 blocks; a small one is
+    resized directly. On real photos, copies (re-encoded, resized, cropped, brightened) land as
+    close to their original this way as with a full Lanczos resize (bench/near_duplicates.py).
+    """
+    if image.width >= SAMPLE_SIDE and image.height >= SAMPLE_SIDE:
+        sampled = image.resize((SAMPLE_SIDE, SAMPLE_SIDE), Image.Resampling.NEAREST)
+        if sampled.mode in ("RGB", "L"):      # averaging first, on fewer pixels, is cheaper
+            return to_gray(sampled.reduce(SAMPLE_SIDE // HASH_SIDE))
+        return to_gray(sampled).reduce(SAMPLE_SIDE // HASH_SIDE)
+    return to_gray(image).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
+
+
+def phash(pixels: np.ndarray) -> str:
+    """``imagehash.phash`` of a 32x32 grayscale image, as its 16 hex digits.
+
+    The same computation (the signs of the 8x8 lowest frequencies of an unnormalised DCT-II against
+    their median), written as two small matrix products: imagehash's own takes four times as long,
+    mostly in SciPy's call overhead, and its import costs each ingest worker half a second.
+    tests/test_near_duplicates.py checks that both give the same hash.
+    """
+    low = (_DCT_LOW @ pixels @ _DCT_LOW.T).ravel()
+    middle = np.partition(low, (31, 32))
+    return np.packbits(low > (middle[31] + middle[32]) / 2).tobytes().hex()
+
+
+# Rows 0-7 of the 32-point DCT-II matrix as scipy.fftpack.dct computes it (no normalisation).
+_DCT_LOW = 2 * np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(HASH_SIDE) + 1) / (2 * HASH_SIDE))
+
+
+def hash_values(phashes: Sequence[str]) -> np.ndarray:
+    """Hex hashes as a uint64 array."""
+    return np.array([int(text, 16) for text in phashes], dtype=np.uint64)
+
+
+def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
+    """Bits that differ between uint64 hashes (element-wise)."""
+    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair ``i < j`` with ``hamming(hashes[i], hashes[j]) <= max_distance``, as a sorted ``(k, 2)`` array.
+
+    Not all pairs: a multi-index (Norouzi et al., "Fast search in Hamming space with multi-index
+    hashing", 2012). The 64 bits are cut into ``m`` bands; two hashes within ``d`` bits agree within
+    about ``d / m`` bits on at least one band (pigeonhole; :func:`_band_radii`). For each band and
+    each way of flipping that many of its bits, a lookup table of the band's values gives the candidates, which are
+    then checked on all 64 bits. ``m`` is chosen by an estimate of the work; for a few thousand
+    hashes, or a distance so large that nearly everything is a candidate, plain blocks of all
+    pairs are cheaper and used instead. Both give the same pairs (tested).
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if len(hashes) < 2 or max_distance < 0:
+        return np.empty((0, 2), dtype=np.int64)
+    bands = choose_bands(len(hashes), max_distance)
+    if bands is None:
+        pairs = _all_pairs(hashes, max_distance)
+    else:
+        pairs = _multi_index_pairs(hashes, max_distance, bands)
+    if len(pairs) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    keys = np.unique(pairs[:, 0] * len(hashes) + pairs[:, 1])
+    return np.stack([keys // len(hashes), keys % len(hashes)], axis=1)
+
+
+def choose_bands(count: int, max_distance: int) -> int | None:
+    """The number of bands for :func:`hamming_pairs`, or None when all pairs are cheaper.
+
+    Estimated work per band: one table lookup per hash for each flip pattern, plus one 64-bit check
+    per candidate (``count**2 / 2**bits`` expected per pattern for evenly spread hashes), plus a
+    fixed cost per pattern (a dozen NumPy calls).
+    """
+    best, best_cost = None, count * count / 2 / 4       # numpy checks all pairs ~4x cheaper than lookups
+    for bands in range(math.ceil(HASH_BITS / BAND_BITS_MAX), max(max_distance + 1, 3) + 1):
+        cost = 0.0
+        for (_, width), radius in zip(_band_edges(bands), _band_radii(bands, max_distance)):
+            patterns = sum(math.comb(width, k) for k in range(radius + 1))
+            cost += patterns * (PATTERN_OVERHEAD + count + count * count / 2 ** width)
+        if cost < best_cost:
+            best, best_cost = bands, cost
+    return best
+
+
+def _all_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048) -> np.ndarray:
+    found = []
+    for start in range(0, len(hashes), block):
+        rows = hashes[start:start + block]
+        distances = hamming(rows[:, None], hashes[None, start:])
+        left, right = np.nonzero(distances <= max_distance)
+        keep = right > left
+        found.append(np.stack([left[keep] + start, right[keep] + start], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def _band_edges(bands: int) -> list[tuple[int, int]]:
+    """(shift, width) of each band, the widths as even as 64 bits allow."""
+    widths = [HASH_BITS // bands + (1 if index < HASH_BITS % bands else 0) for index in range(bands)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    return [(int(shift), width) for shift, width in zip(shifts, widths)]
+
+
+def _band_radii(bands: int, max_distance: int) -> list[int]:
+    """How many bits to flip in each band (-1: the band need not be searched).
+
+    With ``d = q * bands + a``, two hashes within ``d`` bits agree within ``q`` bits on one of the
+    first ``a + 1`` bands, or within ``q - 1`` on one of the others: otherwise they would differ in
+    at least ``(a + 1)(q + 1) + (bands - a - 1) q = d + 1`` bits (Norouzi et al., proposition 2).
+    """
+    whole, extra = divmod(max_distance, bands)
+    return [whole if index <= extra else whole - 1 for index in range(bands)]
+
+
+def _multi_index_pairs(hashes: np.ndarray, max_distance: int, bands: int) -> np.ndarray:
+    count = len(hashes)
+    index_type = np.int32 if count < 2**31 else np.int64
+    found = []
+    for (shift, width), radius in zip(_band_edges(bands), _band_radii(bands, max_distance)):
+        values = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+        order = np.argsort(values, kind="stable").astype(index_type)
+        sizes = np.bincount(values, minlength=1 << width).astype(index_type)
+        starts = (np.cumsum(sizes, dtype=np.int64) - sizes).astype(index_type)
+        # Queries in band order: a flipped value lands near the last one's, so the table reads stay in cache.
+        queries = values[order]
+        for flipped in range(radius + 1):
+            for bits in itertools.combinations(range(width), flipped):
+                mask = sum(1 << bit for bit in bits)
+                targets = queries ^ mask
+                per_query = sizes[targets]
+                hit = np.flatnonzero(per_query)        # most lookups find nothing: work on the rest
+                if len(hit) == 0:
+                    continue
+                counts = per_query[hit].astype(np.int64)
+                total = int(counts.sum())
+                left = np.repeat(order[hit].astype(np.int64), counts)
+                offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+                right = order[np.repeat(starts[targets[hit]].astype(np.int64), counts) + offsets].astype(np.int64)
+                keep = left < right
+                left, right = left[keep], right[keep]
+                close = hamming(hashes[left], hashes[right]) <= max_distance
+                found.append(np.stack([left[close], right[close]], axis=1))
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def group_rows(sha256: Sequence[str], phashes: Sequence[str], max_distance: int) -> np.ndarray:
+    """The group of each row, as the index of the group's first row (rows in path order: the
+    group's first path).
+
+    Rows with the same SHA-256 are joined, and (``max_distance`` > 0) rows whose perceptual hashes
+    are at most that many bits apart, transitively. A row with an empty ``phash`` takes part in
+    exact matching only.
+    """
+    count = len(sha256)
+    first_of_sha: dict[str, int] = {}
+    exact = np.array([first_of_sha.setdefault(sha, index) for index, sha in enumerate(sha256)], dtype=np.int64)
+    edges = [np.stack([np.arange(count, dtype=np.int64), exact], axis=1)]
+    hashed = np.array([index for index, text in enumerate(phashes) if text], dtype=np.int64)
+    if max_distance > 0 and len(hashed) > 1:
+        values = hash_values([phashes[index] for index in hashed])
+        unique, representative, inverse = np.unique(values, return_index=True, return_inverse=True)
+        # Identical hashes are joined directly and searched once: a thousand copies of one frame
+        # cost one entry, not half a million pairs.
+        edges.append(np.stack([hashed, hashed[representative[inverse]]], axis=1))
+        edges.append(hashed[representative[hamming_pairs(unique, max_distance)]])
+    return _components(count, np.concatenate(edges))
+
+
+def _components(count: int, edges: np.ndarray) -> np.ndarray:
+    """The smallest row index of each row's connected component (min-label propagation with pointer
+    jumping, vectorised; deterministic)."""
+    labels = np.arange(count, dtype=np.int64)
+    if len(edges) == 0:
+        return labels
+    left, right = edges[:, 0], edges[:, 1]
+    while True:
+        smaller = np.minimum(labels[left], labels[right])
+        updated = labels.copy()
+        np.minimum.at(updated, left, smaller)
+        np.minimum.at(updated, right, smaller)
+        updated = updated[updated]
+        while not np.array_equal(updated, updated[updated]):
+            updated = updated[updated]
+        if np.array_equal(updated, labels):
+            return labels
+        labels = updated
