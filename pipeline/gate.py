@@ -138,7 +138,7 @@ def _record_in_mlflow(base: BaseParams, gate: GateParams, decision: Decision, ru
     """Tag each training run with its verdict; log the deployed model for serving, register and alias it."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline import parent_run, tracking
     from pipeline.serving import log_serving_model
 
     tracking.connect(base.experiment_name)
@@ -153,6 +153,7 @@ def _record_in_mlflow(base: BaseParams, gate: GateParams, decision: Decision, ru
                                              {"gate.verdict": DEPLOY, "source.run_id": record.run_id})
         log.info("registered %s version %s with alias %s", gate.registered_model_name, version,
                  tracking.CHAMPION_ALIAS)
+    parent_run.record_decision(decision.to_json(), run_records)
 
 
 def _check_main() -> None:

@@ -126,13 +126,16 @@ def experiment_id(server: Server) -> str:
 
 
 def training_runs(server: Server) -> dict[str, dict]:
-    """The experiment's runs, by their ``dvc.stage`` tag, as the REST API returns them."""
+    """The experiment's training runs, by their ``dvc.stage`` tag, as the REST API returns them (the
+    pipeline's parent run, which has no stage, is left out)."""
     found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
                                                         "max_results": 100})
     runs = {}
     for run in found.get("runs", []):
         tags = {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
-        runs[tags.get("dvc.stage")] = {
+        if "dvc.stage" not in tags:
+            continue
+        runs[tags["dvc.stage"]] = {
             "info": run["info"], "tags": tags,
             "metrics": {metric["key"]: metric["value"] for metric in run["data"].get("metrics", [])},
             "params": {param["key"]: param["value"] for param in run["data"].get("params", [])}}
