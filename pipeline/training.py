@@ -257,7 +257,9 @@ def _write_training_outputs(args: argparse.Namespace, model: keras.Model, histor
     summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
-    mlflow.log_figure(figures.training_curves(frame, title=stage), "plots/training_curves.png")
+    curves = figures.training_curves(frame, title=stage)
+    figures.save_png(curves, Path(args.curves))
+    mlflow.log_figure(curves, "plots/training_curves.png")
     return summary
 
 
@@ -270,6 +272,7 @@ def trainer_entry(stage: str, fit_function: FitFunction, description: str) -> No
     parser.add_argument("--out", default=f"models/{spec.folder}", help="folder for the model and its run record")
     parser.add_argument("--metrics", default=f"metrics/{stage}.json", help="training summary (JSON)")
     parser.add_argument("--history", default=f"metrics/{stage}_history.csv", help="per-epoch curves (CSV)")
+    parser.add_argument("--curves", default=f"metrics/plots/{stage}_curves.png", help="per-epoch curves (PNG)")
     cli.main_entry(stage, lambda args: run_training_stage(args, spec, fit_function), parser)
 
 
