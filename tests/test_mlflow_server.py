@@ -169,6 +169,18 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None
         assert run["params"]["train_size"]
         assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]["artifact_uri"]
 
+    # Both training stages found one parent run through the server, and the gate closed it with its decision.
+    tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                        "filter": "tags.`pipeline.key` != ''"})
+    (parent,) = found["runs"]
+    parent_id = parent["info"]["run_id"]
+    assert {run["tags"]["mlflow.parentRunId"] for run in runs.values()} == {parent_id}
+    assert parent["info"]["status"] == "FINISHED"
+    listed = server.get("/api/2.0/mlflow/artifacts/list", run_id=parent_id, path="metrics")
+    assert [Path(entry["path"]).name for entry in listed.get("files", [])] == ["gate.json"]
+
 
 def test_champion_alias_is_on_the_server(server: Server, pipeline) -> None:
     project, _ = pipeline
