@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-from-lock
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup repro test test-fast bench check-deploy ui plots clean-venv
+.PHONY: setup repro test test-fast bench check-deploy ui plots plots-diff clean-venv
 
 setup: $(STAMP)
 
@@ -45,8 +45,17 @@ check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
 ui: setup  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-plots: setup  ## render the DVC plots to dvc_plots/index.html
-	dvc plots show
+# DVC's page loads Vega from a CDN; this template has it inline, so the page renders offline too.
+PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html
+
+$(PLOTS_TEMPLATE): $(STAMP) pipeline/plots_page.py
+	python -m pipeline.plots_page $@
+
+plots: setup $(PLOTS_TEMPLATE)  ## render the DVC plots (curves, confusion matrices, pictures) to dvc_plots/index.html
+	dvc plots show --html-template $(PLOTS_TEMPLATE)
+
+plots-diff: setup $(PLOTS_TEMPLATE)  ## REVS="HEAD exp-a exp-b": the plots of several revisions side by side
+	dvc plots diff --html-template $(PLOTS_TEMPLATE) $(REVS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,6 +32,7 @@ class RunRecord:
     class_names: list[str]
     image_size: int
     channels: int
+    parent_run_id: str = ""   # the pipeline execution's parent run ("" in files from before there were any)
 
     def write(self, model_dir: Path) -> None:
         write_json(Path(model_dir) / RUN_FILE, asdict(self))
@@ -40,7 +41,7 @@ class RunRecord:
     def read(cls, model_dir: Path) -> RunRecord:
         data = _read(Path(model_dir) / RUN_FILE, "run the training stages first (dvc repro)")
         return cls(str(data["run_id"]), str(data["model_uri"]), list(data["class_names"]),
-                   int(data["image_size"]), int(data["channels"]))
+                   int(data["image_size"]), int(data["channels"]), str(data.get("parent_run_id") or ""))
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> None:
                                 "confusion_matrix": s.confusion_matrix} for split, s in scores.items()}
         write_predictions(Path(args.predictions) / f"{name}.csv", answers(data, scores))
         _write_test_predictions(Path(args.plots_dir) / f"confusion_{name}.csv", data, scores["test"])
-        _log_to_run(run_record.run_id, scores, data, test_images, name)
+        _log_to_run(run_record.run_id, scores, data, test_images, name, Path(args.plots_dir))
         log.info("%-9s accuracy  train %.4f  validation %.4f  test %.4f", name, scores["train"].accuracy,
                  scores["validation"].accuracy, scores["test"].accuracy)
     write_json(Path(args.metrics), headline)
@@ -140,22 +140,25 @@ def _write_test_predictions(path: Path, data: SplitImages, scores: SplitScores) 
 
 
 def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, test_images: np.ndarray,
-                name: str) -> None:
-    """The same numbers in the model's MLflow run, with the confusion matrix and the mistakes as pictures."""
+                name: str, plots_dir: Path) -> None:
+    """The same numbers in the model's MLflow run, with the confusion matrix and the mistakes as pictures
+    (those two also as PNG files in ``plots_dir``, for DVC)."""
     names = data.class_names
     actual = np.asarray(data.label_indices("test"))
     predicted = np.asarray(scores["test"].predicted)
     wrong = np.flatnonzero(actual != predicted)
+    confusion = figures.confusion_matrix(np.array(scores["test"].confusion_matrix), names, f"{name}: test set")
+    mistakes = figures.misclassified_grid(test_images[wrong], [names[i] for i in actual[wrong]],
+                                          [names[i] for i in predicted[wrong]],
+                                          f"{name}: misclassified test images (true -> predicted)")
+    figures.save_png(confusion, plots_dir / f"confusion_{name}.png")
+    figures.save_png(mistakes, plots_dir / f"misclassified_{name}.png")
     with tracking.resume_run(run_id):
         for split, s in scores.items():
             mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_balanced_accuracy": s.balanced_accuracy,
                                 f"{split}_macro_f1": s.macro_f1, f"{split}_loss": s.loss})
-        mlflow.log_figure(figures.confusion_matrix(np.array(scores["test"].confusion_matrix), names,
-                                                   f"{name}: test set"), "plots/confusion_matrix_test.png")
-        mlflow.log_figure(figures.misclassified_grid(test_images[wrong], [names[i] for i in actual[wrong]],
-                                                     [names[i] for i in predicted[wrong]],
-                                                     f"{name}: misclassified test images (true -> predicted)"),
-                          "plots/misclassified_test.png")
+        mlflow.log_figure(confusion, "plots/confusion_matrix_test.png")
+        mlflow.log_figure(mistakes, "plots/misclassified_test.png")
         surest = most_confident_mistakes(actual, scores["test"])
         confidence = np.asarray(scores["test"].confidence)
         mlflow.log_figure(figures.misclassified_grid(test_images[surest], [names[i] for i in actual[surest]],
@@ -175,5 +178,6 @@ if __name__ == "__main__":
     parser.add_argument("--report", default="metrics/evaluate_report.json", help="per-class scores, confusion matrices")
     parser.add_argument("--predictions", default="data/predictions",
                         help="folder for each model's answer on every image (<model>.csv)")
-    parser.add_argument("--plots-dir", default="metrics/plots", help="folder for the test-set prediction tables")
+    parser.add_argument("--plots-dir", default="metrics/plots",
+                        help="folder for the test-set prediction tables and pictures")
     cli.main_entry("evaluate", main, parser)

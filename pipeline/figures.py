@@ -1,8 +1,10 @@
-"""The pictures logged to MLflow: training curves and confusion matrices."""
+"""The pictures: training curves, confusion matrices, misclassified images; logged to MLflow and
+written as PNG files that DVC shows as image plots."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -13,6 +15,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from pipeline.files import atomic_path  # noqa: E402
+
+# Pictures committed to git (DVC plots with cache: false) and shown in CI summaries: small files.
+PNG_DPI = 72
 
 
 def training_curves(history: pd.DataFrame, title: str) -> Figure:
@@ -62,3 +69,9 @@ def misclassified_grid(images: np.ndarray, actual: Sequence[str], predicted: Seq
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a small PNG, whole or not at all."""
+    with atomic_path(Path(path)) as temporary:
+        fig.savefig(temporary, format="png", dpi=PNG_DPI)

@@ -427,15 +427,13 @@ def _interval_json(interval: Interval | None) -> dict | None:
     return asdict(interval) if interval else None
 
 
-
 def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[str, RunRecord],
                       deploy_dir: Path) -> None:
     """Tag each training run with its verdict and the comparison; log the deployed model for
     serving, register it with the reasons and move the alias."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.serving import log_serving_model
+    from pipeline import parent_run, tracking
 
     champion = decision.champion
     for name, verdict in decision.candidates.items():
@@ -450,13 +448,21 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
                                  "gate.champion_reason": "; ".join(champion.reasons)[:5000]})
                 mlflow.log_metrics({"gate_vs_champion_difference": champion.comparison.difference,
                                     "gate_vs_champion_p_value": champion.comparison.mcnemar_p_value})
-    if not decision.deploy or champion.outcome == SAME_MODEL:
-        return
-    record, chosen = run_records[decision.model], decision.candidates[decision.model]
+    if decision.deploy and champion.outcome != SAME_MODEL:
+        _register(gate, decision, run_records[decision.model], deploy_dir)
+    parent_run.record_decision(decision.to_json(), run_records)
+
+
+def _register(gate: GateParams, decision: Decision, record: RunRecord, deploy_dir: Path) -> None:
+    """Log the deployed model for serving, register it with why it was promoted, move the alias."""
+    from pipeline import tracking
+    from pipeline.serving import log_serving_model
+
+    chosen, champion = decision.candidates[decision.model], decision.champion
     with tracking.resume_run(record.run_id):
         serving_model = log_serving_model(deploy_dir)
     why = "; ".join([*chosen.reasons, *champion.reasons])
-    description = (f"Promoted by the gate: {decision.model}, test {gate.metric} {chosen.test.text()}. {why}")
+    description = f"Promoted by the gate: {decision.model}, test {gate.metric} {chosen.test.text()}. {why}"
     tags = {"gate.verdict": DEPLOY, "source.run_id": record.run_id, "model": decision.model,
             "gate.metric": gate.metric, "gate.test_score": f"{chosen.test.score:.4f}", "gate.champion": champion.outcome}
     if champion.version:

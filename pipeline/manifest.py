@@ -87,10 +87,19 @@ def read_manifest(ingest_dir: Path) -> pd.DataFrame:
 
 def source_root(ingest_dir: Path) -> Path:
     """The folder the manifest's relative paths start from."""
+    return Path(_read_source(ingest_dir)["root"])
+
+
+def source_setting(ingest_dir: Path) -> str:
+    """The ``ingest.source`` the manifest was made from: ``sklearn:digits`` or a folder."""
+    return str(_read_source(ingest_dir)["source"])
+
+
+def _read_source(ingest_dir: Path) -> dict:
     path = Path(ingest_dir) / SOURCE_FILE
     if not path.exists():
         raise PipelineError(f"{path} is missing: run the ingest stage first (dvc repro ingest)")
-    return Path(read_json(path)["root"])
+    return read_json(path)
 
 
 def read_split(ingest_dir: Path, split_file: Path) -> SplitImages:

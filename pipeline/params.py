@@ -272,12 +272,12 @@ def _check_across_sections(params: Params) -> None:
              "changes colours and needs base.channels: 3 (grayscale images have no hue); set it to 0")
 
 
-def to_flat_dict(section: Any, prefix: str) -> dict[str, Any]:
-    """A section as ``{"prefix.key": value}``, for logging to MLflow."""
+def to_flat_dict(section: Any, prefix: str = "") -> dict[str, Any]:
+    """A section as ``{"prefix.key": value}`` (``{"key": value}`` without a prefix), for logging to MLflow."""
     flat = {}
     for field in dataclasses.fields(section):
         value = getattr(section, field.name)
-        flat[f"{prefix}.{field.name}"] = list(value) if isinstance(value, tuple) else value
+        flat[f"{prefix}.{field.name}" if prefix else field.name] = list(value) if isinstance(value, tuple) else value
     return flat
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError, first_line
+from pipeline.manifest import SPLITS, SplitImages
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -30,8 +32,12 @@ DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # belong in the project's store, not in a copy that DVC deletes afterwards.
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 _PROBE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _STAGE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+DATASET_DIGEST_LENGTH = 16   # MLflow keeps at most 36 characters of a dataset digest
 RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pandas", "numpy", "pillow")
 
 
@@ -70,9 +76,12 @@ def connect(experiment_name: str) -> str:
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 # A local store keeps artifacts beside it, not in whatever folder MLflow guesses.
                 artifact_location = (project_root() / DEFAULT_ARTIFACT_DIR).as_uri()
-            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location)
+            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version of the pipeline
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     except Exception as error:  # MLflow raises many types (MlflowException, OperationalError, ConnectionError)
         raise PipelineError(f"MLflow tracking store {uri} cannot be used ({_store_problem(error)}). "
                             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)") from None
@@ -85,10 +94,11 @@ def connect(experiment_name: str) -> str:
     return experiment_id
 
 
-def start_run(run_name: str, tags: dict[str, str]):
-    """``mlflow.start_run`` that turns a refused write (read-only user) into one clear line."""
+def start_run(run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
+    """``mlflow.start_run`` (under ``parent_run_id`` if given) that turns a refused write (read-only
+    user) into one clear line."""
     try:
-        return mlflow.start_run(run_name=run_name, tags=tags)
+        return mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent_run_id)
     except Exception as error:
         raise PipelineError(_access_problem(error) or f"MLflow could not start a run in {tracking_uri()} "
                             f"({first_line(error)})") from None
@@ -212,6 +222,41 @@ def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
 def log_params_flat(params: dict[str, Any]) -> None:
     """Log params, lists written as text (MLflow params are strings)."""
     mlflow.log_params({key: ("null" if value is None else str(value)) for key, value in params.items()})
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """One split of the training data as an MLflow dataset input: the dataset, its context, its tags."""
+
+    dataset: Any
+    context: str
+    tags: dict[str, str]
+
+
+def dataset_inputs(data: SplitImages, source: str, manifest_sha256: str,
+                   ratios: tuple[float, ...]) -> list[DatasetInput]:
+    """Each split (train, validation, test) as an ``mlflow.data`` dataset named after the image source,
+    with the folder its files are in as the source, the split's rows as schema and row count, and its
+    class counts, the split ratios and the manifest's SHA-256 as input tags."""
+    from mlflow.data.pandas_dataset import from_pandas
+
+    name = Path(source).name or source   # "PetImages" for a folder, "sklearn:digits" as it is
+    inputs = []
+    for split in SPLITS:
+        rows = data.subset(split)
+        digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:DATASET_DIGEST_LENGTH]
+        counts = rows["label"].astype(str).value_counts().reindex(data.class_names, fill_value=0)
+        tags = {"images": str(len(rows)), "split.ratios": str(list(ratios)), "manifest.sha256": manifest_sha256,
+                **{f"class.{label}": str(int(count)) for label, count in counts.items()}}
+        dataset = from_pandas(rows, source=data.root.as_posix(), name=name, digest=digest)
+        inputs.append(DatasetInput(dataset, split, tags))
+    return inputs
+
+
+def log_dataset_inputs(inputs: list[DatasetInput]) -> None:
+    """Log the datasets to the active run (the run page's Datasets, the runs table's Dataset column)."""
+    mlflow.log_inputs([item.dataset for item in inputs], [item.context for item in inputs],
+                      [item.tags for item in inputs])
 
 
 def _git(arguments: list[str]) -> str:

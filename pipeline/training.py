@@ -21,15 +21,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, figures, tracking
+from pipeline import cli, figures, parent_run, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import Placement, choose_placement, machine_summary, resolve_precision
 from pipeline.files import atomic_path, write_frame_csv, write_json
-from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split
+from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
 from pipeline.models import compile_model
-from pipeline.params import AugmentParams, BaseParams, FitParams, load_params, to_flat_dict
+from pipeline.params import AugmentParams, BaseParams, FitParams, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger("pipeline.training")
@@ -199,7 +199,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         section.check_paths(spec.params_section)
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = read_split(Path(args.ingest), Path(args.split))
-    tracking.connect(params.base.experiment_name)
+    experiment_id = tracking.connect(params.base.experiment_name)
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, %s on %d replica(s)",
@@ -207,15 +207,20 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
              fit_data.iterations_per_epoch, setup.precision, setup.distribution, setup.replicas)
     tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
-    with tracking.start_run(spec.stage, tags) as run:
-        _log_training_params(params.base, params.augment, section, spec, fit_data, data.class_names, setup)
+    parent_id = parent_run.join_or_start(experiment_id, parent_run.execution_key(Path(args.split)), spec.stage)
+    with tracking.start_run(spec.stage, tags, parent_run_id=parent_id) as run:
+        tracking.log_params_flat(run_params(params.base, params.augment, params.split, section, spec, fit_data,
+                                            data.class_names, setup))
+        tracking.log_dataset_inputs(tracking.dataset_inputs(data, source_setting(Path(args.ingest)),
+                                                            tags.get("data.manifest_sha256", ""),
+                                                            params.split.ratios))
         history = History()
         with placement.strategy.scope():
             model = fit_function(fit_data, section, params.augment, history, [MlflowEpochLogger()])
         summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
-                  params.base.channels).write(Path(args.out))
+                  params.base.channels, parent_id).write(Path(args.out))
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
              summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
 
@@ -230,13 +235,17 @@ def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tupl
     return placement, setup
 
 
-def _log_training_params(base: BaseParams, augment: AugmentParams, section: FitParams, spec: ModelSpec,
-                         fit_data: FitData, class_names: list[str], setup: RunSetup) -> None:
-    tracking.log_params_flat({**to_flat_dict(base, "base"), **to_flat_dict(augment, "augment"),
-                              **to_flat_dict(section, spec.params_section),
-                              "train_size": fit_data.train_size,
-                              "iterations_per_epoch": fit_data.iterations_per_epoch,
-                              "classes": ",".join(class_names), **setup.as_params()})
+def run_params(base: BaseParams, augment: AugmentParams, split: SplitParams, section: FitParams, spec: ModelSpec,
+               fit_data: FitData, class_names: list[str], setup: RunSetup) -> dict[str, Any]:
+    """A training run's params, named alike in every model's run so that MLflow's compare view lines
+    them up: the model, the hyperparameters under their own names (``epochs``, ``learning_rate``; a
+    model's own ones such as ``blocks`` or ``weights`` only in its run), the base settings without a
+    prefix, ``split.ratios``, ``augment.*``, and what the data and the machine made of them."""
+    settings = {key: value for key, value in to_flat_dict(base).items() if key != "experiment_name"}
+    return {"model": spec.name, **settings, "split.ratios": list(split.ratios), **to_flat_dict(augment, "augment"),
+            **to_flat_dict(section), "train_size": fit_data.train_size,
+            "iterations_per_epoch": fit_data.iterations_per_epoch, "classes": ",".join(class_names),
+            **setup.as_params()}
 
 
 def _write_training_outputs(args: argparse.Namespace, model: keras.Model, history: History, fit_data: FitData,
@@ -248,7 +257,9 @@ def _write_training_outputs(args: argparse.Namespace, model: keras.Model, histor
     summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
-    mlflow.log_figure(figures.training_curves(frame, title=stage), "plots/training_curves.png")
+    curves = figures.training_curves(frame, title=stage)
+    figures.save_png(curves, Path(args.curves))
+    mlflow.log_figure(curves, "plots/training_curves.png")
     return summary
 
 
@@ -261,6 +272,7 @@ def trainer_entry(stage: str, fit_function: FitFunction, description: str) -> No
     parser.add_argument("--out", default=f"models/{spec.folder}", help="folder for the model and its run record")
     parser.add_argument("--metrics", default=f"metrics/{stage}.json", help="training summary (JSON)")
     parser.add_argument("--history", default=f"metrics/{stage}_history.csv", help="per-epoch curves (CSV)")
+    parser.add_argument("--curves", default=f"metrics/plots/{stage}_curves.png", help="per-epoch curves (PNG)")
     cli.main_entry(stage, lambda args: run_training_stage(args, spec, fit_function), parser)
 
 

@@ -60,13 +60,18 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
     pixels = np.zeros((2, info["image_size"], info["image_size"], info["channels"]), dtype=np.float32)
     assert model.predict(pixels, verbose=0).shape == (2, len(info["class_names"]))
 
-    # MLflow: one run per model, with the evaluation metrics and the gate's verdict.
+    # MLflow: one run per model, with the evaluation metrics and the gate's verdict, under one parent run.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("image-classification")
-    runs = client.search_runs([experiment.experiment_id])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's runs table
+    everything = client.search_runs([experiment.experiment_id])
+    runs = [r for r in everything if "dvc.stage" in r.data.tags]
     assert sorted(r.data.tags["dvc.stage"] for r in runs) == ["train_custom", "train_resnet50"]
+    check_parent_run(client, everything, gate)
+    check_shared_param_names(runs)
+    check_dataset_inputs(runs, project)
     for r in runs:
         assert {"train_accuracy", "validation_accuracy", "test_accuracy", "test_balanced_accuracy", "test_macro_f1",
                 "gate_test_accuracy_low", "loss", "val_loss"} <= set(r.data.metrics)
@@ -92,8 +97,70 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
         assert summary["distribution"] == "none" and summary["replicas"] == 1
         assert summary["machine"]["cpu"] and summary["machine"]["cpu_cores"] >= 1
         (logged,) = [r for r in runs if r.data.tags["dvc.stage"] == stage]
+        assert json.loads((project / f"models/{stage.removeprefix('train_')}/run.json").read_text())[
+            "parent_run_id"] == logged.data.tags["mlflow.parentRunId"]
         assert logged.data.params["precision.policy"] == summary["precision"]
         assert logged.data.params["machine.cpu"] == summary["machine"]["cpu"]
+
+
+# The hyperparameters both models have, under one name in both runs (MLflow's compare view lines them up).
+SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule", "optimizer", "loss", "label_smoothing",
+                 "class_weight", "patience", "dense_units", "dropout", "precision", "jit_compile", "image_size",
+                 "channels", "seed", "deterministic", "distribution", "split.ratios", "augment.rotation",
+                 "train_size", "iterations_per_epoch", "classes", "precision.policy"}
+OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "pooling"},
+              "train_resnet50": {"weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"}}
+
+
+def check_parent_run(client, runs: list, gate: dict) -> None:
+    """One parent run for the repro: both training runs its children, the gate's decision on it, closed."""
+    (parent,) = [r for r in runs if "pipeline.key" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["dvc.stage"] for r in children) == ["train_custom", "train_resnet50"]
+    assert parent.info.run_name.startswith("repro@") and parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["gate.deploy"] == "true" and tags["gate.model"] == gate["model"]
+    assert tags["gate.verdict.custom"] == tags["gate.verdict.resnet50"] == "deploy"
+    assert {tags["run.custom"], tags["run.resnet50"]} == {r.info.run_id for r in children}
+    assert parent.data.metrics["custom.test_accuracy"] == gate["candidates"]["custom"]["test_score"]
+    import mlflow
+
+    logged = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/metrics/gate.json")
+    assert logged == gate
+
+
+def check_shared_param_names(runs: list) -> None:
+    params = {r.data.tags["dvc.stage"]: set(r.data.params) for r in runs}
+    custom, resnet50 = params["train_custom"], params["train_resnet50"]
+    assert SHARED_PARAMS <= custom and SHARED_PARAMS <= resnet50
+    assert custom - resnet50 == OWN_PARAMS["train_custom"]
+    assert resnet50 - custom == OWN_PARAMS["train_resnet50"]
+    assert not [key for key in custom | resnet50 if key.startswith(("train_custom.", "train_resnet50.", "base."))]
+    assert {r.data.params["model"] for r in runs} == {"custom", "resnet50"}
+
+
+def check_dataset_inputs(runs: list, project: Path) -> None:
+    """Each training run lists the three splits as MLflow datasets: source, digest, schema, class counts."""
+    import pandas as pd
+
+    split = pd.read_csv(project / "data/split.csv", dtype=str)
+    for r in runs:
+        inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i for i in r.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "validation", "test"}
+        digests = set()
+        for context, logged in inputs.items():
+            tags = {t.key: t.value for t in logged.tags}
+            rows = split[split["split"] == context]
+            assert logged.dataset.name == "sklearn:digits"
+            assert json.loads(logged.dataset.source)["uri"] == "data/ingest/images"
+            assert "label" in logged.dataset.schema and json.loads(logged.dataset.profile)["num_rows"] == len(rows)
+            assert tags["manifest.sha256"] == r.data.tags["data.manifest_sha256"]
+            assert tags["split.ratios"] == "[0.8, 0.1, 0.1]" and tags["images"] == str(len(rows))
+            counts = rows["label"].value_counts()
+            assert {key.removeprefix("class."): int(v) for key, v in tags.items() if key.startswith("class.")} == \
+                {label: int(counts.get(label, 0)) for label in sorted(split["label"].unique())}
+            digests.add(logged.dataset.digest)
+        assert len(digests) == 3
 
 
 def test_a_second_run_changes_nothing_and_a_stricter_gate_reruns_only_the_gate(
@@ -119,6 +186,11 @@ def test_a_second_run_changes_nothing_and_a_stricter_gate_reruns_only_the_gate(
     assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
     assert str(client.get_model_version_by_alias("image-classifier", "champion").version) == "1"
     assert len(client.search_model_versions("name='image-classifier'")) == 1
+    # The gate alone records its new decision on the parent of the models it judged: no new parent.
+    experiment = client.get_experiment_by_name("image-classification")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.key` != ''")
+    assert parent.data.tags["gate.deploy"] == "false" and parent.data.tags["gate.model"] == "none"
+    assert parent.data.tags["gate.verdict.custom"] in ("underfit", "overfit")
     refused = run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False)
     assert refused.returncode == 1 and "NOT allowed" in refused.stderr
     assert "champion v1 stays" in refused.stderr

@@ -126,13 +126,16 @@ def experiment_id(server: Server) -> str:
 
 
 def training_runs(server: Server) -> dict[str, dict]:
-    """The experiment's runs, by their ``dvc.stage`` tag, as the REST API returns them."""
+    """The experiment's training runs, by their ``dvc.stage`` tag, as the REST API returns them (the
+    pipeline's parent run, which has no stage, is left out)."""
     found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
                                                         "max_results": 100})
     runs = {}
     for run in found.get("runs", []):
         tags = {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
-        runs[tags.get("dvc.stage")] = {
+        if "dvc.stage" not in tags:
+            continue
+        runs[tags["dvc.stage"]] = {
             "info": run["info"], "tags": tags,
             "metrics": {metric["key"]: metric["value"] for metric in run["data"].get("metrics", [])},
             "params": {param["key"]: param["value"] for param in run["data"].get("params", [])}}
@@ -165,6 +168,18 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None
         assert len(run["tags"]["git.commit"]) == 40
         assert run["params"]["train_size"]
         assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]["artifact_uri"]
+
+    # Both training stages found one parent run through the server, and the gate closed it with its decision.
+    tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                        "filter": "tags.`pipeline.key` != ''"})
+    (parent,) = found["runs"]
+    parent_id = parent["info"]["run_id"]
+    assert {run["tags"]["mlflow.parentRunId"] for run in runs.values()} == {parent_id}
+    assert parent["info"]["status"] == "FINISHED"
+    listed = server.get("/api/2.0/mlflow/artifacts/list", run_id=parent_id, path="metrics")
+    assert [Path(entry["path"]).name for entry in listed.get("files", [])] == ["gate.json"]
 
 
 def test_champion_alias_is_on_the_server(server: Server, pipeline) -> None:

@@ -66,3 +66,18 @@ def test_queued_sweep_runs_and_links_to_mlflow(reproduced_project_copy: Path) ->
     tagged = {r.data.tags.get("dvc.experiment") for r in runs}
     assert names <= tagged, (names, tagged)
     assert not list(project.glob(".dvc/tmp/exps/**/mlflow.db"))
+
+    # Each experiment is one parent run named after it, holding what it trained and the gate's decision.
+    # The sweep changes only the custom CNN, so ResNet50 came from DVC's run cache: its run stays a child
+    # of the first repro's parent, and each experiment's parent names it among the models judged.
+    parents = {r.info.run_name: r for r in runs if "pipeline.key" in r.data.tags}
+    assert set(parents) == names | {parent for parent in parents if parent.startswith("repro@")}, set(parents)
+    (resnet50,) = [r for r in runs if r.data.tags.get("dvc.stage") == "train_resnet50"]
+    for name in names:
+        parent = parents[name]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert [r.data.tags["dvc.stage"] for r in children] == ["train_custom"], name
+        assert parent.info.status == "FINISHED" and parent.data.tags["dvc.experiment"] == name
+        assert parent.data.tags["run.custom"] == children[0].info.run_id
+        assert parent.data.tags["run.resnet50"] == resnet50.info.run_id
+        assert parent.data.tags["gate.model"] in ("custom", "resnet50", "none")

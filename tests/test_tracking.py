@@ -84,3 +84,29 @@ def test_lineage_tags_outside_git_say_unknown(tmp_path: Path, monkeypatch: pytes
 def test_pinned_requirements_skip_what_is_not_installed() -> None:
     pins = pinned_requirements(("mlflow", "no-such-package-here"))
     assert len(pins) == 1 and pins[0].startswith("mlflow==")
+
+
+def test_each_split_is_a_dataset_input_with_its_digest_source_and_class_counts() -> None:
+    import pandas as pd
+
+    from pipeline.manifest import SplitImages
+    from pipeline.tracking import dataset_inputs
+
+    frame = pd.DataFrame({"path": [f"{label}/{i}.png" for label in "ab" for i in range(5)],
+                          "label": ["a"] * 5 + ["b"] * 5,
+                          "split": ["train", "train", "train", "validation", "test"] * 2})
+    inputs = dataset_inputs(SplitImages(Path("data/sources/shapes"), frame), "data/sources/shapes", "f" * 64,
+                            (0.6, 0.2, 0.2))
+    assert [item.context for item in inputs] == ["train", "validation", "test"]
+    train = inputs[0]
+    assert train.dataset.name == "shapes" and train.dataset.source.to_dict() == {"uri": "data/sources/shapes"}
+    assert train.dataset.profile["num_rows"] == 6 and "label" in train.dataset.schema.input_names()
+    assert train.tags == {"images": "6", "split.ratios": "[0.6, 0.2, 0.2]", "manifest.sha256": "f" * 64,
+                          "class.a": "3", "class.b": "3"}
+    assert len({item.dataset.digest for item in inputs}) == 3
+    assert all(len(item.dataset.digest) <= 36 for item in inputs)   # MLflow's limit
+    again = dataset_inputs(SplitImages(Path("data/sources/shapes"), frame), "data/sources/shapes", "f" * 64,
+                           (0.6, 0.2, 0.2))
+    assert [item.dataset.digest for item in again] == [item.dataset.digest for item in inputs]
+    assert dataset_inputs(SplitImages(Path("x"), frame), "sklearn:digits", "", (0.6, 0.2, 0.2))[0].dataset.name \
+        == "sklearn:digits"

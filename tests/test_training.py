@@ -62,8 +62,10 @@ def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> N
     assert run.data.tags["dvc.stage"] == "train_custom"
     assert len(run.data.tags["data.manifest_sha256"]) == 64
     assert run.data.tags["version.tensorflow"]
-    assert run.data.params["train_custom.epochs"] == "2"
-    assert run.data.params["base.seed"] == "42"
+    assert run.data.params["epochs"] == "2" and run.data.params["model"] == "custom"
+    assert run.data.params["seed"] == "42" and run.data.params["blocks"] == "[8]"
+    assert run.data.tags["mlflow.parentRunId"] == record["parent_run_id"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["test"] * 3   # source.json says "test"
     assert run.data.params["iterations_per_epoch"] == str(summary["iterations_per_epoch"])
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == summary["epochs_run"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

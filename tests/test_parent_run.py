@@ -1,0 +1,134 @@
+"""The parent run of one pipeline execution, against a real MLflow store (SQLite in a temporary folder):
+which parent a training stage joins, when a new one starts, and what the gate records on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import parent_run, tracking
+from pipeline.artifacts import RunRecord
+
+DECISION = {"deploy": True, "model": "custom", "metric": "accuracy",
+            "thresholds": {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0},
+            "candidates": {"custom": {"train_score": 0.99, "test_score": 0.95, "verdict": "deploy", "reasons": []},
+                           "resnet50": {"train_score": 0.5, "test_score": 0.4, "verdict": "underfit",
+                                        "reasons": ["too low"]}},
+            "champion": {"outcome": "none", "version": None, "reasons": []}}
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite store in a project folder, selected as the stages select it; the experiment's id."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "split.csv").write_text("path,label,split\na.png,a,train\n")
+    experiment_id = tracking.connect("image-classification")
+    yield experiment_id
+    mlflow.set_tracking_uri(None)
+
+
+def train(experiment_id: str, stage: str, split: Path = Path("split.csv")) -> RunRecord:
+    """What a training stage does with the parent: join or start it, then run under it."""
+    parent_id = parent_run.join_or_start(experiment_id, parent_run.execution_key(split), stage)
+    with tracking.start_run(stage, {"dvc.stage": stage}, parent_run_id=parent_id) as run:
+        pass
+    return RunRecord(run.info.run_id, f"runs:/{run.info.run_id}/model", ["a"], 32, 1, parent_id)
+
+
+def test_a_new_experiment_is_a_model_training_experiment(store: str) -> None:
+    experiment = MlflowClient().get_experiment(store)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_older_experiment_without_a_kind_is_tagged_but_a_chosen_kind_is_kept(store: str) -> None:
+    client = MlflowClient()
+    client.delete_experiment_tag(store, "mlflow.experimentKind")
+    tracking.connect("image-classification")
+    assert client.get_experiment(store).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(store, "mlflow.experimentKind", "finetuning")
+    tracking.connect("image-classification")
+    assert client.get_experiment(store).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_both_training_stages_of_one_repro_share_a_parent_and_the_gate_closes_it(store: str) -> None:
+    client = MlflowClient()
+    custom, resnet50 = train(store, "train_custom"), train(store, "train_resnet50")
+    assert custom.parent_run_id == resnet50.parent_run_id
+    parent = client.get_run(custom.parent_run_id)
+    assert parent.info.status == "RUNNING" and parent.info.run_name.startswith("repro@")
+    assert client.get_run(custom.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    recorded = parent_run.record_decision(DECISION, {"custom": custom, "resnet50": resnet50})
+    parent = client.get_run(recorded)
+    assert recorded == custom.parent_run_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["gate.deploy"] == "true" and parent.data.tags["gate.model"] == "custom"
+    assert parent.data.tags["gate.verdict.resnet50"] == "underfit"
+    assert parent.data.tags["run.custom"] == custom.run_id
+    assert parent.data.metrics["custom.test_accuracy"] == 0.95
+    assert mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/metrics/gate.json") == DECISION
+
+    # The next repro that trains (one model only, say) starts a new parent; the gate, rerun alone
+    # afterwards, records on the newest parent of the two models it judges.
+    again = train(store, "train_custom")
+    assert again.parent_run_id != custom.parent_run_id
+    assert parent_run.record_decision(DECISION, {"custom": again, "resnet50": resnet50}) == again.parent_run_id
+    assert parent_run.record_decision(DECISION, {"custom": again, "resnet50": resnet50}) == again.parent_run_id
+
+
+def test_a_stage_rerun_before_the_gate_starts_a_new_parent_and_closes_the_old(store: str) -> None:
+    client = MlflowClient()
+    first = train(store, "train_custom")
+    second = train(store, "train_custom")   # dvc repro -f train_custom: a new execution
+    assert second.parent_run_id != first.parent_run_id
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    assert train(store, "train_resnet50").parent_run_id == second.parent_run_id
+
+
+def test_a_failed_stage_rerun_joins_the_execution_it_failed_in(store: str) -> None:
+    custom = train(store, "train_custom")
+    parent_id = parent_run.join_or_start(store, parent_run.execution_key(Path("split.csv")), "train_resnet50")
+    with pytest.raises(RuntimeError):
+        with tracking.start_run("train_resnet50", {"dvc.stage": "train_resnet50"}, parent_run_id=parent_id):
+            raise RuntimeError("out of memory")
+    assert train(store, "train_resnet50").parent_run_id == custom.parent_run_id
+
+
+def test_dvc_experiments_get_a_parent_each_named_after_them(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    parents = []
+    for name in ("bushy-tern", "lusty-oryx"):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        custom, resnet50 = train(store, "train_custom"), train(store, "train_resnet50")
+        assert custom.parent_run_id == resnet50.parent_run_id
+        parents.append(client.get_run(custom.parent_run_id))
+    assert [p.info.run_name for p in parents] == ["bushy-tern", "lusty-oryx"]
+    assert parents[0].info.run_id != parents[1].info.run_id
+
+
+def test_the_execution_key_follows_the_experiment_and_the_split(tmp_path: Path) -> None:
+    split = tmp_path / "split.csv"
+    split.write_text("path,label,split\na.png,a,train\n")
+    plain = parent_run.execution_key(split, {})
+    assert parent_run.execution_key(split, {}) == plain
+    assert parent_run.execution_key(split, {"DVC_EXP_NAME": "bushy-tern"}) != plain
+    split.write_text("path,label,split\na.png,a,test\n")
+    assert parent_run.execution_key(split, {}) != plain
+
+
+def test_the_decision_becomes_tags_and_metrics() -> None:
+    tags, metrics = parent_run.decision_record({**DECISION, "deploy": False, "model": None}, {"custom": "r1"})
+    assert tags == {"gate.deploy": "false", "gate.model": "none", "gate.metric": "accuracy", "gate.champion": "none",
+                    "gate.verdict.custom": "deploy", "gate.verdict.resnet50": "underfit", "run.custom": "r1"}
+    assert metrics == {"custom.train_accuracy": 0.99, "custom.test_accuracy": 0.95,
+                       "resnet50.train_accuracy": 0.5, "resnet50.test_accuracy": 0.4}
+
+
+def test_models_trained_before_parent_runs_leave_the_decision_on_the_training_runs(store: str) -> None:
+    record = RunRecord("r1", "runs:/r1/model", ["a"], 32, 1)
+    assert parent_run.record_decision(DECISION, {"custom": record}) is None
