@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, figures, tracking
+from pipeline import cli, figures, stage_runs, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import Placement, choose_placement, machine_summary, resolve_precision
@@ -199,7 +199,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         section.check_paths(spec.params_section)
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = read_split(Path(args.ingest), Path(args.split))
-    tracking.connect(params.base.experiment_name)
+    experiment_id = tracking.connect(params.base.experiment_name)
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, %s on %d replica(s)",
@@ -207,7 +207,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
              fit_data.iterations_per_epoch, setup.precision, setup.distribution, setup.replicas)
     tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
-    with tracking.start_run(spec.stage, tags) as run:
+    with stage_runs.stage_run(spec.stage, experiment_id, tags) as run:
         _log_training_params(params.base, params.augment, section, spec, fit_data, data.class_names, setup)
         history = History()
         with placement.strategy.scope():
