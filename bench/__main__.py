@@ -24,6 +24,7 @@ ROWS = {
     "e2e": "bench.end_to_end",
     "photos": "bench.photos",
     "recipe": "bench.photo_recipe",
+    "serving": "bench.serving",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

@@ -241,7 +241,8 @@ def format_table(rows: Sequence[RowResult], info: dict, mode: str, started: str)
     return "\n".join(out)
 
 
-ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6, "recipe": 7}
+ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6, "recipe": 7,
+               "serving": 8}
 
 
 # --- subprocesses --------------------------------------------------------------------------------
