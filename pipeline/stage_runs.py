@@ -101,7 +101,18 @@ def _raise_if_unreachable(error: Exception, stage: str, left_running: str | None
     run = (f"its run {left_running} is marked FAILED when {stage} next starts here" if left_running else
            "its run is marked FAILED")
     raise PipelineError(f"MLflow tracking server {tracking.tracking_uri()} stopped answering during {stage} "
-                        f"({first_line(error)}); {run}. Start the server again and rerun dvc repro") from None
+                        f"({_reason(error)}); {run}. Start the server again and rerun dvc repro") from None
+
+
+def _reason(error: BaseException) -> str:
+    """What the connection said, in a few words rather than urllib3's paragraph."""
+    text = str(error)
+    for hint, reason in (("Connection refused", "connection refused"), ("Connection reset", "connection reset"),
+                         ("Read timed out", "no answer within MLFLOW_HTTP_REQUEST_TIMEOUT"),
+                         ("RemoteDisconnected", "connection closed")):
+        if hint in text:
+            return f"{reason}, after MLFLOW_HTTP_REQUEST_MAX_RETRIES retries"
+    return first_line(error)
 
 
 def _end_quickly(status: RunStatus) -> bool:
