@@ -62,8 +62,8 @@ def stage_run(stage: str, experiment_id: str, tags: dict[str, str]) -> Iterator[
     one line naming it."""
     try:
         fail_abandoned_runs(experiment_id, stage)
-    except Exception as error:  # MLflow raises many types; the run itself will say if the store is gone
-        _raise_if_unreachable(error, stage, None)
+    except Exception as error:  # MLflow raises many types
+        _raise_if_unreachable(error, stage, "no run was started")
         raise
     run = tracking.start_run(stage, {**tags, **owner_tags()})
     run_id = run.info.run_id
@@ -72,12 +72,13 @@ def stage_run(stage: str, experiment_id: str, tags: dict[str, str]) -> Iterator[
     except BaseException as error:
         ended = _end_quickly(RunStatus.FAILED)
         if isinstance(error, Exception):
-            _raise_if_unreachable(error, stage, None if ended else run_id)
+            _raise_if_unreachable(error, stage, f"its run {run_id} is marked FAILED" if ended else
+                                  _left_running(run_id, stage))
         raise
     try:
         mlflow.end_run()
     except Exception as error:
-        _raise_if_unreachable(error, stage, run_id)
+        _raise_if_unreachable(error, stage, _left_running(run_id, stage))
         raise
 
 
@@ -95,11 +96,15 @@ def is_unreachable(error: BaseException) -> bool:
     return False
 
 
-def _raise_if_unreachable(error: Exception, stage: str, left_running: str | None) -> None:
+def _left_running(run_id: str, stage: str) -> str:
+    return f"its run {run_id} is marked FAILED when {stage} next starts here"
+
+
+def _raise_if_unreachable(error: Exception, stage: str, run: str) -> None:
+    """Raise the one-line error when ``error`` is a store that stopped answering; ``run`` says
+    what became of the stage's run."""
     if not is_unreachable(error):
         return
-    run = (f"its run {left_running} is marked FAILED when {stage} next starts here" if left_running else
-           "its run is marked FAILED")
     raise PipelineError(f"MLflow tracking server {tracking.tracking_uri()} stopped answering during {stage} "
                         f"({_reason(error)}); {run}. Start the server again and rerun dvc repro") from None
 

@@ -54,3 +54,18 @@ def test_a_connection_failure_is_told_from_other_errors() -> None:
     except MlflowException as wrapped:
         assert is_unreachable(wrapped)
     assert not is_unreachable(MlflowException("RESOURCE_DOES_NOT_EXIST: no run"))
+
+
+def test_a_lost_server_is_one_line_naming_it_and_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.stage_runs import _left_running, _raise_if_unreachable
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    lost = requests.ConnectionError("Max retries exceeded ([Errno 111] Connection refused)")
+    with pytest.raises(PipelineError) as raised:
+        _raise_if_unreachable(lost, "train_custom", _left_running("abc123", "train_custom"))
+    assert str(raised.value) == (
+        "MLflow tracking server http://mlflow.example:5000 stopped answering during train_custom (connection "
+        "refused, after MLFLOW_HTTP_REQUEST_MAX_RETRIES retries); its run abc123 is marked FAILED when "
+        "train_custom next starts here. Start the server again and rerun dvc repro")
+    _raise_if_unreachable(ValueError("a bug, not the server"), "train_custom", "")  # not ours to reword
