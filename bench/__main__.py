@@ -25,6 +25,7 @@ ROWS = {
     "photos": "bench.photos",
     "recipe": "bench.photo_recipe",
     "near_duplicates": "bench.near_duplicates",
+    "serving": "bench.serving",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

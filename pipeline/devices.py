@@ -36,18 +36,28 @@ def choose_placement(setting: str) -> Placement:
     else one device. ``mirrored``: every GPU, or every logical CPU when there is no GPU.
     ``multi_worker``: ``MultiWorkerMirroredStrategy`` (needs ``TF_CONFIG``). ``none``: one device.
     """
-    gpus = tf.config.list_logical_devices("GPU")
     cluster = _tf_config()
+    # Before anything that starts TensorFlow's runtime (listing devices does): collective ops can
+    # only be configured at program start.
     if setting == "multi_worker" or (setting == "auto" and cluster):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        workers = len(cluster.get("cluster", {}).get("worker", [])) or 1
-        index = int(cluster.get("task", {}).get("index", 0))
+        workers, index = worker_share(cluster)
         return Placement(strategy, "multi_worker", strategy.num_replicas_in_sync, workers, index)
+    gpus = tf.config.list_logical_devices("GPU")
     if setting == "mirrored" or (setting == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
         return Placement(strategy, "mirrored", strategy.num_replicas_in_sync)
     return Placement(tf.distribute.get_strategy(), "none", 1)
+
+
+def worker_share(cluster: dict) -> tuple[int, int]:
+    """How many processes train (a ``chief`` trains too) and which of them this one is."""
+    tasks = cluster.get("cluster", {})
+    chiefs = len(tasks.get("chief", []))
+    task = cluster.get("task", {})
+    index = int(task.get("index", 0)) + (chiefs if task.get("type", "worker") == "worker" else 0)
+    return max(1, chiefs + len(tasks.get("worker", []))), index
 
 
 def _tf_config() -> dict:

@@ -21,6 +21,11 @@ from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_bytes
 
 IMAGE_COLUMN = "image"
+# What one request may hold, checked before any decoding: enough for a batch of phone photos, not
+# for a client that sends a disk image. A proxy in front should refuse larger bodies first
+# (README, Serving: limits to put in front).
+MAX_IMAGES_PER_REQUEST = 256
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
 SERVING_PACKAGES = ("tensorflow", "keras", "mlflow", "pillow", "pandas", "numpy")
 
 
@@ -58,6 +63,7 @@ def pixels_from_request(model_input: Any, info: DeployedModel) -> np.ndarray:
         if IMAGE_COLUMN not in model_input.columns:
             raise ValueError(f"expected a column named '{IMAGE_COLUMN}' holding each image file's bytes "
                              f"in base64; got columns {list(model_input.columns)}")
+        _check_count(len(model_input))
         images = []
         for row, value in enumerate(model_input[IMAGE_COLUMN]):
             try:
@@ -72,6 +78,7 @@ def pixels_from_request(model_input: Any, info: DeployedModel) -> np.ndarray:
     if array.ndim != 4 or array.shape[1:] != expected or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"expected images of shape (n, {', '.join(map(str, expected))}) with pixel values 0-255, "
                          f"got shape {array.shape} of {array.dtype}")
+    _check_count(len(array))
     return array
 
 
@@ -134,7 +141,18 @@ def read_logged_serving_model(model_dir: Path) -> tuple[Path, DeployedModel]:
             DeployedModel.read(Path(model_dir) / artifacts["model_info"]["path"]))
 
 
+def _check_count(count: int) -> None:
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise ValueError(f"{count} images in one request is over the limit of {MAX_IMAGES_PER_REQUEST}; "
+                         "send them in several requests")
+
+
 def _as_bytes(value: Any) -> bytes:
+    # base64 text is 4/3 of the bytes it holds: measure before decoding, not after.
+    size = len(value) * 3 // 4 if isinstance(value, str) else len(value) if isinstance(value, (bytes, bytearray)) else 0
+    if size > MAX_IMAGE_BYTES:
+        raise ImageRejected(f"an image file of {size / 2**20:.0f} MB is over the limit of "
+                            f"{MAX_IMAGE_BYTES // 2**20} MB per image")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, figures, parent_run, tracking
+from pipeline import cli, figures, parent_run, stage_runs, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import Placement, choose_placement, machine_summary, resolve_precision
@@ -208,7 +208,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
     parent_id = parent_run.join_or_start(experiment_id, parent_run.execution_key(Path(args.split)), spec.stage)
-    with tracking.start_run(spec.stage, tags, parent_run_id=parent_id) as run:
+    with stage_runs.stage_run(spec.stage, experiment_id, tags, parent_run_id=parent_id) as run:
         tracking.log_params_flat(run_params(params.base, params.augment, params.split, section, spec, fit_data,
                                             data.class_names, setup))
         tracking.log_dataset_inputs(tracking.dataset_inputs(data, source_setting(Path(args.ingest)),

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devices import cpu_has_bfloat16, cpuinfo_field, gpu_precision, machine_summary, resolve_precision
+from pipeline.devices import (
+    cpu_has_bfloat16,
+    cpuinfo_field,
+    gpu_precision,
+    machine_summary,
+    resolve_precision,
+    worker_share,
+)
 from pipeline.model_table import MODEL_NAMES
 
 AVX2_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
@@ -65,3 +72,14 @@ def test_machine_summary_names_the_cpu_and_its_vector_extensions() -> None:
     if Path("/proc/cpuinfo").exists():
         assert summary["cpu"] == cpuinfo_field("model name")
         assert (summary["cpu_isa"] in ("amx", "avx512_bf16")) == cpu_has_bfloat16()
+
+
+
+@pytest.mark.parametrize(("cluster", "share"), [
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, (2, 1)),
+    # A chief trains too: it is share 0, and worker i is share i + 1.
+    ({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {"type": "chief", "index": 0}}, (3, 0)),
+    ({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {"type": "worker", "index": 1}}, (3, 2)),
+])
+def test_each_process_of_a_cluster_reads_its_own_share(cluster: dict, share: tuple) -> None:
+    assert worker_share(cluster) == share

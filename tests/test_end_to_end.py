@@ -8,22 +8,16 @@ reruns only the gate and deploys nothing.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from bench.project import STAGES, free_port, project_env, read_params, run, stages_run, write_params
+from bench.project import STAGES, free_port, read_params, run, stages_run, write_params
 from tests.conftest import ReproducedProject
 
 pytestmark = pytest.mark.slow
@@ -246,55 +240,58 @@ def test_the_champion_is_logged_from_code_not_as_a_pickle(project: Path) -> None
 
 
 def test_mlflow_serves_the_champion_over_http(project: Path) -> None:
-    """``mlflow models serve`` answers real requests with real image bytes, and bad ones with a 4xx."""
-    port = free_port()
-    env = project_env()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/image-classifier@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """``mlflow models serve`` answers real requests with real image bytes, a batch of 64 and a small
+    load without an error; abuse gets a 4xx that says why, and the next good request is answered."""
+    from bench.serving import image_request, load_test, post, served_champion
+    from tests.hostile import zero_png
 
-    def post(payload: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(f"{url}/invocations", json.dumps(payload).encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                assert time.monotonic() < deadline, "mlflow models serve did not start in 180 s"
-                time.sleep(1)
-
-        image = (project / "data/ingest/images/3").iterdir().__next__().read_bytes()
-        status, body = post({"dataframe_records": [{"image": base64.b64encode(image).decode()}]})
+    image = sorted((project / "data/ingest/images/3").iterdir())[0].read_bytes()
+    with served_champion(project, free_port()) as url:
+        status, body = post(url, image_request([image]))
         assert status == 200, body
         (answer,) = body["predictions"]
         assert set(answer) == {"label", "probability", "probabilities"}
         assert answer["label"] in answer["probabilities"]
         assert abs(sum(answer["probabilities"].values()) - 1.0) < 1e-3
 
-        status, body = post({"inputs": np.zeros((2, 32, 32, 1)).tolist()})
+        status, body = post(url, json.dumps({"inputs": np.zeros((2, 32, 32, 1)).tolist()}).encode())
         assert status == 200 and len(body["predictions"]) == 2
+        status, body = post(url, image_request([image] * 64))
+        assert status == 200 and len(body["predictions"]) == 64
 
-        status, body = post({"dataframe_records": [{"image": base64.b64encode(b"hello").decode()}]})
-        assert status == 400 and "not an image" in body["message"]
-        status, body = post({"inputs": np.zeros((1, 8, 8, 1)).tolist()})
-        assert status == 400 and "expected images of shape (n, 32, 32, 1)" in body["message"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        # The bench row's load test, smaller: every request answered, none dropped.
+        load = load_test(url, image_request([image]), clients=4, requests=40)
+        assert load.errors == 0, load.first_error
+        assert len(load.latencies) == 40
+
+        truncated = image[: len(image) // 2] if image[:2] == b"\xff\xd8" else _truncated_jpeg()
+        abuse = {
+            "not an image": (image_request([b"hello"]), "not an image"),
+            "50 MB": (image_request([os.urandom(50 * 2**20 * 3 // 4)]), "over the limit of 20 MB per image"),
+            "30,000 x 30,000 bomb": (image_request([zero_png(30_000, 1)]), "too large: 30000x30000 pixels"),
+            "truncated JPEG": (image_request([truncated]), "corrupt image"),
+            "too many images": (image_request([image] * 300), "300 images in one request is over the limit"),
+            "wrong pixel shape": (json.dumps({"inputs": np.zeros((1, 8, 8, 1)).tolist()}).encode(),
+                                  "expected images of shape (n, 32, 32, 1)"),
+            "wrong column": (json.dumps({"dataframe_records": [{"picture": "aGVsbG8="}]}).encode(),
+                             "expected a column named 'image'"),
+            "not the documented shape": (json.dumps({"images": ["aGVsbG8="]}).encode(), "dataframe_records"),
+            "not JSON": (b"{not json", "JSON"),
+        }
+        for case, (request_body, message) in abuse.items():
+            status, body = post(url, request_body)
+            assert 400 <= status < 500, (case, status, str(body)[:300])
+            assert message in body.get("message", ""), (case, str(body)[:300])
+            # ... and the server still answers the next good request.
+            status, body = post(url, image_request([image]))
+            assert status == 200 and len(body["predictions"]) == 1, (case, status, str(body)[:300])
+
+
+def _truncated_jpeg() -> bytes:
+    from PIL import Image
+
+    from tests.hostile import encode_image
+
+    whole = encode_image(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+                         "JPEG", quality=95)
+    return whole[: len(whole) // 2]

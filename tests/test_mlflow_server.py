@@ -9,18 +9,21 @@ the project copy must hold no local store (``mlflow.db``, ``mlartifacts/``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from bench.project import STAGES, copy_project, free_port, project_env, stages_run
+from bench.project import STAGES, copy_project, free_port, project_env, read_params, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +33,37 @@ SERVER_START_TIMEOUT = 120  # seconds: the first start creates the database and 
 
 
 class Server:
-    """A running ``mlflow server``: its URL, its artifact destination and its log file."""
+    """A ``mlflow server`` on a fixed port over one database and artifact folder: its URL, its log
+    file, and :meth:`start` to run it (again, after :func:`stop`, as a team's server comes back)."""
 
-    def __init__(self, process: subprocess.Popen, url: str, artifacts: Path, database: Path, log: Path) -> None:
-        self.process, self.url, self.artifacts, self.database, self.log = process, url, artifacts, database, log
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.url = root, f"http://127.0.0.1:{port}"
+        self.database, self.artifacts, self.log = root / "mlflow.db", root / "artifacts", root / "server.log"
+        self.command = [sys.executable, "-m", "mlflow", "server",
+                        "--backend-store-uri", f"sqlite:///{self.database}",
+                        "--serve-artifacts", "--artifacts-destination", str(self.artifacts),
+                        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers ``/health``."""
+        env = project_env()  # no MLFLOW_* settings from the caller leak into the server
+        with open(self.log, "ab") as log_file:
+            # Its own session, so stop() can signal the whole group (the server and its workers).
+            self.process = subprocess.Popen(self.command, cwd=self.root, env=env, stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"mlflow server exited {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy after {SERVER_START_TIMEOUT} s:\n{self.log_tail()}")
+            time.sleep(0.5)
 
     def get(self, endpoint: str, **params) -> dict:
         response = requests.get(f"{self.url}{endpoint}", params=params, timeout=30)
@@ -74,36 +104,13 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     """``mlflow server`` with a SQLite backend and ``--serve-artifacts`` into a local folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    database, artifacts, log = root / "mlflow.db", root / "artifacts", root / "server.log"
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{database}",
-               "--serve-artifacts", "--artifacts-destination", str(artifacts),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = project_env()  # no MLFLOW_* settings from the caller leak into the server
-    with open(log, "wb") as log_file:
-        # Its own session, so the finaliser can signal the whole group (the server and its workers).
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    started = Server(process, url, artifacts, database, log)
+    started = Server(tmp_path_factory.mktemp("mlflow-server"), free_port())
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"mlflow server exited {process.returncode}:\n{started.log_tail()}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy after {SERVER_START_TIMEOUT} s:\n{started.log_tail()}")
-            time.sleep(0.5)
+        started.start()
         yield started
     finally:
-        stop(process)
+        if started.process is not None:
+            stop(started.process)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +246,65 @@ def test_artifacts_live_in_the_servers_artifact_store(server: Server, pipeline) 
     assert not (project / "mlflow.db").exists()
     assert not (project / "mlartifacts").exists()
     assert not (project / "mlruns").exists()
+
+
+# --- the server goes away (last in this module: it stops the server and changes what it holds) ---
+
+STOP_BOUND = 60  # seconds from the server's death to the stage's failure (MLflow's defaults take minutes)
+
+
+def test_a_server_that_dies_during_training_fails_the_stage_and_repro_recovers(server: Server, pipeline,
+                                                                               tmp_path: Path) -> None:
+    project = Path(shutil.copytree(pipeline[0], tmp_path / "project", symlinks=True))
+    env = {**project_env(), "MLFLOW_TRACKING_URI": server.url}  # the stage's own retry settings, no others
+    params = read_params(project)
+    params["train_custom"].update(epochs=200, patience=200)  # long enough to lose the server in the middle
+    write_params(project, params)
+
+    process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Whatever happens, nothing outlives this test's bound.
+    watchdog = threading.Timer(600, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "Epoch 2/" in line:
+                break
+        assert process.poll() is None, f"dvc repro ended before training:\n{''.join(seen)}"
+        stop(server.process)  # SIGTERM to the server's group, then SIGKILL to what is left
+        died = time.monotonic()
+        seen.append(process.stdout.read())
+        process.wait()
+        took = time.monotonic() - died
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    output = "".join(seen)
+    assert process.returncode != 0, output
+    assert took < STOP_BOUND, f"{took:.0f} s after the server died:\n{output}"
+    (message,) = [line for line in output.splitlines() if "stopped answering" in line]
+    assert f"stage train_custom failed: MLflow tracking server {server.url} stopped answering" in message
+    assert "Traceback" not in output
+    assert not (project / "models/custom/model.keras").exists()
+    assert not [p for p in (project / "models").rglob("*") if ".tmp" in p.name]
+    left_running = message.split("its run ")[1].split()[0]
+
+    # The server comes back: the next repro marks the abandoned run FAILED and trains a clean one.
+    server.start()
+    assert server.get("/api/2.0/mlflow/runs/get", run_id=left_running)["run"]["info"]["status"] == "RUNNING"
+    params["train_custom"].update(epochs=1, patience=1)
+    write_params(project, params)
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{server.log_tail()}"
+    assert stages_run(result.stdout) == ["train_custom", "evaluate", "gate"]
+
+    assert server.get("/api/2.0/mlflow/runs/get", run_id=left_running)["run"]["info"]["status"] == "FAILED"
+    new_run = json.loads((project / "models/custom/run.json").read_text())["run_id"]
+    found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
+                                                        "max_results": 100})["runs"]
+    statuses = {run["info"]["run_id"]: run["info"]["status"] for run in found}
+    assert statuses[new_run] == "FINISHED"
+    assert "RUNNING" not in statuses.values(), statuses

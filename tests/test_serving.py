@@ -16,7 +16,14 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipeline.artifacts import DeployedModel
-from pipeline.serving import classify, log_serving_model, pixels_from_request, predictions_frame
+from pipeline.serving import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES_PER_REQUEST,
+    classify,
+    log_serving_model,
+    pixels_from_request,
+    predictions_frame,
+)
 from tests.hostile import encode_image
 
 INFO = DeployedModel(class_names=["cat", "dog"], image_size=8, channels=3)
@@ -47,6 +54,10 @@ def test_arrays_of_pixels_pass_and_a_single_image_gets_a_batch_axis() -> None:
     (pd.DataFrame({"image": [3]}), "row 0: expected image bytes or base64 text, got int"),
     (np.zeros((2, 16, 16, 3)), "expected images of shape (n, 8, 8, 3)"),
     (np.array([[["a"] * 3] * 8] * 8), "expected images of shape (n, 8, 8, 3)"),
+    (np.zeros((MAX_IMAGES_PER_REQUEST + 1, 8, 8, 3)), f"{MAX_IMAGES_PER_REQUEST + 1} images in one request is over"),
+    (pd.DataFrame({"image": [_png()] * (MAX_IMAGES_PER_REQUEST + 1)}), "images in one request is over the limit"),
+    (pd.DataFrame({"image": [b"\0" * (MAX_IMAGE_BYTES + 1)]}), "row 0: an image file of 20 MB is over the limit"),
+    (pd.DataFrame({"image": ["A" * (MAX_IMAGE_BYTES * 4 // 3 + 8)]}), "row 0: an image file of 20 MB is over"),
 ])
 def test_a_bad_request_says_what_is_wrong(request_body, message: str) -> None:
     with pytest.raises(ValueError) as raised:
