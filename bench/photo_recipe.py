@@ -10,7 +10,7 @@ the same decoded pixels, each in its own process:
     flip + rotation augmentation, Adam 3e-4, binary cross-entropy on logits) written in bare Keras
     here, fed from in-memory arrays, at the same image size, for a fixed number of epochs.
 
-Reported: test accuracy of each (with its Wilson 95 % interval, scipy), training wall time of each,
+Reported: test accuracy of each (with its Wilson 95 % interval, pipeline.statistics), training wall time of each,
 and their ratios. Target: the pipeline at least as accurate as the recipe in no more time.
 Skipped when no photo folder is given (``--photos DIR`` or ``BENCH_PHOTOS``).
 """
@@ -72,8 +72,8 @@ def worker(spec: dict) -> dict:
     import time
 
     import numpy as np
-    from scipy.stats import binomtest
 
+    from pipeline import statistics
     from pipeline.dataset import decode_predictions, load_images
     from pipeline.ingest import ingest_folder
     from pipeline.manifest import SplitImages
@@ -98,9 +98,9 @@ def worker(spec: dict) -> dict:
     if spec["recipe"] == "keras_io":  # logits
         outputs = 1.0 / (1.0 + np.exp(-outputs))
     predicted, _ = decode_predictions(outputs)
-    right = int(np.sum(predicted == np.asarray(data.label_indices("test"))))
-    interval = binomtest(right, len(test)).proportion_ci(confidence_level=0.95, method="wilson")
-    return {"recipe": spec["recipe"], "test_accuracy": right / len(test),
+    actual = np.asarray(data.label_indices("test"))
+    interval = statistics.interval("accuracy", actual, predicted, confidence=0.95, seed=base.seed)   # Wilson
+    return {"recipe": spec["recipe"], "test_accuracy": statistics.score("accuracy", actual, predicted),
             "test_accuracy_ci95": [float(interval.low), float(interval.high)], "fit_s": fit_s,
             "epochs_run": epochs_run, "train_images": len(data.paths("train")), "test_images": len(test),
             "image_size": base.image_size, "policy": model.dtype_policy.name}

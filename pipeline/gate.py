@@ -155,7 +155,7 @@ def judge_all(predictions: dict[str, dict[str, SplitPredictions]], gate: GatePar
               seed: int) -> dict[str, Verdict]:
     """Every model's verdict. The test score always carries an interval (at ``gate.confidence``, or
     the reporting level); the train score only when the thresholds are judged at a confidence."""
-    test_level = gate.confidence or statistics.REPORTING_CONFIDENCE
+    test_level = _level(gate)
     return {name: judge(estimate(gate.metric, splits["train"], gate.confidence, seed),
                         estimate(gate.metric, splits["test"], test_level, seed), gate)
             for name, splits in predictions.items()}
@@ -170,7 +170,7 @@ def best_passing(candidates: dict[str, Verdict]) -> str | None:
 def compare_models(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
                    seed: int) -> list[PairedComparison]:
     """Each pair of models on the same test images (custom vs resnet50)."""
-    level = gate.confidence or statistics.REPORTING_CONFIDENCE
+    level = _level(gate)
     comparisons = []
     for first, second in combinations(predictions, 2):
         a, b = predictions[first]["test"], predictions[second]["test"]
@@ -185,7 +185,7 @@ def compare_models(predictions: dict[str, dict[str, SplitPredictions]], gate: Ga
 def challenge(challenger: str, answers: SplitPredictions, champion_version: str, champion_model: str,
               champion_predicted: list[str], gate: GateParams, seed: int) -> ChampionCheck:
     """The challenger against the champion's answers on the same test images: stays or replaced."""
-    level = gate.confidence or statistics.REPORTING_CONFIDENCE
+    level = _level(gate)
     comparison = statistics.compare(challenger, f"champion v{champion_version}", gate.metric,
                                     np.asarray(answers.actual), np.asarray(answers.predicted),
                                     np.asarray(champion_predicted), level, seed)
@@ -421,6 +421,11 @@ def _threshold(split: str, value: Estimate, threshold: float, key: str, gate: Ga
     passes = value.interval.low >= threshold
     return passes, (f"{split} {gate.metric} {value.score:.4f}, {gate.confidence:.0%} interval "
                     f"{value.interval.text()}: lower end {'>=' if passes else '<'} {key} {threshold}")
+
+
+def _level(gate: GateParams) -> float:
+    """The confidence of the intervals and comparisons: the deciding one, or the reporting one."""
+    return gate.confidence or statistics.REPORTING_CONFIDENCE
 
 
 def _interval_json(interval: Interval | None) -> dict | None:

@@ -17,11 +17,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 
-Metric = Literal["accuracy", "balanced_accuracy", "macro_f1"]
 REPORTING_CONFIDENCE = 0.95     # the level of intervals that are reported but do not decide anything
 BOOTSTRAP_RESAMPLES = 1000      # per scikit-learn metric call (ms each); endpoints settle to about a third of a point
 MINIMUM_IMAGES = 2              # fewer cannot vary, so no interval says anything

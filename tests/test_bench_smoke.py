@@ -45,6 +45,15 @@ def _check_report(result: subprocess.CompletedProcess, out: Path, rows: list[str
     return data
 
 
+def _tiny_row(tmp_path: Path, key: str, timeout: float) -> dict:
+    """Run one row at --tiny sizes, check the report, and return the row, which must be ok."""
+    out = tmp_path / "results.json"
+    data = _check_report(_bench(tmp_path, "--tiny", "--rows", key, "--out", str(out), timeout=timeout), out, [key])
+    row = data["rows"][key]
+    assert row["status"] == "ok", row["notes"]
+    return row
+
+
 @pytest.mark.slow
 def test_bench_tiny_suite(tmp_path: Path) -> None:
     rows = ["ingest", "input", "numerics", "e2e", "photos", "recipe"]
@@ -81,11 +90,7 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("BENCH_SMOKE_ALL") != "1",
                     reason="needs a full dvc repro of a project copy (minutes); set BENCH_SMOKE_ALL=1")
 def test_bench_tiny_orchestration(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    result = _bench(tmp_path, "--tiny", "--rows", "orchestration", "--out", str(out), timeout=1800)
-    data = _check_report(result, out, ["orchestration"])
-    row = data["rows"]["orchestration"]
-    assert row["status"] == "ok", row["notes"]
+    row = _tiny_row(tmp_path, "orchestration", timeout=1800)
     verdicts = {line["case"].strip(): line["verdict"] for line in row["lines"]}
     assert "no-op dvc repro" in verdicts and "gate threshold changed: dvc repro" in verdicts
     assert "stages it ran" in verdicts and "gate process imported TensorFlow" in verdicts
@@ -113,11 +118,7 @@ def test_bench_table_format() -> None:
 
 
 def test_bench_tiny_near_duplicates(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    result = _bench(tmp_path, "--tiny", "--rows", "near_duplicates", "--out", str(out), timeout=300)
-    data = _check_report(result, out, ["near_duplicates"])
-    row = data["rows"]["near_duplicates"]
-    assert row["status"] == "ok", row["notes"]
+    row = _tiny_row(tmp_path, "near_duplicates", timeout=300)
     scaling = [line for line in row["lines"] if "hashes, within" in line["case"]]
     assert [line["data"]["hashes"] for line in scaling] == [2_000, 10_000]
     assert all(line["verdict"] == "ok" for line in scaling)    # every planted near copy found
