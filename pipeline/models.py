@@ -156,6 +156,20 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
                   metrics=["accuracy"], jit_compile=jit_compile)
 
 
+def for_inference(model: keras.Model) -> keras.Model:
+    """The same layers and weights without the optimizer, loss and metrics that training attached.
+
+    This is what is saved and logged: a model file is for predicting, and Adam's two moment
+    estimates per weight would triple it (ResNet50: 284 MB instead of 94 MB, and every save, log
+    and load slower by as much). ``clone_model`` is no help here, since it compiles the copy.
+    """
+    if not model.compiled:
+        return model
+    copy = model.__class__.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _classifier_head(x, num_classes: int, dense_units: Sequence[int], dropout: float):
     for number, units in enumerate(dense_units, start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"fc{number}")(x)

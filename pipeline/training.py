@@ -28,7 +28,7 @@ from pipeline.devices import Placement, choose_placement, machine_summary, resol
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
-from pipeline.models import compile_model
+from pipeline.models import compile_model, for_inference
 from pipeline.params import AugmentParams, BaseParams, FitParams, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
@@ -216,7 +216,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
                                                             params.split.ratios))
         history = History()
         with placement.strategy.scope():
-            model = fit_function(fit_data, section, params.augment, history, [MlflowEpochLogger()])
+            trained = fit_function(fit_data, section, params.augment, history, [MlflowEpochLogger()])
+        model = for_inference(trained)
         summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,

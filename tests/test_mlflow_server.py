@@ -2,22 +2,26 @@
 
 A ``mlflow server`` subprocess (SQLite backend and proxied artifact store, both in a temporary
 folder, as a team would run it with PostgreSQL and S3) is started on a free port; ``dvc repro``
-runs in a copy of the project with only ``MLFLOW_TRACKING_URI`` pointing at it. Everything is then
-checked through the server's REST API, the way a teammate on another machine would see it, and
-the project copy must hold no local store (``mlflow.db``, ``mlartifacts/``).
+runs in a copy of the project with only ``MLFLOW_TRACKING_URI`` pointing at it. The server is
+stopped during the first repro's ``train_custom`` and started again, and a second repro completes
+(one pipeline run pays for both checks). Everything is then checked through the server's REST API,
+the way a teammate on another machine would see it, and the project copy must hold no local store
+(``mlflow.db``, ``mlartifacts/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -113,18 +117,85 @@ def server(tmp_path_factory) -> Server:
             stop(started.process)
 
 
+@dataclass(frozen=True)
+class Outage:
+    """What the server's death during ``train_custom`` did: the failed repro's output, how long the
+    stage took to fail after the server died, and the run it left behind (status as the restarted
+    server first saw it)."""
+
+    output: str
+    returncode: int
+    seconds_to_fail: float
+    left_running: str
+    model_written: bool
+    status_after_restart: str
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A project copy whose pipeline ran against the server: once into an outage, once to the end."""
+
+    project: Path
+    outage: Outage
+    recovery: subprocess.CompletedProcess
+
+
+STOP_BOUND = 60  # seconds from the server's death to the stage's failure (MLflow's defaults take minutes)
+
+
 @pytest.fixture(scope="module")
-def pipeline(server: Server, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``dvc repro`` in a fresh copy of the project, tracking to the server and nowhere else."""
+def pipeline(server: Server, tmp_path_factory) -> Pipeline:
+    """A team's first week with a server, in one project copy tracking to it and nowhere else:
+    ``dvc repro`` starts, the server dies during ``train_custom``, the server comes back, and
+    ``dvc repro`` runs again to the end. Only the URI is the set-up (the stages' own retry settings)."""
     project = copy_project(tmp_path_factory.mktemp("project"))
-    # Only the URI is the set-up. Fewer HTTP retries than MLflow's default (7, with growing back-off)
-    # only make a dead server fail the run in seconds rather than minutes.
-    env = {**project_env(), "MLFLOW_TRACKING_URI": server.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
-    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=900,
-                            check=False)
-    assert result.returncode == 0, (f"dvc repro exited {result.returncode}\n{result.stdout}\n{result.stderr}\n"
-                                    f"--- {server.state()}, log ---\n{server.log_tail()}")
-    return project, result
+    env = {**project_env(), "MLFLOW_TRACKING_URI": server.url}
+    params = read_params(project)
+    long_training = copy.deepcopy(params)
+    long_training["train_custom"].update(epochs=200, patience=200)  # long enough to lose the server in the middle
+    write_params(project, long_training)
+    outage = _repro_until_the_server_dies(project, env, server)
+
+    server.start()
+    status = server.get("/api/2.0/mlflow/runs/get", run_id=outage.left_running)["run"]["info"]["status"]
+    outage = dataclasses.replace(outage, status_after_restart=status)
+    write_params(project, params)
+    recovery = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=900,
+                              check=False)
+    assert recovery.returncode == 0, (f"dvc repro exited {recovery.returncode}\n{recovery.stdout}\n"
+                                      f"{recovery.stderr}\n--- {server.state()}, log ---\n{server.log_tail()}")
+    return Pipeline(project, outage, recovery)
+
+
+def _repro_until_the_server_dies(project: Path, env: dict[str, str], server: Server) -> Outage:
+    """``dvc repro``, the server stopped at train_custom's second epoch, and what the stage then did."""
+    process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Whatever happens, nothing outlives this fixture's bound.
+    watchdog = threading.Timer(600, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "Epoch 2/" in line:
+                break
+        assert process.poll() is None, f"dvc repro ended before training:\n{''.join(seen)}"
+        stop(server.process)  # SIGTERM to the server's group, then SIGKILL to what is left
+        died = time.monotonic()
+        seen.append(process.stdout.read())
+        process.wait()
+        took = time.monotonic() - died
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    output = "".join(seen)
+    messages = [line for line in output.splitlines() if "stopped answering" in line]
+    assert len(messages) == 1, output
+    left_running = messages[0].split("its run ")[1].split()[0]
+    model_written = (project / "models/custom/model.keras").exists()
+    return Outage(output, process.returncode, took, left_running, model_written, status_after_restart="")
 
 
 def experiment_id(server: Server) -> str:
@@ -133,14 +204,14 @@ def experiment_id(server: Server) -> str:
 
 
 def training_runs(server: Server) -> dict[str, dict]:
-    """The experiment's training runs, by their ``dvc.stage`` tag, as the REST API returns them (the
-    pipeline's parent run, which has no stage, is left out)."""
+    """The experiment's finished training runs, by their ``dvc.stage`` tag, as the REST API returns
+    them (the pipeline's parent run, which has no stage, and the run the outage failed are left out)."""
     found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
                                                         "max_results": 100})
     runs = {}
     for run in found.get("runs", []):
         tags = {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
-        if "dvc.stage" not in tags:
+        if "dvc.stage" not in tags or run["info"]["status"] == "FAILED":
             continue
         runs[tags["dvc.stage"]] = {
             "info": run["info"], "tags": tags,
@@ -149,13 +220,14 @@ def training_runs(server: Server) -> dict[str, dict]:
     return runs
 
 
-def test_pipeline_runs_every_stage_against_the_server(pipeline) -> None:
-    _, result = pipeline
-    assert stages_run(result.stdout) == list(STAGES)
+def test_pipeline_runs_every_stage_against_the_server(pipeline: Pipeline) -> None:
+    # The outage's repro completed ingest and split (DVC keeps finished stages), the recovery the rest.
+    assert stages_run(pipeline.outage.output)[:2] == ["ingest", "split"]
+    assert stages_run(pipeline.recovery.stdout) == [stage for stage in STAGES if stage not in ("ingest", "split")]
 
 
-def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None:
-    project, _ = pipeline
+def test_experiment_and_runs_are_on_the_server(server: Server, pipeline: Pipeline) -> None:
+    project = pipeline.project
     experiment = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     assert experiment["name"] == EXPERIMENT
     assert experiment["lifecycle_stage"] == "active"
@@ -189,8 +261,8 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline) -> None
     assert [Path(entry["path"]).name for entry in listed.get("files", [])] == ["gate.json"]
 
 
-def test_champion_alias_is_on_the_server(server: Server, pipeline) -> None:
-    project, _ = pipeline
+def test_champion_alias_is_on_the_server(server: Server, pipeline: Pipeline) -> None:
+    project = pipeline.project
     version = server.get("/api/2.0/mlflow/registered-models/alias", name=REGISTERED_MODEL,
                          alias="champion")["model_version"]
     assert version["name"] == REGISTERED_MODEL
@@ -220,8 +292,8 @@ def test_champion_alias_is_on_the_server(server: Server, pipeline) -> None:
     assert response.status_code == 200 and response.content == deployed_bytes
 
 
-def test_artifacts_live_in_the_servers_artifact_store(server: Server, pipeline) -> None:
-    project, _ = pipeline
+def test_artifacts_live_in_the_servers_artifact_store(server: Server, pipeline: Pipeline) -> None:
+    project = pipeline.project
     runs = training_runs(server)
     for stage, run in runs.items():
         run_id = run["info"]["run_id"]
@@ -248,64 +320,29 @@ def test_artifacts_live_in_the_servers_artifact_store(server: Server, pipeline) 
     assert not (project / "mlruns").exists()
 
 
-# --- the server goes away (last in this module: it stops the server and changes what it holds) ---
+# --- the server went away during the first repro ---
 
-STOP_BOUND = 60  # seconds from the server's death to the stage's failure (MLflow's defaults take minutes)
-
-
-def test_a_server_that_dies_during_training_fails_the_stage_and_repro_recovers(server: Server, pipeline,
-                                                                               tmp_path: Path) -> None:
-    project = Path(shutil.copytree(pipeline[0], tmp_path / "project", symlinks=True))
-    env = {**project_env(), "MLFLOW_TRACKING_URI": server.url}  # the stage's own retry settings, no others
-    params = read_params(project)
-    params["train_custom"].update(epochs=200, patience=200)  # long enough to lose the server in the middle
-    write_params(project, params)
-
-    process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    # Whatever happens, nothing outlives this test's bound.
-    watchdog = threading.Timer(600, lambda: os.killpg(process.pid, signal.SIGKILL))
-    watchdog.start()
-    try:
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            if "Epoch 2/" in line:
-                break
-        assert process.poll() is None, f"dvc repro ended before training:\n{''.join(seen)}"
-        stop(server.process)  # SIGTERM to the server's group, then SIGKILL to what is left
-        died = time.monotonic()
-        seen.append(process.stdout.read())
-        process.wait()
-        took = time.monotonic() - died
-    finally:
-        watchdog.cancel()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    output = "".join(seen)
-    assert process.returncode != 0, output
-    assert took < STOP_BOUND, f"{took:.0f} s after the server died:\n{output}"
-    (message,) = [line for line in output.splitlines() if "stopped answering" in line]
+def test_a_server_that_dies_during_training_fails_the_stage_fast_and_repro_recovers(server: Server,
+                                                                                   pipeline: Pipeline) -> None:
+    outage, project = pipeline.outage, pipeline.project
+    assert outage.returncode != 0, outage.output
+    assert outage.seconds_to_fail < STOP_BOUND, f"{outage.seconds_to_fail:.0f} s after the server died:\n{outage.output}"
+    (message,) = [line for line in outage.output.splitlines() if "stopped answering" in line]
     assert f"stage train_custom failed: MLflow tracking server {server.url} stopped answering" in message
-    assert "Traceback" not in output
-    assert not (project / "models/custom/model.keras").exists()
-    assert not [p for p in (project / "models").rglob("*") if ".tmp" in p.name]
-    left_running = message.split("its run ")[1].split()[0]
+    assert "Traceback" not in outage.output
+    # The stage left no model, not even a half-written one.
+    assert not outage.model_written
+    assert not [path for path in (project / "models").rglob("*") if ".tmp" in path.name]
 
-    # The server comes back: the next repro marks the abandoned run FAILED and trains a clean one.
-    server.start()
-    assert server.get("/api/2.0/mlflow/runs/get", run_id=left_running)["run"]["info"]["status"] == "RUNNING"
-    params["train_custom"].update(epochs=1, patience=1)
-    write_params(project, params)
-    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{server.log_tail()}"
-    # The gate closes the execution's parent run, so the whole rest of the pipeline runs.
-    assert stages_run(result.stdout) == ["train_custom", "evaluate", "gate"]
-
-    assert server.get("/api/2.0/mlflow/runs/get", run_id=left_running)["run"]["info"]["status"] == "FAILED"
+    # The run the dead server could not close was still RUNNING when it came back; the next repro
+    # marked it FAILED and trained a clean one, and nothing is left RUNNING.
+    assert outage.status_after_restart == "RUNNING"
+    assert server.get("/api/2.0/mlflow/runs/get", run_id=outage.left_running)["run"]["info"]["status"] == "FAILED"
     new_run = json.loads((project / "models/custom/run.json").read_text())["run_id"]
+    assert new_run != outage.left_running
     found = server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id(server)],
                                                         "max_results": 100})["runs"]
     statuses = {run["info"]["run_id"]: run["info"]["status"] for run in found}
     assert statuses[new_run] == "FINISHED"
+    assert sorted(statuses.values()).count("FAILED") == 1
     assert "RUNNING" not in statuses.values(), statuses

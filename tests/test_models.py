@@ -6,8 +6,11 @@ from that file (shared by several tests), once from scratch, once to fail on a g
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from pipeline.models import (
     build_custom_cnn,
     build_resnet50,
     compile_model,
+    for_inference,
     imagenet_preprocessing_layer,
     unfreeze_top_layers,
 )
@@ -128,6 +132,27 @@ def saved_and_loaded(model: keras.Model, folder: Path, count: int = 3, tolerance
 
 def test_saved_custom_cnn_loads_in_safe_mode_with_same_predictions(custom_cnn: keras.Model, tmp_path: Path) -> None:
     saved_and_loaded(custom_cnn, tmp_path)
+
+
+def test_the_inference_copy_predicts_alike_and_saves_no_optimizer_state(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_custom_cnn(input_shape=(16, 16, 1), num_classes=3, blocks=(16,), dense_units=(64,), dropout=0.0)
+    compile_model(model, "adam", 0.01, "crossentropy", num_classes=3)
+    images = _raw_images(8, (16, 16, 1))
+    model.train_on_batch(images, np.eye(3)[np.arange(8) % 3])   # Adam now holds two moments per weight
+
+    copy = for_inference(model)
+    assert model.compiled and not copy.compiled
+    assert for_inference(copy) is copy
+    for name in ("trained", "copy"):
+        (model if name == "trained" else copy).save(tmp_path / f"{name}.keras")
+    with zipfile.ZipFile(tmp_path / "copy.keras") as archive:
+        weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        assert "optimizer" not in weights and "layers" in weights
+    # Adam's state was two thirds of the file.
+    assert (tmp_path / "copy.keras").stat().st_size < 0.5 * (tmp_path / "trained.keras").stat().st_size
+    loaded = keras.models.load_model(tmp_path / "copy.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
 
 
 # --- ImageNet preprocessing ----------------------------------------------------------------------
