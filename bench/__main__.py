@@ -26,6 +26,7 @@ ROWS = {
     "recipe": "bench.photo_recipe",
     "near_duplicates": "bench.near_duplicates",
     "serving": "bench.serving",
+    "utilisation": "bench.utilisation",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

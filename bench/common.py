@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cpu import cpu_isa, isa_in_use
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
 GIB = 1024 ** 3
@@ -36,6 +38,10 @@ def cache_dir() -> Path:
 
 
 # --- the machine ---------------------------------------------------------------------------------
+
+# Environment settings that change which kernels and vector extensions TensorFlow's math uses.
+MATH_SETTINGS = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "XLA_FLAGS")
+
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, the vector and matrix features that matter for bf16, memory, versions."""
@@ -87,6 +93,11 @@ def machine_info() -> dict[str, Any]:
         "amx_bf16": "amx_bf16" in flags,
         "amx_tile": "amx_tile" in flags,
         "bf16_hardware": bool({"avx512_bf16", "amx_bf16"} & flags),
+        # What the math may use of it: less than the CPU has where these settings hold it down
+        # (the README's emulation of a CPU without AVX-512 sets all three).
+        "isa": cpu_isa(),
+        "isa_in_use": isa_in_use(cpu_isa()),
+        "math_settings": {name: os.environ[name] for name in MATH_SETTINGS if name in os.environ},
         "gpu": _has_gpu(),
         "memory_bytes": memory,
         "versions": versions,
@@ -105,8 +116,12 @@ def machine_line(info: dict[str, Any]) -> str:
         cpu += f" under {info['hypervisor']}"
     memory = f"{info['memory_bytes'] / GIB:.1f} GiB" if info.get("memory_bytes") else "? GiB"
     v = info["versions"]
+    in_use = ""
+    if info.get("math_settings"):
+        settings = ", ".join(f"{name}={value}" for name, value in info["math_settings"].items())
+        in_use = f" (in use: {info['isa_in_use']}; {settings})"
     return (f"{cpu}; {info['cores']} cores; AVX-512 {yes(info['avx512f'])}, AVX-512 BF16 "
-            f"{yes(info['avx512_bf16'])}, AMX {yes(info['amx_tile'] or info['amx_bf16'])}; "
+            f"{yes(info['avx512_bf16'])}, AMX {yes(info['amx_tile'] or info['amx_bf16'])}{in_use}; "
             f"GPU {'yes' if info['gpu'] else 'none'}; {memory}; Python {v['python']}, TensorFlow "
             f"{v['tensorflow']}, Keras {v['keras']}, Pillow {v['pillow']}, DVC {v['dvc']}")
 
@@ -242,7 +257,7 @@ def format_table(rows: Sequence[RowResult], info: dict, mode: str, started: str)
 
 
 ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6, "recipe": 7,
-               "near_duplicates": 8, "serving": 9}
+               "near_duplicates": 8, "serving": 9, "utilisation": 11}
 
 
 # --- subprocesses --------------------------------------------------------------------------------

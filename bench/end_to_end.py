@@ -76,7 +76,8 @@ def stage_lines(result: dict, row: RowResult, judged: bool, unjudged: str = "(qu
         extra = ""
         if stage.startswith("train_"):
             summary = result["train"][stage]
-            extra = f", {summary['epochs_run']} epochs x {summary['iterations_per_epoch']} it"
+            extra = (f", {summary['epochs_run']} epochs x {summary['iterations_per_epoch']} it, "
+                     f"{summary.get('precision', '?')}, XLA {'on' if summary.get('jit_compile') else 'off'}")
         measured = f"{wall:.1f} s (body {body:.1f} s{extra})" if wall is not None and body is not None else "-"
         row.lines.append(Line(f"  {stage}", measured,
                               f"{100 * wall / total:.0f} % of total" if wall is not None else "-", None, "-", None,

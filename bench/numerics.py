@@ -82,7 +82,7 @@ def run(mode: str) -> RowResult:
                               "-", None, {"fastest": best[0]}))
         auto = reference.get("auto_policy")
         if auto:
-            params_jit = bool(spec.get("jit"))
+            params_jit = spec.get("jit") is True or (spec.get("jit") == "auto" and reference.get("auto_jit_compile"))
             chosen = f"{auto} jit={'on' if params_jit else 'off'}"
             row.lines.append(Line(f"{model}: params (precision auto)", chosen,
                                   f"fastest: {best[0]}", None, "-", None,
@@ -140,7 +140,8 @@ def worker(spec: dict) -> dict:
             "steady_images_per_s": steady(timer.seconds, len(x_train)),
             "test_accuracy": float(np.mean(truth == guess)),
             "compute_dtypes": dtype_counts(model), "policy_in_effect": model.dtype_policy.name,
-            "jit_compile_in_effect": bool(model.jit_compile), "auto_policy": _auto_policy(spec["model"])}
+            "jit_compile_in_effect": bool(model.jit_compile), "auto_policy": _auto_policy(spec["model"]),
+            "auto_jit_compile": _auto_jit_compile(spec["model"])}
 
 
 def _auto_policy(model: str) -> str | None:
@@ -150,6 +151,15 @@ def _auto_policy(model: str) -> str | None:
     except ImportError:
         return None
     return resolve_precision("auto", model)
+
+
+def _auto_jit_compile(model: str) -> bool:
+    """What the stage's ``jit_compile: auto`` picks for this model on this machine (False before it existed)."""
+    try:
+        from pipeline.devices import resolve_jit_compile
+    except ImportError:
+        return False
+    return resolve_jit_compile("auto", model)
 
 
 if __name__ == "__main__":

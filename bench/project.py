@@ -20,11 +20,12 @@ STAGES = ("ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate
 
 
 def tiny_params(raw: dict, source: str) -> dict:
-    """Params for a seconds-long run: small images, one small block, one epoch."""
+    """Params for a seconds-long run: small images, one small block, one epoch, and no XLA (with a
+    handful of steps, compiling would cost more than it saves wherever jit_compile auto picks it)."""
     raw = copy.deepcopy(raw)
     raw["ingest"]["source"] = source
-    raw["train_custom"].update(blocks=[8], dense_units=[16], epochs=1, batch_size=16)
-    raw["train_resnet50"].update(epochs=1, batch_size=16, weights=None)
+    raw["train_custom"].update(blocks=[8], dense_units=[16], epochs=1, batch_size=16, jit_compile=False)
+    raw["train_resnet50"].update(epochs=1, batch_size=16, weights=None, jit_compile=False)
     raw["gate"].update(min_train_score=0.0, min_test_score=0.0)
     return raw
 _OUTPUTS = ("data/ingest/", "models/", "metrics/", "deploy/")

@@ -44,13 +44,16 @@ def set_policy(spec: dict) -> str:
 
 def build_model(spec: dict, num_classes: int) -> keras.Model:
     """The stage's model with the spec's sizes, compiled as the stage compiles it (with XLA when
-    ``spec["jit"]``). Call :func:`set_policy` first."""
+    ``spec["jit"]`` is true, or is ``"auto"`` and the stage's auto picks it). Call :func:`set_policy` first."""
     shape = (spec["image_size"], spec["image_size"], spec["channels"])
     if spec["model"] == "custom":
         model = build_custom_cnn(shape, num_classes, spec["blocks"], spec["dense_units"], spec["dropout"])
     else:
         model, _ = build_resnet50(shape, num_classes, None, spec["dense_units"], spec["dropout"])
-    jit = bool(spec.get("jit", False))
+    jit = spec.get("jit", False)
+    if jit == "auto":
+        from pipeline.devices import resolve_jit_compile
+        jit = resolve_jit_compile("auto", spec["model"])
     if "jit_compile" in inspect.signature(compile_model).parameters:
         compile_model(model, spec["optimizer"], spec["learning_rate"], spec["loss"], num_classes, jit_compile=jit)
     else:

@@ -65,7 +65,7 @@ def model_spec(model: str, overrides: dict) -> dict:
         "optimizer": section["optimizer"],
         "loss": section["loss"],
         "precision": section.get("precision", "float32"),     # as the stage resolves it
-        "jit": bool(section.get("jit_compile", False)),
+        "jit": section.get("jit_compile", False),                 # true | false | auto, as the stage resolves it
     }
     if model == "custom":
         spec["blocks"] = list(section["blocks"])

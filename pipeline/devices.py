@@ -15,6 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from pipeline.cpu import CpuMath, cpu_isa, cpuinfo_field, isa_in_use
 from pipeline.model_table import model_spec
 
 log = logging.getLogger("pipeline.devices")
@@ -80,9 +81,9 @@ _GPU_BF16_CAPABILITY = (8, 0)
 
 def resolve_precision(setting: str, model_name: str, cpu_bfloat16: bool | None = None) -> str:
     """The Keras dtype policy for ``precision: auto``: mixed precision on a GPU (see
-    :func:`gpu_precision`), the measured best on a CPU with bfloat16 instructions, float32
-    elsewhere. Any other setting is used as it is. ``cpu_bfloat16`` overrides what
-    :func:`cpu_has_bfloat16` reads (for tests and benchmarks)."""
+    :func:`gpu_precision`), the measured best where the CPU's math has bfloat16 instructions
+    (:attr:`CpuMath.bfloat16`), float32 elsewhere. Any other setting is used as it is.
+    ``cpu_bfloat16`` overrides what :func:`cpu_math` finds (for tests and benchmarks)."""
     if setting != "auto":
         return setting
     # The GPUs this process may use (after any tf.config.set_visible_devices), the ones
@@ -91,9 +92,22 @@ def resolve_precision(setting: str, model_name: str, cpu_bfloat16: bool | None =
     if gpus:
         return gpu_precision([tf.config.experimental.get_device_details(gpu).get("compute_capability")
                               for gpu in gpus])
-    if cpu_has_bfloat16() if cpu_bfloat16 is None else cpu_bfloat16:
+    if cpu_math().bfloat16 if cpu_bfloat16 is None else cpu_bfloat16:
         return model_spec(model_name).cpu_bfloat16_precision
     return "float32"
+
+
+def resolve_jit_compile(setting: bool | str, model_name: str, math: CpuMath | None = None) -> bool:
+    """Whether the training step is compiled with XLA. ``jit_compile: auto`` follows measurement
+    (README, Performance): on a CPU whose TensorFlow runs without oneDNN, XLA's own kernels beat
+    TensorFlow's (the model table says per model); with oneDNN, TensorFlow's own are faster. On a
+    GPU, where it was not measured, auto leaves it off. ``math`` overrides :func:`cpu_math`."""
+    if setting != "auto":
+        return bool(setting)
+    if tf.config.get_visible_devices("GPU"):
+        return False
+    math = math or cpu_math()
+    return model_spec(model_name).cpu_xla_without_onednn and not math.onednn
 
 
 def gpu_precision(compute_capabilities: list[tuple[int, int] | None]) -> str:
@@ -104,29 +118,26 @@ def gpu_precision(compute_capabilities: list[tuple[int, int] | None]) -> str:
     return "mixed_float16"
 
 
-def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX (read from /proc/cpuinfo; False where it is absent)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo_field("flags", cpuinfo).split()))
+def cpu_math(cpuinfo: str = "/proc/cpuinfo", onednn: bool | None = None) -> CpuMath:
+    """The CPU's vector extensions (:func:`pipeline.cpu.cpu_isa`), those oneDNN may use, and
+    whether TensorFlow's oneDNN is on (``onednn`` overrides that, for tests)."""
+    best = cpu_isa(cpuinfo)
+    return CpuMath(best, isa_in_use(best), _onednn_enabled() if onednn is None else onednn)
+
+
+def _onednn_enabled() -> bool:
+    """TensorFlow's own answer (a C++ helper without a public Python name; False where it is gone)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def machine_summary() -> dict[str, Any]:
-    """The facts that decide speed and the ``auto`` choices: CPU model, cores, vector extensions, GPUs."""
-    flags = set(cpuinfo_field("flags").split())
-    isa = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else \
-        "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    """The facts that decide speed and the ``auto`` choices: CPU model, cores, vector extensions
+    (the CPU's and those in use), whether oneDNN is on, GPUs."""
+    math = cpu_math()
     gpus = tf.config.get_visible_devices("GPU")
-    return {"cpu": cpuinfo_field("model name") or platform.machine(), "cpu_cores": os.cpu_count() or 0, "cpu_isa": isa,
-            "gpus": len(gpus)}
-
-
-def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The value of the first ``name : value`` line of /proc/cpuinfo ("" where there is none, as off Linux)."""
-    try:
-        with open(cpuinfo, encoding="utf-8") as lines:
-            for line in lines:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
+    return {"cpu": cpuinfo_field("model name") or platform.machine(), "cpu_cores": os.cpu_count() or 0,
+            "cpu_isa": math.cpu_isa, "isa_in_use": math.isa_in_use, "onednn": math.onednn, "gpus": len(gpus)}

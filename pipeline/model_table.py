@@ -21,14 +21,19 @@ class ModelSpec:
     builder: str             # the function of pipeline.models that builds it
     folder: str              # its output folder under models/
     cpu_bfloat16_precision: str  # what precision "auto" picks on a CPU with bfloat16 instructions
+    cpu_xla_without_onednn: bool  # what jit_compile "auto" picks on a CPU where TensorFlow runs without oneDNN
 
 
 # Measured with `make bench` (numerics row) on a 2-core AMD EPYC with AVX-512 BF16: mixed_bfloat16
 # pays off for the custom CNN's large convolutions (1.7x, the same accuracy over ten seeds); for
 # ResNet50 it does not. See the README's Performance section.
+# XLA (jit_compile) against TensorFlow's own kernels, where it runs without oneDNN (float32, batch
+# 32, 32x32): ResNet50 2.95x on a 2-core AMD EPYC without AVX-512 (issue 18), 1.97x on a 2-core Xeon
+# held to AVX2 with oneDNN off; the custom CNN 1.0x and 1.20x there. With oneDNN on, XLA is slower
+# (ResNet50 0.80x on the Xeon with AMX, 0.43-0.48x on an EPYC with AVX-512 BF16), so auto leaves it off.
 MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("custom", "train_custom", "train_custom", "build_custom_cnn", "custom", "mixed_bfloat16"),
-    ModelSpec("resnet50", "train_resnet50", "train_resnet50", "build_resnet50", "resnet50", "float32"),
+    ModelSpec("custom", "train_custom", "train_custom", "build_custom_cnn", "custom", "mixed_bfloat16", True),
+    ModelSpec("resnet50", "train_resnet50", "train_resnet50", "build_resnet50", "resnet50", "float32", True),
 )
 MODEL_NAMES: tuple[str, ...] = tuple(spec.name for spec in MODELS)
 TRAINING_STAGES: tuple[str, ...] = tuple(spec.stage for spec in MODELS)

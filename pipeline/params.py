@@ -134,7 +134,7 @@ class FitParams:
     dense_units: tuple[int, ...]
     dropout: float
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
-    jit_compile: bool
+    jit_compile: Literal["auto", True, False]
 
     def check(self, where: str) -> None:
         _require(0 <= self.label_smoothing < 1, f"{where}.label_smoothing",
@@ -312,6 +312,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return instance
 
 
+def _yaml_word(value: Any) -> str:
+    """A literal as it is written in params.yaml (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a type hint and return it in that type."""
     origin = typing.get_origin(hint)
@@ -324,8 +329,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _coerce(value, inner, key)
     if origin is Literal:
-        if value not in args:
-            allowed = " | ".join(str(arg) for arg in args)
+        if not any(value == arg and type(value) is type(arg) for arg in args):   # 1 is not true
+            allowed = " | ".join(_yaml_word(arg) for arg in args)
             raise ParamsError(f"{key}: must be one of {allowed}, got {value!r}")
         return value
     if origin is tuple:

@@ -8,6 +8,7 @@ run, and the files DVC tracks. :func:`fit` knows nothing of MLflow: the stage pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import tensorflow as tf
 from pipeline import cli, figures, parent_run, stage_runs, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
-from pipeline.devices import Placement, choose_placement, machine_summary, resolve_precision
+from pipeline.devices import Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
@@ -93,10 +94,11 @@ FitFunction = Callable[[FitData, Any, AugmentParams, History, Sequence[keras.cal
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What ``precision: auto`` and ``distribution: auto`` resolved to, and on what machine:
+    """What ``precision``, ``jit_compile`` and ``distribution: auto`` resolved to, and on what machine:
     recorded in the training metrics and the MLflow run, so runs on different CPUs are told apart."""
 
     precision: str
+    jit_compile: bool
     distribution: str
     replicas: int
     global_batch_size: int
@@ -104,7 +106,8 @@ class RunSetup:
 
     def as_params(self) -> dict[str, Any]:
         """The same facts as flat MLflow params."""
-        return {"precision.policy": self.precision, "distribution.strategy": self.distribution,
+        return {"precision.policy": self.precision, "jit_compile.in_effect": self.jit_compile,
+                "distribution.strategy": self.distribution,
                 "distribution.replicas": self.replicas, "distribution.global_batch_size": self.global_batch_size,
                 **{f"machine.{key}": value for key, value in self.machine.items()}}
 
@@ -202,9 +205,10 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     experiment_id = tracking.connect(params.base.experiment_name)
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement)
-    log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, %s on %d replica(s)",
-             spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
-             fit_data.iterations_per_epoch, setup.precision, setup.distribution, setup.replicas)
+    log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
+             "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
+             fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,
+             setup.replicas)
     tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
     parent_id = parent_run.join_or_start(experiment_id, parent_run.execution_key(Path(args.split)), spec.stage)
@@ -216,7 +220,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
                                                             params.split.ratios))
         history = History()
         with placement.strategy.scope():
-            trained = fit_function(fit_data, section, params.augment, history, [MlflowEpochLogger()])
+            trained = fit_function(fit_data, dataclasses.replace(section, jit_compile=setup.jit_compile),
+                                   params.augment, history, [MlflowEpochLogger()])
         model = for_inference(trained)
         summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
         model_info = _log_model(model, data, params.base)
@@ -227,12 +232,12 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
 
 
 def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
-    """Choose the devices and the dtype policy (and set it), and record what was chosen."""
+    """Choose the devices, the dtype policy (and set it) and XLA, and record what was chosen."""
     placement = choose_placement(base.distribution)
     precision = resolve_precision(section.precision, spec.name)
     keras.mixed_precision.set_global_policy(precision)
-    setup = RunSetup(precision, placement.name, placement.replicas, section.batch_size * placement.replicas,
-                     machine_summary())
+    setup = RunSetup(precision, resolve_jit_compile(section.jit_compile, spec.name), placement.name,
+                     placement.replicas, section.batch_size * placement.replicas, machine_summary())
     return placement, setup
 
 
@@ -256,6 +261,7 @@ def _write_training_outputs(args: argparse.Namespace, model: keras.Model, histor
     frame = history.frame()
     write_frame_csv(Path(args.history), frame)
     summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
+               "jit_compile": setup.jit_compile,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
     curves = figures.training_curves(frame, title=stage)

@@ -56,7 +56,7 @@ def _tiny_row(tmp_path: Path, key: str, timeout: float) -> dict:
 
 @pytest.mark.slow
 def test_bench_tiny_suite(tmp_path: Path) -> None:
-    rows = ["ingest", "input", "numerics", "e2e", "photos", "recipe"]
+    rows = ["ingest", "input", "numerics", "utilisation", "e2e", "photos", "recipe"]
     out = tmp_path / "results.json"
     result = _bench(tmp_path, "--tiny", "--rows", ",".join(rows), "--out", str(out))
     data = _check_report(result, out, rows)
@@ -80,6 +80,14 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
     assert any("float32 jit=off (reference)" in case for case in numerics)
     assert any("jit=on" in case for case in numerics)
     assert any("mixed_float16" in case for case in numerics)
+
+    utilisation = data["rows"]["utilisation"]
+    assert utilisation["status"] == "ok", utilisation["notes"]
+    (line,) = utilisation["lines"]
+    assert 0 < line["ratio"]["median"] < 1, line      # something, and below the CPU's peak
+    # The tiny CNN (32x32x1, two 3x3 convolutions of 8 filters, dense 16, 10 classes) is 696,480
+    # multiply-adds per image: about 1.39 MFLOP, plus the adds of its biases.
+    assert 1.39e6 <= line["data"]["forward_flops"] <= 1.5e6, line["data"]["forward_flops"]
 
     for key in ("e2e", "photos", "recipe"):
         assert data["rows"][key]["status"] == "skipped"

@@ -1,4 +1,5 @@
-"""``precision: auto``: which Keras dtype policy each model trains in, per device; what ran is recorded."""
+"""``precision: auto`` and ``jit_compile: auto``: which Keras dtype policy each model trains in, and whether
+with XLA, per device; what ran is recorded."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cpu import CpuMath, cpuinfo_field
 from pipeline.devices import (
-    cpu_has_bfloat16,
-    cpuinfo_field,
+    cpu_math,
     gpu_precision,
     machine_summary,
+    resolve_jit_compile,
     resolve_precision,
     worker_share,
 )
@@ -56,23 +58,49 @@ def test_auto_without_bfloat16_instructions_stays_float32() -> None:
     assert {resolve_precision("auto", name, cpu_bfloat16=False) for name in MODEL_NAMES} == {"float32"}
 
 
-def test_bfloat16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+def test_the_cpu_math_is_read_from_the_cpu_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     (tmp_path / "avx2").write_text(AVX2_CPUINFO)
     (tmp_path / "bf16").write_text(BF16_CPUINFO)
-    assert not cpu_has_bfloat16(str(tmp_path / "avx2"))
-    assert cpu_has_bfloat16(str(tmp_path / "bf16"))
-    assert not cpu_has_bfloat16(str(tmp_path / "absent"))
+    assert cpu_math(str(tmp_path / "avx2"), onednn=False) == CpuMath("avx2", "avx2", onednn=False)
+    assert cpu_math(str(tmp_path / "bf16"), onednn=True) == CpuMath("avx512_bf16", "avx512_bf16", onednn=True)
+    assert cpu_math(str(tmp_path / "absent"), onednn=False).cpu_isa == "other"
+    assert not cpu_math(str(tmp_path / "avx2"), onednn=True).bfloat16
+    assert cpu_math(str(tmp_path / "bf16"), onednn=True).bfloat16
+    # bf16 instructions that TensorFlow's own kernels (oneDNN off) never use do not count.
+    assert not cpu_math(str(tmp_path / "bf16"), onednn=False).bfloat16
     assert cpuinfo_field("model name", str(tmp_path / "bf16")) == "AMD EPYC 9B14"
+
+
+@pytest.mark.parametrize(("cap", "in_use"), [("AVX2", "avx2"), ("avx512_core", "avx512"),
+                                             ("AVX512_CORE_AMX", "avx512_bf16"), ("nonsense", "avx512_bf16")])
+def test_onednn_max_cpu_isa_holds_the_isa_in_use_down(cap: str, in_use: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bf16").write_text(BF16_CPUINFO)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    math = cpu_math(str(tmp_path / "bf16"), onednn=True)
+    assert (math.cpu_isa, math.isa_in_use) == ("avx512_bf16", in_use)
+    assert math.bfloat16 == (in_use == "avx512_bf16")
+
+
+def test_jit_compile_auto_is_on_only_where_tensorflow_runs_without_onednn() -> None:
+    _no_gpu()
+    without, with_onednn = CpuMath("avx2", "avx2", onednn=False), CpuMath("amx", "amx", onednn=True)
+    for name in MODEL_NAMES:
+        assert resolve_jit_compile("auto", name, without) is True
+        assert resolve_jit_compile("auto", name, with_onednn) is False
+        assert resolve_jit_compile(False, name, without) is False
+        assert resolve_jit_compile(True, name, with_onednn) is True
 
 
 def test_machine_summary_names_the_cpu_and_its_vector_extensions() -> None:
     summary = machine_summary()
-    assert set(summary) == {"cpu", "cpu_cores", "cpu_isa", "gpus"}
+    assert set(summary) == {"cpu", "cpu_cores", "cpu_isa", "isa_in_use", "onednn", "gpus"}
     assert summary["cpu_cores"] >= 1 and summary["cpu"]
+    assert isinstance(summary["onednn"], bool)
     if Path("/proc/cpuinfo").exists():
         assert summary["cpu"] == cpuinfo_field("model name")
-        assert (summary["cpu_isa"] in ("amx", "avx512_bf16")) == cpu_has_bfloat16()
-
+        assert summary["cpu_isa"] == cpu_math().cpu_isa
 
 
 @pytest.mark.parametrize(("cluster", "share"), [

@@ -95,6 +95,11 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
             "parent_run_id"] == logged.data.tags["mlflow.parentRunId"]
         assert logged.data.params["precision.policy"] == summary["precision"]
         assert logged.data.params["machine.cpu"] == summary["machine"]["cpu"]
+        # The tiny project pins jit_compile to false; the vector extensions in use are named.
+        assert summary["jit_compile"] is False and logged.data.params["jit_compile.in_effect"] == "False"
+        assert summary["machine"]["isa_in_use"] in ("other", "avx2", "avx512", "avx512_bf16", "amx")
+        assert logged.data.params["machine.isa_in_use"] == summary["machine"]["isa_in_use"]
+        assert logged.data.params["machine.onednn"] == str(summary["machine"]["onednn"])
 
 
 # The hyperparameters both models have, under one name in both runs (MLflow's compare view lines them up).

@@ -121,6 +121,19 @@ def test_literal_value_outside_choices(raw_params: dict) -> None:
         params_from_dict(raw_params)
 
 
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_jit_compile_is_auto_true_or_false(raw_params: dict, value) -> None:
+    raw_params["train_resnet50"]["jit_compile"] = value
+    assert params_from_dict(raw_params).train_resnet50.jit_compile == value
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_jit_compile_refuses_what_is_not_auto_true_or_false(raw_params: dict, value) -> None:
+    raw_params["train_custom"]["jit_compile"] = value
+    with pytest.raises(ParamsError, match=r"train_custom\.jit_compile: must be one of auto \| true \| false"):
+        params_from_dict(raw_params)
+
+
 def test_channels_must_be_1_or_3(raw_params: dict) -> None:
     raw_params["base"]["channels"] = 2
     with pytest.raises(ParamsError, match=r"base\.channels"):
