@@ -55,11 +55,14 @@ def image_dataset(paths: Sequence[str], image_size: int, channels: int) -> tf.da
 
 def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_classes: int, *,
                      image_size: int, channels: int, batch_size: int,
-                     shuffle_seed: int | None, shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+                     shuffle_seed: int | None, shard: tuple[int, int] | None = None,
+                     drop_remainder: bool = False) -> tf.data.Dataset:
     """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded.
 
     ``shard=(workers, index)`` keeps every workers-th file starting at ``index`` before anything is
-    read, so each machine of a multi-worker run decodes only its own share.
+    read, so each machine of a multi-worker run decodes only its own share. ``drop_remainder``
+    leaves out the last, smaller batch of each epoch (reshuffled, so a different few images each
+    time), so that every batch has one shape.
     """
     paths, label_indices = list(paths), list(label_indices)
     if shard is not None:
@@ -70,7 +73,7 @@ def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_cla
     dataset = tf.data.Dataset.zip((images, targets)).cache(_cache_file(len(paths), image_size, channels))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     if shard is not None:
         # Already sharded by file above; stop tf.distribute from sharding a second time.
         options = tf.data.Options()

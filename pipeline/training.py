@@ -51,10 +51,14 @@ class FitData:
     input_shape: tuple[int, int, int]
     replicas: int = 1
     train_label_counts: tuple[int, ...] = ()
+    drop_remainder: bool = False
 
     @property
     def iterations_per_epoch(self) -> int:
-        """The deck's definition: batches needed to see every training image once."""
+        """The deck's definition: batches needed to see every training image once (one fewer when
+        the last, smaller batch is left out)."""
+        if self.drop_remainder:
+            return self.train_size // self.batch_size
         return iterations_per_epoch(self.train_size, self.batch_size)
 
     def balanced_class_weights(self) -> dict[int, float]:
@@ -117,24 +121,30 @@ def iterations_per_epoch(train_size: int, batch_size: int) -> int:
     return math.ceil(train_size / batch_size)
 
 
-def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placement: Placement | None = None) -> FitData:
+def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placement: Placement | None = None,
+                  one_batch_shape: bool = False) -> FitData:
     """Training set shuffled with the seed, validation set in order; both decoded once and cached.
 
     ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
-    images. With several workers each reads only its own share of the files.
+    images. With several workers each reads only its own share of the files. ``one_batch_shape``
+    (for XLA, which compiles the step again for every new shape) leaves out the last, smaller
+    training batch of each epoch.
     """
     replicas = placement.replicas if placement else 1
     shard = (placement.num_workers, placement.worker_index) if placement and placement.num_workers > 1 else None
     num_classes = len(data.class_names)
     common = {"image_size": base.image_size, "channels": base.channels, "batch_size": batch_size * replicas,
               "shard": shard}
+    train_size = len(data.subset("train"))
+    drop_remainder = one_batch_shape and shard is None and train_size > batch_size * replicas
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
-                             shuffle_seed=base.seed, **common)
+                             shuffle_seed=base.seed, drop_remainder=drop_remainder, **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
     counts = np.bincount(data.label_indices("train"), minlength=num_classes)
-    return FitData(train, validation, len(data.subset("train")), batch_size * replicas, num_classes,
-                   (base.image_size, base.image_size, base.channels), replicas, tuple(int(c) for c in counts))
+    return FitData(train, validation, train_size, batch_size * replicas, num_classes,
+                   (base.image_size, base.image_size, base.channels), replicas, tuple(int(c) for c in counts),
+                   drop_remainder)
 
 
 def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learning_rate: float,
@@ -204,7 +214,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     data = read_split(Path(args.ingest), Path(args.split))
     experiment_id = tracking.connect(params.base.experiment_name)
     placement, setup = resolve_setup(params.base, section, spec)
-    fit_data = make_fit_data(data, params.base, section.batch_size, placement)
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,

@@ -86,6 +86,16 @@ def test_training_dataset_batches(image_folder: Path, channels: int) -> None:
         np.testing.assert_array_equal(targets.sum(axis=1), 1)
 
 
+def test_one_batch_shape_leaves_out_a_different_last_few_each_epoch(image_folder: Path) -> None:
+    paths, labels = _files(image_folder)
+    dataset = training_dataset(paths, labels, 3, image_size=32, channels=1, batch_size=8, shuffle_seed=0,
+                               drop_remainder=True)
+    epochs = [[images for images, _ in dataset.as_numpy_iterator()] for _ in range(3)]
+    assert all([len(batch) for batch in epoch] == [8, 8, 8, 8] for epoch in epochs)   # 36 images: 4 left out
+    kept = {frozenset(image.tobytes() for batch in epoch for image in batch) for epoch in epochs}
+    assert len(kept) == 3   # reshuffled each epoch: other images left out each time
+
+
 def test_training_dataset_unshuffled_keeps_order_and_pixels(image_folder: Path) -> None:
     paths, labels = _files(image_folder)
     images, targets = _epoch(training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=5,
