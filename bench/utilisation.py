@@ -9,11 +9,12 @@ pass of one image on the frozen inference graph; a training step costs about thr
 (the backward pass computes the gradients of the inputs and of the weights, each about one forward
 pass), the usual estimate.
 
-Peak: cores x clock x FLOPs per cycle per core, float32: 2 (a fused multiply-add is two) x 2 FMA
-units x the vector lanes of the widest extension in use (16 for AVX-512, 8 for AVX2). The clock is
-the one /proc/cpuinfo reports (turbo not counted); cores are the logical CPUs the OS shows, which
-on a VM may be hyperthreads of fewer physical cores. AMX's bfloat16 tiles are not counted: the
-figure is the float32 limit, the one a float32 step can reach.
+Peak: cores x clock x FLOPs per cycle per core. In float32: 2 (a fused multiply-add is two) x 2 FMA
+units x the vector lanes of the widest extension in use (16 for AVX-512, 8 for AVX2). A step in
+``mixed_bfloat16`` is measured against the bfloat16 units in use instead (AVX-512 BF16: twice the
+float32 rate; AMX: 1,024 per cycle). The clock is the one /proc/cpuinfo reports (turbo not
+counted); cores are the logical CPUs the OS shows, which on a VM may be hyperthreads of fewer
+physical cores.
 
 Row 2 (input) gives the other ratio: the pipeline's own input against this bare ``model.fit``.
 """
@@ -34,9 +35,22 @@ FMA_UNITS = 2
 CLASSES = 10
 
 
-def peak_flops(cores: int, clock_hz: float, isa: str) -> float:
-    """float32 FLOP/s the CPU can do at most with the vector extension ``isa``."""
-    return cores * clock_hz * 2 * FMA_UNITS * LANES.get(isa, 4)
+# bfloat16 FLOPs per cycle per core: AVX-512 BF16's dot products take two bf16 pairs per float32
+# lane (so twice float32's rate); an AMX tile multiply unit does 1,024 (Intel's figure for Sapphire Rapids).
+BF16_FLOPS_PER_CYCLE = {"amx": 1024, "avx512_bf16": 2 * 2 * FMA_UNITS * 16}
+
+
+def flops_per_cycle(isa: str, policy: str) -> int:
+    """What one core can do per cycle at most: float32 FMAs on the widest vectors in use, or the
+    bfloat16 units when the policy computes in bfloat16 and they are in use."""
+    if policy == "mixed_bfloat16" and isa in BF16_FLOPS_PER_CYCLE:
+        return BF16_FLOPS_PER_CYCLE[isa]
+    return 2 * FMA_UNITS * LANES.get(isa, 4)
+
+
+def peak_flops(cores: int, clock_hz: float, isa: str, policy: str = "float32") -> float:
+    """FLOP/s the CPU can do at most with the extension ``isa`` in the precision of ``policy``."""
+    return cores * clock_hz * flops_per_cycle(isa, policy)
 
 
 def run(mode: str) -> RowResult:
@@ -47,7 +61,7 @@ def run(mode: str) -> RowResult:
         result = run_worker("bench.utilisation", spec)
         speeds = result["steady_images_per_s"]
         train_flops = 3 * result["forward_flops"]
-        peak = peak_flops(result["cores"], result["clock_hz"], result["isa_in_use"])
+        peak = peak_flops(result["cores"], result["clock_hz"], result["isa_in_use"], result["policy"])
         achieved = [speed * train_flops for speed in speeds]
         ratios = [value / peak for value in achieved]
         summary = stats([value / 1e9 for value in achieved])
@@ -56,10 +70,10 @@ def run(mode: str) -> RowResult:
             f"{fmt_number(summary['median'], 3)} GFLOP/s ({fmt_number(stats(speeds)['median'], 3)} img/s x "
             f"{fmt_number(train_flops / 1e9, 3)} GFLOP)",
             f"peak {fmt_number(peak / 1e9, 3)} GFLOP/s ({result['cores']} x {result['clock_hz'] / 1e9:.2f} GHz x "
-            f"{2 * FMA_UNITS * LANES.get(result['isa_in_use'], 4)}, {result['isa_in_use']})",
+            f"{flops_per_cycle(result['isa_in_use'], result['policy'])}, {result['isa_in_use']})",
             stats(ratios), "-", None,
             {**result, "train_flops_per_image": train_flops, "peak_flops": peak, "achieved_flops": achieved}))
-        if result["isa_in_use"] != result["cpu_isa"]:
+        if result["isa_in_use"] != result["cpu_isa"] and not any("holds the CPU" in note for note in row.notes):
             row.notes.append(f"ONEDNN_MAX_CPU_ISA holds the CPU ({result['cpu_isa']}) to {result['isa_in_use']}: "
                              "the peak is that of the extension in use")
     row.notes.append("ratio = achieved / peak, epoch by epoch; achieved = bare model.fit images/s (batch of "
