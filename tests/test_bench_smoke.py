@@ -2,7 +2,7 @@
 table and JSON. No timing is asserted: these tests only check that every row runs and reports.
 
 ``test_bench_tiny_suite`` runs ingest, input and numerics for real (about a minute on two cores);
-e2e and photos report themselves skipped at --tiny sizes. The orchestration row needs a full
+e2e, photos, recipe and sweep report themselves skipped at --tiny sizes. The orchestration row needs a full
 ``dvc repro`` of a project copy (minutes), so its smoke test runs only with ``BENCH_SMOKE_ALL=1``.
 """
 
@@ -56,7 +56,7 @@ def _tiny_row(tmp_path: Path, key: str, timeout: float) -> dict:
 
 @pytest.mark.slow
 def test_bench_tiny_suite(tmp_path: Path) -> None:
-    rows = ["ingest", "input", "numerics", "e2e", "photos", "recipe"]
+    rows = ["ingest", "input", "numerics", "e2e", "photos", "recipe", "sweep"]
     out = tmp_path / "results.json"
     result = _bench(tmp_path, "--tiny", "--rows", ",".join(rows), "--out", str(out))
     data = _check_report(result, out, rows)
@@ -81,7 +81,7 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
     assert any("jit=on" in case for case in numerics)
     assert any("mixed_float16" in case for case in numerics)
 
-    for key in ("e2e", "photos", "recipe"):
+    for key in ("e2e", "photos", "recipe", "sweep"):
         assert data["rows"][key]["status"] == "skipped"
         assert data["rows"][key]["notes"]
 
