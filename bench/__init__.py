@@ -1,4 +1,4 @@
-"""The benchmark suite: ``python -m bench`` (``make bench``) measures six rows, each a ratio
+"""The benchmark suite: ``python -m bench`` (``make bench``) measures its rows, each a ratio
 against its own reference measured in the same run on the same data, prints one table and writes
 the same figures as JSON.
 
@@ -14,6 +14,10 @@ Rows (``--rows`` takes these keys):
   the gate alone, without TensorFlow.
 - ``e2e``: ``dvc repro`` on the default data (sklearn digits) in a fresh project copy.
 - ``photos``: the same on real cat and dog photos, when ``/work/shared/data/catsdogs-small`` exists.
+- ``sweep``: the same queued DVC experiments run by ``dvc queue start -j 1``, ``-j 2`` and ``-j 3``:
+  experiments per minute and the speedup against one worker.
+- ``utilisation``: each model's training step in FLOP/s against the CPU's peak for the vector
+  extension (and precision) in use.
 
 Sizes: the default (full) sizes are for a quiet machine; ``--quick`` uses small sizes for
 development; ``--tiny`` is for the smoke test (seconds per row, the long rows skipped).

@@ -26,6 +26,7 @@ ROWS = {
     "recipe": "bench.photo_recipe",
     "near_duplicates": "bench.near_duplicates",
     "serving": "bench.serving",
+    "sweep": "bench.sweep",
     "utilisation": "bench.utilisation",
 }
 BENCH_DIR = Path(__file__).resolve().parent
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help="small sizes, for development (minutes)")
     sizes.add_argument("--tiny", action="store_true",
-                       help="smallest sizes, for the smoke test (the e2e and photos rows are skipped)")
+                       help="smallest sizes, for the smoke test (the e2e, photos, serving and sweep rows are skipped)")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows to run, in any order (default: all): {', '.join(ROWS)}")
     parser.add_argument("--photos", type=Path, default=None,

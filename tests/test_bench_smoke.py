@@ -2,7 +2,7 @@
 table and JSON. No timing is asserted: these tests only check that every row runs and reports.
 
 ``test_bench_tiny_suite`` runs ingest, input and numerics for real (about a minute on two cores);
-e2e and photos report themselves skipped at --tiny sizes. The orchestration row needs a full
+e2e, photos, recipe and sweep report themselves skipped at --tiny sizes. The orchestration row needs a full
 ``dvc repro`` of a project copy (minutes), so its smoke test runs only with ``BENCH_SMOKE_ALL=1``.
 """
 
@@ -56,7 +56,7 @@ def _tiny_row(tmp_path: Path, key: str, timeout: float) -> dict:
 
 @pytest.mark.slow
 def test_bench_tiny_suite(tmp_path: Path) -> None:
-    rows = ["ingest", "input", "numerics", "utilisation", "e2e", "photos", "recipe"]
+    rows = ["ingest", "input", "numerics", "utilisation", "e2e", "photos", "recipe", "sweep"]
     out = tmp_path / "results.json"
     result = _bench(tmp_path, "--tiny", "--rows", ",".join(rows), "--out", str(out))
     data = _check_report(result, out, rows)
@@ -89,7 +89,7 @@ def test_bench_tiny_suite(tmp_path: Path) -> None:
     # multiply-adds per image: about 1.39 MFLOP, plus the adds of its biases.
     assert 1.39e6 <= line["data"]["forward_flops"] <= 1.5e6, line["data"]["forward_flops"]
 
-    for key in ("e2e", "photos", "recipe"):
+    for key in ("e2e", "photos", "recipe", "sweep"):
         assert data["rows"][key]["status"] == "skipped"
         assert data["rows"][key]["notes"]
 
