@@ -33,8 +33,8 @@ repro: setup  ## run every stage that is out of date
 test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro); prints the 10 slowest
 	python -m pytest -n 2 --dist loadfile
 
-test-fast: setup  ## the edit loop: unit and failure-case tests, no training runs or dvc repro (under a minute)
-	python -m pytest -m "not slow"
+test-fast: setup  ## the edit loop: unit and failure-case tests, no training runs or dvc repro (about a minute)
+	python -m pytest -n 2 -m "not slow"
 
 bench: setup  ## the benchmark suite: one table, figures in bench/results.json (run it on a quiet machine)
 	python -m bench $(BENCH_ARGS)
