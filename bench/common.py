@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cpu import cpu_isa, isa_in_use
+from pipeline.cpu import cpu_isa, cpuinfo_field, isa_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -45,23 +45,12 @@ MATH_SETTINGS = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "XLA_FLAGS")
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, the vector and matrix features that matter for bf16, memory, versions."""
-    flags: set[str] = set()
+    flags = set(cpuinfo_field("flags").split())
     model = platform.processor() or "unknown"
-    family = cpu_model_number = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "flags" and not flags:
-                flags = set(value.split())
-            elif key == "model name" and model in ("unknown", "", "x86_64"):
-                model = value
-            elif key == "cpu family" and family is None:
-                family = value
-            elif key == "model" and cpu_model_number is None:
-                cpu_model_number = value
-    except OSError:
-        pass
+    if model in ("unknown", "", "x86_64"):
+        model = cpuinfo_field("model name") or model
+    family, cpu_model_number = cpuinfo_field("cpu family") or None, cpuinfo_field("model") or None
+    best_isa = cpu_isa()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         found = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
@@ -95,8 +84,8 @@ def machine_info() -> dict[str, Any]:
         "bf16_hardware": bool({"avx512_bf16", "amx_bf16"} & flags),
         # What the math may use of it: less than the CPU has where these settings hold it down
         # (the README's emulation of a CPU without AVX-512 sets all three).
-        "isa": cpu_isa(),
-        "isa_in_use": isa_in_use(cpu_isa()),
+        "isa": best_isa,
+        "isa_in_use": isa_in_use(best_isa),
         "math_settings": {name: os.environ[name] for name in MATH_SETTINGS if name in os.environ},
         "gpu": _has_gpu(),
         "memory_bytes": memory,
