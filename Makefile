@@ -1,31 +1,53 @@
 # Two commands do everything on a fresh clone:
 #   make repro   set up, then run the whole pipeline (dvc repro) on the built-in digits
 #   make test    set up, then run the test suite
-# Set-up is a virtual environment in .venv, installed from the pinned requirements.lock; it is
-# redone only when requirements.lock changes. It uses the first Python of the supported versions
-# that runs here (3.11, 3.12, 3.13); PYTHON=/path/to/python overrides.
+# Set-up is a virtual environment in .venv that uv makes exactly what uv.lock says (a sync: a
+# package that leaves the lock leaves the venv); it is redone only when uv.lock or pyproject.toml
+# changes. uv comes from PATH, or is installed once into .tools/ with this Python's pip. The venv
+# uses the first Python of the supported versions that runs here (3.11, 3.12, 3.13);
+# PYTHON=/path/to/python overrides. `make lock` updates uv.lock after pyproject.toml changes.
 
 SUPPORTED_PYTHONS := 3.11 3.12 3.13
 PYTHON ?= $(shell for v in $(SUPPORTED_PYTHONS); do python$$v -c '' >/dev/null 2>&1 && { echo python$$v; break; }; done)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
-STAMP := $(VENV)/.installed-from-lock
+# EXTRAS=s3 adds pyproject.toml's optional extras of that name (a DVC remote on S3).
+EXTRAS ?=
+STAMP := $(VENV)/.synced-from-lock$(EXTRAS:%=-%)
+UV_VERSION := 0.13.9
+UV_HOME := $(abspath .tools/uv)
+UV_BOOTSTRAP := $(UV_HOME)/bin/uv
+UV ?= $(or $(shell command -v uv 2>/dev/null),$(UV_BOOTSTRAP))
 
-# Stages call `python` and `dvc`: make them the virtual environment's.
+# Stages call `python` and `dvc`: make them the virtual environment's. uv never downloads a Python
+# of its own here (the one chosen above is used) and leaves the venv where the Makefile says.
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
+export UV
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup repro test test-fast bench check-deploy ui plots plots-diff clean-venv
+.PHONY: setup lock upgrade repro test test-fast bench check-deploy ui plots plots-diff clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock
+$(STAMP): uv.lock pyproject.toml | $(UV)
 	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
-	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV)"
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --requirement requirements.lock
+	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV), with $$($(UV) --version)"
+	rm -f $(VENV)/.synced-from-lock*
+	$(UV) sync --locked --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %)
 	touch $@
+
+# Only when uv is not on PATH: this Python's pip installs it into .tools/, once.
+$(UV_BOOTSTRAP):
+	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
+	PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) "uv==$(UV_VERSION)"
+
+lock: | $(UV)  ## after editing pyproject.toml's dependencies: resolve again and rewrite uv.lock (hashes included)
+	$(UV) lock
+
+upgrade: | $(UV)  ## PACKAGE=name: move one locked package to its newest release that pyproject.toml allows
+	$(UV) lock --upgrade-package "$(PACKAGE)"
 
 repro: setup  ## run every stage that is out of date
 	dvc repro
@@ -58,4 +80,4 @@ plots-diff: setup $(PLOTS_TEMPLATE)  ## REVS="HEAD exp-a exp-b": the plots of se
 	dvc plots diff --html-template $(PLOTS_TEMPLATE) $(REVS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools
