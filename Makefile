@@ -3,7 +3,8 @@
 #   make test    set up, then run the test suite
 # Set-up is a virtual environment in .venv that uv makes exactly what uv.lock says (a sync: a
 # package that leaves the lock leaves the venv); it is redone only when uv.lock or pyproject.toml
-# changes. uv comes from PATH, or is installed once into .tools/ with this Python's pip. The venv
+# changes. Bytecode is compiled at install, as pip does (a Python run with PYTHONDONTWRITEBYTECODE
+# would otherwise compile TensorFlow on every import: 8 s instead of 3.5). uv comes from PATH, or is installed once into .tools/ with this Python's pip. The venv
 # uses the first Python of the supported versions that runs here (3.11, 3.12, 3.13);
 # PYTHON=/path/to/python overrides. `make lock` updates uv.lock after pyproject.toml changes.
 
@@ -35,7 +36,7 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
 	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV), with $$($(UV) --version)"
 	rm -f $(VENV)/.synced-from-lock*
-	$(UV) sync --locked --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %)
+	$(UV) sync --locked --compile-bytecode --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %)
 	touch $@
 
 # Only when uv is not on PATH: this Python's pip installs it into .tools/, once.
