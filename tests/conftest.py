@@ -35,6 +35,33 @@ def make_image_folder(root: Path, classes: dict[str, int], size: int = 12, seed:
     return root
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How ``make test``'s two workers (``--dist loadgroup``) share the suite.
+
+    A slow test is a unit of its own, so either worker can take it; the fast tests of one file stay
+    together (their module fixtures are built once). Slow tests go first, the longest first where
+    that is known, so that neither worker ends the run alone on a long one: a test file that shares
+    one costly fixture names its group in ``SLOWEST_GROUPS``. The rest keep their file order.
+    """
+    for item in items:
+        if not item.get_closest_marker("xdist_group") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+    def rank(item: pytest.Item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        if group and group.args and group.args[0] in SLOWEST_GROUPS:
+            return SLOWEST_GROUPS.index(group.args[0])
+        return len(SLOWEST_GROUPS) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)
+
+
+# Test groups that share one fixture of minutes (a real server and two pipeline runs against it),
+# longest first: they start the run, while the other worker builds the shared reproduced project.
+SLOWEST_GROUPS = ["mlflow-server"]
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Three classes of twelve small images each, PNG and JPEG mixed."""
