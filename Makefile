@@ -3,10 +3,11 @@
 #   make test    set up, then run the test suite
 # Set-up is a virtual environment in .venv that uv makes exactly what uv.lock says (a sync: a
 # package that leaves the lock leaves the venv); it is redone only when uv.lock or pyproject.toml
-# changes. Bytecode is compiled at install, as pip does (a Python run with PYTHONDONTWRITEBYTECODE
-# would otherwise compile TensorFlow on every import: 8 s instead of 3.5). uv comes from PATH, or is installed once into .tools/ with this Python's pip. The venv
-# uses the first Python of the supported versions that runs here (3.11, 3.12, 3.13);
-# PYTHON=/path/to/python overrides. `make lock` updates uv.lock after pyproject.toml changes.
+# changes. Bytecode is compiled at install, as pip does (with PYTHONDONTWRITEBYTECODE set, Python
+# would compile TensorFlow on every import: 8 s instead of 3.5). uv comes from PATH, or is
+# installed once into .tools/ with this Python's pip. The venv uses the first Python of the
+# supported versions that runs here (3.11, 3.12, 3.13); PYTHON=/path/to/python overrides.
+# `make lock` updates uv.lock after pyproject.toml changes.
 
 SUPPORTED_PYTHONS := 3.11 3.12 3.13
 PYTHON ?= $(shell for v in $(SUPPORTED_PYTHONS); do python$$v -c '' >/dev/null 2>&1 && { echo python$$v; break; }; done)
@@ -54,10 +55,10 @@ repro: setup  ## run every stage that is out of date
 	dvc repro
 
 test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro); prints the 10 slowest
-	python -m pytest -n 2 --dist loadfile
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup  ## the edit loop: unit and failure-case tests, no training runs or dvc repro (about a minute)
-	python -m pytest -n 2 -m "not slow"
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: setup  ## the benchmark suite: one table, figures in bench/results.json (run it on a quiet machine)
 	python -m bench $(BENCH_ARGS)

@@ -254,11 +254,11 @@ ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e"
 def child_env(**extra: str) -> dict[str, str]:
     """This interpreter's environment, the repository importable, TensorFlow quiet, no MLflow
     settings leaking in, and this interpreter's bin first on PATH (``python`` and ``dvc``)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    from bench.project import project_env   # bench.project imports this module: imported when called
+
+    env = project_env()
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 
@@ -464,7 +464,10 @@ def stage_times(run: TimedRun) -> dict[str, dict[str, float | None]]:
 
 
 def git_commit_all(root: Path, message: str) -> None:
+    """``git add -A`` and a commit in ``root`` (a new repository when it has none), as a user would."""
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    if not (root / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True, capture_output=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], cwd=root, check=True,
                    capture_output=True)

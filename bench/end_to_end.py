@@ -35,11 +35,11 @@ def real_params() -> dict:
 
 def reproduce(params: dict) -> dict:
     """A fresh project copy with ``params``, ``dvc repro`` once, timed stage by stage."""
-    from bench.project import copy_project, project_env, stages_run
+    from bench.project import copy_project, project_env, stages_run, write_params
 
     with tempfile.TemporaryDirectory(prefix="bench-repro-") as temporary:
         root = copy_project(Path(temporary) / "project")
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write_params(root, params)
         git_commit_all(root, "bench params")
         env = project_env()
         env.pop("PYTHONPATH", None)

@@ -42,6 +42,7 @@ from bench.common import (
     run_measured,
     stats,
 )
+from bench.project import write_params
 from bench.synth import folder_files, jpeg_folder
 
 SIZES = {"full": (5_000, 25_000), "quick": (500, 2_000), "tiny": (100, 200)}   # >= 64: the stage uses its pool
@@ -124,9 +125,8 @@ def _params_file(work: Path, source: Path) -> Path:
     raw = copy.deepcopy(raw)
     raw["ingest"]["source"] = str(source)
     raw["ingest"]["max_per_class"] = None
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    write_params(work, raw)
+    return work / "params.yaml"
 
 
 def run_stage(work: Path, params: Path, label: str, sample_tree: bool = False):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import REPO_ROOT
+from bench.common import REPO_ROOT, git_commit_all
 
 STAGES = ("ingest", "split", "train_custom", "train_resnet50", "evaluate", "gate")
 
@@ -52,10 +52,7 @@ def copy_project(root: Path, max_per_class: int = 10) -> Path:
     params = tiny_params(raw, "sklearn:digits")
     params["ingest"]["max_per_class"] = max_per_class
     write_params(root, params)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=root, check=True)
+    git_commit_all(root, "copy")
     return root
 
 

@@ -1,7 +1,7 @@
 """The README's MLflow screenshots: the runs table, the compare view and the registered model, taken
 with headless Chromium from the MLflow UI over a project's store (what ``make ui`` serves).
 
-    python docs/screenshots.py --store mlflow.db --out docs/images
+    python -m docs.screenshots --store mlflow.db --out docs/images
 
 Needs Chromium (``apt-get install chromium``); the pictures are shrunk to a few tens of KB.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import urllib.parse
 import urllib.request
 from io import BytesIO
 from pathlib import Path
+
+from bench.project import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 EXPERIMENT = "image-classification"
@@ -28,12 +29,6 @@ PAGE_HEIGHTS = {"mlflow-runs": 460, "mlflow-compare": 1600, "mlflow-model": 400}
 KEEP_WIDTH = 1035      # of the window's 1400 pixels: the page, not the assistant panel on its right
 WIDTH = 800            # pixels of the saved picture
 COLOURS = 64           # a palette PNG: small files for the repository
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_ui(store: Path, port: int) -> subprocess.Popen:

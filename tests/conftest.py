@@ -35,31 +35,21 @@ def make_image_folder(root: Path, classes: dict[str, int], size: int = 12, seed:
     return root
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """How ``make test``'s two workers (``--dist loadgroup``) share the suite.
-
-    A slow test is a unit of its own, so either worker can take it; the fast tests of one file stay
-    together (their module fixtures are built once). Slow tests go first, the longest first where
-    that is known, so that neither worker ends the run alone on a long one: a test file that shares
-    one costly fixture names its group in ``SLOWEST_GROUPS``. The rest keep their file order.
-    """
-    for item in items:
-        if not item.get_closest_marker("xdist_group") and not item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
-    def rank(item: pytest.Item) -> int:
-        group = item.get_closest_marker("xdist_group")
-        if group and group.args and group.args[0] in SLOWEST_GROUPS:
-            return SLOWEST_GROUPS.index(group.args[0])
-        return len(SLOWEST_GROUPS) + (0 if item.get_closest_marker("slow") else 1)
-
-    items.sort(key=rank)
+    """The longest test files first, for ``make test``'s two workers (``--dist loadfile
+    --no-loadscope-reorder``): a file is one unit (its module fixtures are built once), handed to
+    whichever worker is free, in this order. Long units first and short ones filling in at the end
+    keep both workers busy to the last minute instead of leaving one alone on a long file."""
+    rank = {stem: position for position, stem in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONGEST_FIRST)))
 
 
-# Test groups that share one fixture of minutes (a real server and two pipeline runs against it),
-# longest first: they start the run, while the other worker builds the shared reproduced project.
-SLOWEST_GROUPS = ["mlflow-server"]
+# The test files that take longest, longest first, as `pytest --durations=0` adds them up on two cores:
+# the server and its pipeline ~120 s; the sweep ~100 s after the shared reproduced project (~60 s,
+# built by whichever test asks first); then 45-60 s each. Only the order of the run depends on it.
+# (pytest-xdist's --dist loadgroup, which could split a file, does not group under pytest 9.)
+LONGEST_FIRST = ["test_mlflow_server", "test_sweep", "test_end_to_end", "test_bench_smoke", "test_training",
+                 "test_faults", "test_dvc_yaml", "test_distribution"]
 
 
 @pytest.fixture

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import ROW_NUMBERS
+from bench.common import ROW_NUMBERS, child_env
 from tests.conftest import REPO_ROOT
 
 
 def _bench(tmp_path: Path, *arguments: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env["BENCH_CACHE_DIR"] = str(tmp_path / "cache")     # generated data stays out of the user's cache
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = child_env(BENCH_CACHE_DIR=str(tmp_path / "cache"))     # generated data stays out of the user's cache
     return subprocess.run([sys.executable, "-m", "bench", *arguments], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import git_commit_all
 from bench.project import project_env, read_params, run, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
-GIT = ("git", "-c", "user.name=test", "-c", "user.email=test@example.com")
 UP_TO_DATE = "Data and pipelines are up to date."
 # Outputs DVC caches (not git): a clone has none of them until ``dvc pull``.
 CACHED_OUTPUTS = ("deploy/model.keras", "deploy/model.json", "models/custom/model.keras",
@@ -38,8 +38,7 @@ def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_proje
 
     # What git keeps: the lock file, the metrics and plots tables, the remote's config; DVC's
     # .gitignore files keep its outputs (data, models, deploy) out of git.
-    run(project, "git", "add", "-A")
-    run(project, *GIT, "commit", "-q", "-m", "pipeline outputs: dvc.lock, metrics, remote")
+    git_commit_all(project, "pipeline outputs: dvc.lock, metrics, remote")
     tracked = set(run(project, "git", "ls-files").stdout.split())
     assert {"dvc.lock", ".dvc/config", "metrics/gate.json", "metrics/evaluate.json"} <= tracked
     assert not [name for name in tracked if name.startswith(("models/", "deploy/", "data/ingest/"))

@@ -29,8 +29,7 @@ import requests
 
 from bench.project import STAGES, copy_project, free_port, project_env, read_params, stages_run, write_params
 
-# One server and one pipeline run against it serve every test here: one worker takes them all.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-server")]
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "image-classification"
 REGISTERED_MODEL = "image-classifier"

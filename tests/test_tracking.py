@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import git_commit_all
 from pipeline.tracking import dvc_input_hashes, lineage_tags, pinned_requirements, project_root, tracking_uri
 
 
@@ -54,11 +55,8 @@ stages:
 
 def test_lineage_tags_tie_a_run_to_commit_data_and_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "params.yaml").write_text("a: 1\n")
-    subprocess.run([*git, "add", "params.yaml"], check=True)
-    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    git_commit_all(tmp_path, "first")
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(b"path,label\n")
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-tern")
