@@ -1,17 +1,9 @@
-"""Stage ``gate``: the deck's decision flow, then the challenger against the registered champion.
+"""Stage ``gate``: the challenger against the registered champion, then the registry and ``deploy/``.
 
-For each model, in ``gate.metric`` (accuracy by default): the score on the training set below
-``min_train_score`` -> ``underfit`` (it has not learned; go back to the loss and optimizer). Train
-passes but test below ``min_test_score`` -> ``overfit`` (it memorised the training data). Both pass
--> ``deploy``. With ``gate.confidence`` set, a threshold passes only if the lower end of the
-score's confidence interval clears it.
-
-Among the models that pass, the best test score is the challenger. When the registry already holds
-a ``champion``, the gate scores that champion on the same test images and the challenger replaces
-it only if it is worse by at most ``max_regression`` (at ``confidence``, when set: the interval of
-the difference must lie above ``-max_regression``). A replaced champion's alias moves to a new
-version and ``deploy/`` gets the challenger; a champion that stays keeps both. The statistics
-(intervals, McNemar test, bootstrap interval of the difference) are in :mod:`pipeline.statistics`.
+The decision itself (thresholds, the choice of model, the comparison, the words) is in
+:mod:`pipeline.decision`, which needs no MLflow and no files. This module does the I/O around it:
+read the predictions, find the champion in the registry and score it on the same test images,
+register the challenger and move the alias, put it into ``deploy/``, tag the runs.
 
 The stage itself exits 0 so DVC records the decision; ``python -m pipeline.gate --check`` exits 1
 when nothing new may be deployed.
@@ -24,8 +16,7 @@ import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
-from itertools import combinations
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,198 +30,28 @@ from pipeline.artifacts import (
     SplitPredictions,
     read_predictions,
 )
+from pipeline.decision import (
+    DEPLOY,
+    NO_CHAMPION,
+    NOT_COMPARABLE,
+    SAME_MODEL,
+    STAYS,
+    UNKNOWN,
+    ChampionCheck,
+    Decision,
+    best_passing,
+    challenge,
+    compare_models,
+    decide,
+    judge_all,
+    summary_lines,
+)
 from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, read_json, write_json
 from pipeline.model_table import MODELS
 from pipeline.params import GateParams, Params, load_params
-from pipeline.statistics import Interval, PairedComparison
 
 log = logging.getLogger("pipeline.gate")
-
-UNDERFIT, OVERFIT, DEPLOY = "underfit", "overfit", "deploy"
-
-# What became of the registered champion.
-NO_CHAMPION = "none"                # the first promotion: nothing to compare with
-SAME_MODEL = "same model"           # the challenger is the champion already
-NOT_COMPARABLE = "not comparable"   # other classes or input shape, or its files cannot be loaded
-UNKNOWN = "unknown"                 # the registry cannot be reached: nothing is deployed
-STAYS, REPLACED = "stays", "replaced"
-_CHALLENGER_DEPLOYS = (NO_CHAMPION, SAME_MODEL, NOT_COMPARABLE, REPLACED)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A model's score on one split and, where one was made, its confidence interval."""
-
-    score: float
-    interval: Interval | None = None
-
-    def text(self) -> str:
-        return f"{self.score:.4f}" + (f" {self.interval.text()}" if self.interval else "")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One model's scores, its verdict and the reasons for it."""
-
-    train: Estimate
-    test: Estimate
-    verdict: str
-    reasons: list[str]
-
-    def to_json(self) -> dict:
-        return {"train_score": self.train.score, "test_score": self.test.score,
-                "train_interval": _interval_json(self.train.interval),
-                "test_interval": _interval_json(self.test.interval), "verdict": self.verdict,
-                "reasons": self.reasons}
-
-
-@dataclass(frozen=True)
-class ChampionCheck:
-    """What the gate found in the registry and what it means for the challenger."""
-
-    outcome: str
-    version: str | None = None
-    model: str | None = None
-    comparison: PairedComparison | None = None
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def challenger_deploys(self) -> bool:
-        return self.outcome in _CHALLENGER_DEPLOYS
-
-    def to_json(self) -> dict:
-        compared = self.comparison.to_json() if self.comparison else {}
-        return {"outcome": self.outcome, "version": self.version, "model": self.model,
-                "stays": self.outcome == STAYS, "challenger": compared.get("first"),
-                "score": compared.get("second_score"), "challenger_score": compared.get("first_score"),
-                "difference": compared.get("difference"), "difference_interval": compared.get("difference_interval"),
-                "p_value": compared.get("mcnemar_p_value"), "table": compared.get("table"), "reasons": self.reasons}
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the gate decided: whether to deploy, which model, every candidate's verdict, the
-    comparisons between them and with the champion."""
-
-    deploy: bool
-    model: str | None
-    metric: str
-    confidence: float | None
-    thresholds: dict
-    candidates: dict[str, Verdict]
-    comparisons: list[PairedComparison]
-    champion: ChampionCheck
-
-    def to_json(self) -> dict:
-        return {"deploy": self.deploy, "model": self.model, "metric": self.metric, "confidence": self.confidence,
-                "thresholds": self.thresholds,
-                "candidates": {name: verdict.to_json() for name, verdict in self.candidates.items()},
-                "comparisons": {f"{c.first}_vs_{c.second}": c.to_json() for c in self.comparisons},
-                "champion": self.champion.to_json()}
-
-
-def estimate(metric: str, answers: SplitPredictions, level: float | None, seed: int) -> Estimate:
-    """The score of one split's answers, with an interval at ``level`` (none when ``level`` is None)."""
-    actual, predicted = np.asarray(answers.actual), np.asarray(answers.predicted)
-    score = statistics.score(metric, actual, predicted)
-    return Estimate(score, None if level is None else statistics.interval(metric, actual, predicted, level, seed))
-
-
-def judge(train: Estimate, test: Estimate, gate: GateParams) -> Verdict:
-    """The flowchart for one model: train threshold first, then test threshold."""
-    train_passes, train_reason = _threshold("train", train, gate.min_train_score, "min_train_score", gate)
-    if not train_passes:
-        return Verdict(train, test, UNDERFIT, [
-            f"{train_reason}: the model has not learned the training set (revisit the loss, optimizer, epochs)"])
-    test_passes, test_reason = _threshold("test", test, gate.min_test_score, "min_test_score", gate)
-    if not test_passes:
-        return Verdict(train, test, OVERFIT, [train_reason, (
-            f"{test_reason}: it does well on data it has seen but not on new data "
-            "(more data, augmentation, regularisation)")])
-    return Verdict(train, test, DEPLOY, [train_reason, test_reason])
-
-
-def judge_all(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
-              seed: int) -> dict[str, Verdict]:
-    """Every model's verdict. The test score always carries an interval (at ``gate.confidence``, or
-    the reporting level); the train score only when the thresholds are judged at a confidence."""
-    test_level = _level(gate)
-    return {name: judge(estimate(gate.metric, splits["train"], gate.confidence, seed),
-                        estimate(gate.metric, splits["test"], test_level, seed), gate)
-            for name, splits in predictions.items()}
-
-
-def best_passing(candidates: dict[str, Verdict]) -> str | None:
-    """The passing model with the best test score; ties go to the first (the smaller custom CNN)."""
-    passing = [name for name, verdict in candidates.items() if verdict.verdict == DEPLOY]
-    return max(passing, key=lambda name: candidates[name].test.score, default=None)
-
-
-def compare_models(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
-                   seed: int) -> list[PairedComparison]:
-    """Each pair of models on the same test images (custom vs resnet50)."""
-    level = _level(gate)
-    comparisons = []
-    for first, second in combinations(predictions, 2):
-        a, b = predictions[first]["test"], predictions[second]["test"]
-        if a.paths != b.paths or a.actual != b.actual:
-            raise PipelineError(f"the test predictions of {first} and {second} are for different images: "
-                                "rerun the evaluate stage (dvc repro -f evaluate)")
-        comparisons.append(statistics.compare(first, second, gate.metric, np.asarray(a.actual),
-                                              np.asarray(a.predicted), np.asarray(b.predicted), level, seed))
-    return comparisons
-
-
-def challenge(challenger: str, answers: SplitPredictions, champion_version: str, champion_model: str,
-              champion_predicted: list[str], gate: GateParams, seed: int) -> ChampionCheck:
-    """The challenger against the champion's answers on the same test images: stays or replaced."""
-    level = _level(gate)
-    comparison = statistics.compare(challenger, f"champion v{champion_version}", gate.metric,
-                                    np.asarray(answers.actual), np.asarray(answers.predicted),
-                                    np.asarray(champion_predicted), level, seed)
-    words = f"challenger {comparison_words(comparison)}"
-    if gate.confidence is None:
-        replaces = comparison.difference >= -gate.max_regression
-        rule = (f"worse by at most max_regression {gate.max_regression:g}" if gate.max_regression
-                else "at least as good")
-    else:
-        low = comparison.difference_interval.low if comparison.difference_interval else None
-        replaces = low is not None and low > -gate.max_regression
-        rule = f"the {level:.0%} interval of the difference above {-gate.max_regression:g}"
-        if not gate.max_regression:
-            # "Better beyond doubt" is also what the exact test says: with few images where the two
-            # disagree, a bootstrap interval can leave out 0 while McNemar's p is well above 1 - level.
-            replaces = replaces and comparison.mcnemar_p_value < 1 - level
-            rule += f" and McNemar p < {1 - level:.2g}"
-    outcome = REPLACED if replaces else STAYS
-    verdict = (f"replaces champion v{champion_version}" if replaces
-               else f"champion v{champion_version} stays")
-    return ChampionCheck(outcome, champion_version, champion_model, comparison,
-                         [f"{words}; needs {rule}: {verdict}"])
-
-
-def comparison_words(comparison: PairedComparison) -> str:
-    """One comparison in words: scores, the difference in points, the McNemar test."""
-    interval = comparison.difference_interval
-    spread = (f" (difference {interval.confidence:.0%} interval [{100 * interval.low:+.1f}, "
-              f"{100 * interval.high:+.1f}])") if interval else ""
-    significance = "significant" if comparison.significant() else "not significant"
-    return (f"{comparison.first} {comparison.first_score:.3f} vs {comparison.second} {comparison.second_score:.3f}: "
-            f"{100 * comparison.difference:+.1f} points{spread}, McNemar p = {comparison.mcnemar_p_value:.2g}, "
-            f"{significance}")
-
-
-def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], champion: ChampionCheck,
-           gate: GateParams) -> Decision:
-    """Put the verdicts and the champion check together: deploy only a passing challenger that the
-    champion check lets through."""
-    chosen = best_passing(candidates)
-    deploy = chosen is not None and champion.challenger_deploys
-    thresholds = {"min_train_score": gate.min_train_score, "min_test_score": gate.min_test_score,
-                  "max_regression": gate.max_regression}
-    return Decision(deploy, chosen if deploy else None, gate.metric, gate.confidence, thresholds, candidates,
-                    comparisons, champion)
 
 
 def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record: RunRecord) -> None:
@@ -238,25 +59,6 @@ def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record:
     with atomic_path(deploy_dir / MODEL_FILE) as staged_model:
         shutil.copyfile(model_dir / MODEL_FILE, staged_model)
         DeployedModel.from_run(model_name, run_record).write(deploy_dir / DEPLOY_INFO_FILE)
-
-
-def summary_lines(decision: Decision, validation: dict[str, float] | None = None) -> list[str]:
-    """The one-screen summary printed at the end of the stage: scores, verdicts, comparisons, why."""
-    validation = validation or {}
-    rule = "-" * 78
-    lines = [f"gate metric: {decision.metric}" + (f", decided at {decision.confidence:.0%} confidence"
-                                                  if decision.confidence else ""),
-             f"{'model':<10} {'train':>8} {'validation':>11} {'test [interval]':>26}  verdict", rule]
-    for name, verdict in decision.candidates.items():
-        shown = f"{validation[name]:>11.4f}" if name in validation else f"{'-':>11}"
-        lines.append(f"{name:<10} {verdict.train.score:>8.4f} {shown} {verdict.test.text():>26}  {verdict.verdict}")
-        lines.extend(f"{'':<10}   - {reason}" for reason in verdict.reasons)
-    for comparison in decision.comparisons:
-        lines.append(f"compared: {comparison_words(comparison)}")
-    lines.append(rule)
-    lines.extend(f"champion: {reason}" for reason in decision.champion.reasons)
-    lines.append(_deployed_line(decision))
-    return lines
 
 
 def check(gate_file: Path) -> int:
@@ -395,41 +197,6 @@ def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest
     pixels = load_images([str(root / path) for path in test.paths], info.image_size, info.channels)
     log.info("scoring champion v%s on %d test images", version.version, len(pixels))
     return [prediction.label for prediction in classify(model, pixels, info, params.evaluate.batch_size)]
-
-
-def _deployed_line(decision: Decision) -> str:
-    champion = decision.champion
-    if decision.deploy:
-        where = (f", champion v{champion.version} kept" if champion.outcome == SAME_MODEL
-                 else f", replacing champion v{champion.version}" if champion.version else "")
-        return f"deployed: {decision.model} -> deploy/{where}"
-    if champion.outcome == STAYS:
-        return f"deployed: no, champion v{champion.version} stays (deploy/ unchanged)"
-    if champion.outcome == UNKNOWN:
-        return "deployed: nothing (the registry could not be asked; deploy/ unchanged)"
-    return "deployed: nothing (no model passed both thresholds)"
-
-
-def _threshold(split: str, value: Estimate, threshold: float, key: str, gate: GateParams) -> tuple[bool, str]:
-    """Whether a score clears a threshold, and the reason in words."""
-    if gate.confidence is None:
-        passes = value.score >= threshold
-        return passes, f"{split} {gate.metric} {value.score:.4f} {'>=' if passes else '<'} {key} {threshold}"
-    if value.interval is None:
-        return False, (f"{split} {gate.metric} {value.score:.4f} has no {gate.confidence:.0%} interval (too few "
-                       f"images), so it cannot be shown to clear {key} {threshold}")
-    passes = value.interval.low >= threshold
-    return passes, (f"{split} {gate.metric} {value.score:.4f}, {gate.confidence:.0%} interval "
-                    f"{value.interval.text()}: lower end {'>=' if passes else '<'} {key} {threshold}")
-
-
-def _level(gate: GateParams) -> float:
-    """The confidence of the intervals and comparisons: the deciding one, or the reporting one."""
-    return gate.confidence or statistics.REPORTING_CONFIDENCE
-
-
-def _interval_json(interval: Interval | None) -> dict | None:
-    return asdict(interval) if interval else None
 
 
 def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[str, RunRecord],

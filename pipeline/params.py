@@ -204,7 +204,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class GateParams:
     """The deck's decision flow (train threshold, then test threshold), then the challenger against
-    the registered champion; see pipeline/gate.py."""
+    the registered champion; see pipeline/decision.py."""
 
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1"]
     min_train_score: float
