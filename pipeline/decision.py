@@ -35,6 +35,9 @@ SAME_MODEL = "same model"           # the challenger is the champion already
 NOT_COMPARABLE = "not comparable"   # other classes or input shape, or its files cannot be loaded
 UNKNOWN = "unknown"                 # the registry cannot be reached: nothing is deployed
 STAYS, REPLACED = "stays", "replaced"
+# Scores are fractions of images, so two that should tie can differ in the last bits (188/200 - 190/200
+# is -0.010000000000000009): a bound is met within this much, far below one image in a million.
+SCORE_TOLERANCE = 1e-9
 _CHALLENGER_DEPLOYS = (NO_CHAMPION, SAME_MODEL, NOT_COMPARABLE, REPLACED)
 
 
@@ -171,7 +174,7 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
                                     np.asarray(champion_predicted), level, seed)
     words = f"challenger {comparison_words(comparison)}"
     if gate.confidence is None:
-        replaces = comparison.difference >= -gate.max_regression
+        replaces = at_least(comparison.difference, -gate.max_regression)
         rule = (f"worse by at most max_regression {gate.max_regression:g}" if gate.max_regression
                 else "at least as good")
     else:
@@ -188,6 +191,11 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
                else f"champion v{champion_version} stays")
     return ChampionCheck(outcome, champion_version, champion_model, comparison,
                          [f"{words}; needs {rule}: {verdict}"])
+
+
+def at_least(value: float, bound: float) -> bool:
+    """``value >= bound`` for scores, within :data:`SCORE_TOLERANCE` (exactly at a bound passes)."""
+    return value >= bound - SCORE_TOLERANCE
 
 
 def comparison_words(comparison: PairedComparison) -> str:
@@ -248,12 +256,12 @@ def _deployed_line(decision: Decision) -> str:
 def _threshold(split: str, value: Estimate, threshold: float, key: str, gate: GateParams) -> tuple[bool, str]:
     """Whether a score clears a threshold, and the reason in words."""
     if gate.confidence is None:
-        passes = value.score >= threshold
+        passes = at_least(value.score, threshold)
         return passes, f"{split} {gate.metric} {value.score:.4f} {'>=' if passes else '<'} {key} {threshold}"
     if value.interval is None:
         return False, (f"{split} {gate.metric} {value.score:.4f} has no {gate.confidence:.0%} interval (too few "
                        f"images), so it cannot be shown to clear {key} {threshold}")
-    passes = value.interval.low >= threshold
+    passes = at_least(value.interval.low, threshold)
     return passes, (f"{split} {gate.metric} {value.score:.4f}, {gate.confidence:.0%} interval "
                     f"{value.interval.text()}: lower end {'>=' if passes else '<'} {key} {threshold}")
 

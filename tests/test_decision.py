@@ -211,6 +211,20 @@ def test_max_regression_allows_a_small_loss() -> None:
     assert challenge("custom", answers(185, 200), "3", "", champion_answers(190), lenient, 0).outcome == STAYS
 
 
+@pytest.mark.parametrize(("total", "max_regression", "champion_right"),
+                         [(100, 0.01, 90), (200, 0.01, 190), (179, 3 / 179, 170)])
+def test_exactly_max_regression_worse_is_accepted_one_image_more_is_not(total: int, max_regression: float,
+                                                                        champion_right: int) -> None:
+    # 188/200 - 190/200 is -0.010000000000000009 in floating point: the boundary must not hang on that.
+    lenient = replace(GATE, max_regression=max_regression)
+    allowed = round(max_regression * total)
+    champion = champion_answers(champion_right, total)
+    at_boundary = challenge("custom", answers(champion_right - allowed, total), "3", "", champion, lenient, 0)
+    assert at_boundary.outcome == REPLACED, at_boundary.reasons
+    beyond = challenge("custom", answers(champion_right - allowed - 1, total), "3", "", champion, lenient, 0)
+    assert beyond.outcome == STAYS, beyond.reasons
+
+
 def test_at_a_confidence_the_challenger_must_be_better_beyond_doubt() -> None:
     confident = replace(GATE, confidence=0.95)
     # Two points better on 200 images (right on 10 the champion missed, wrong on 6 it got) is not sure:
