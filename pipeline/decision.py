@@ -32,13 +32,13 @@ UNDERFIT, OVERFIT, DEPLOY = "underfit", "overfit", "deploy"
 # What became of the registered champion.
 NO_CHAMPION = "none"                # the first promotion: nothing to compare with
 SAME_MODEL = "same model"           # the challenger is the champion already
-NOT_COMPARABLE = "not comparable"   # other classes or input shape, or its files cannot be loaded
-UNKNOWN = "unknown"                 # the registry cannot be reached: nothing is deployed
+NOT_COMPARABLE = "not comparable"   # other classes or input shape: replaced only if gate.replace_incomparable
+UNKNOWN = "unknown"                 # the registry or the champion's files cannot be used: nothing is deployed
 STAYS, REPLACED = "stays", "replaced"
 # Scores are fractions of images, so two that should tie can differ in the last bits (188/200 - 190/200
 # is -0.010000000000000009): a bound is met within this much, far below one image in a million.
 SCORE_TOLERANCE = 1e-9
-_CHALLENGER_DEPLOYS = (NO_CHAMPION, SAME_MODEL, NOT_COMPARABLE, REPLACED)
+_CHALLENGER_DEPLOYS = (NO_CHAMPION, SAME_MODEL, REPLACED)
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,28 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
                          [f"{words}; needs {rule}: {verdict}"])
 
 
+def not_comparable(challenger: str, champion_version: str, champion_model: str | None, why: str,
+                   gate: GateParams) -> ChampionCheck:
+    """A champion made for other classes or another input shape: it stays unless the user opted in
+    (``gate.replace_incomparable``) to replacing it by a challenger judged on the thresholds alone."""
+    if gate.replace_incomparable:
+        then = ("gate.replace_incomparable is true, so the challenger replaces it, judged by the thresholds "
+                "alone")
+    else:
+        then = (f"champion v{champion_version} stays; set gate.replace_incomparable: true to replace a champion "
+                "that cannot be compared")
+    return ChampionCheck(NOT_COMPARABLE, champion_version, champion_model, reasons=[
+        f"champion v{champion_version} cannot be compared with {challenger}: {why}; {then}"])
+
+
+def cannot_score(champion_version: str, champion_model: str | None, why: str, registered_name: str) -> ChampionCheck:
+    """A champion that exists but whose files cannot be fetched or loaded: nothing is deployed (fail closed)."""
+    return ChampionCheck(UNKNOWN, champion_version, champion_model, reasons=[
+        f"champion v{champion_version} cannot be scored: {why}; nothing is deployed (deploy/ is left as it "
+        f"was). Restore its files in the artifact store and rerun the gate, or, if that version is lost for "
+        f"good, delete the alias {registered_name}@champion and rerun to promote without a comparison"])
+
+
 def at_least(value: float, bound: float) -> bool:
     """``value >= bound`` for scores, within :data:`SCORE_TOLERANCE` (exactly at a bound passes)."""
     return value >= bound - SCORE_TOLERANCE
@@ -214,7 +236,8 @@ def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], 
     """Put the verdicts and the champion check together: deploy only a passing challenger that the
     champion check lets through."""
     chosen = best_passing(candidates)
-    deploy = chosen is not None and champion.challenger_deploys
+    opted_in = champion.outcome == NOT_COMPARABLE and gate.replace_incomparable
+    deploy = chosen is not None and (champion.challenger_deploys or opted_in)
     thresholds = {"min_train_score": gate.min_train_score, "min_test_score": gate.min_test_score,
                   "max_regression": gate.max_regression}
     return Decision(deploy, chosen if deploy else None, gate.metric, gate.confidence, thresholds, candidates,
@@ -249,7 +272,9 @@ def _deployed_line(decision: Decision) -> str:
     if champion.outcome == STAYS:
         return f"deployed: no, champion v{champion.version} stays (deploy/ unchanged)"
     if champion.outcome == UNKNOWN:
-        return "deployed: nothing (the registry could not be asked; deploy/ unchanged)"
+        return "deployed: nothing (the champion could not be checked; deploy/ unchanged)"
+    if champion.outcome == NOT_COMPARABLE and champion.version:
+        return f"deployed: no, champion v{champion.version} stays: it cannot be compared (deploy/ unchanged)"
     return "deployed: nothing (no model passed both thresholds)"
 
 

@@ -33,17 +33,18 @@ from pipeline.artifacts import (
 from pipeline.decision import (
     DEPLOY,
     NO_CHAMPION,
-    NOT_COMPARABLE,
     SAME_MODEL,
     STAYS,
     UNKNOWN,
     ChampionCheck,
     Decision,
     best_passing,
+    cannot_score,
     challenge,
     compare_models,
     decide,
     judge_all,
+    not_comparable,
     summary_lines,
 )
 from pipeline.errors import PipelineError, first_line
@@ -151,16 +152,20 @@ def _check_champion(chosen: str | None, predictions: dict[str, dict[str, SplitPr
     try:
         champion_predicted = _champion_answers(version, predictions[chosen]["test"], run_records[chosen],
                                                ingest_dir, params)
+    except _CannotScore as why:
+        return cannot_score(number, champion_model, str(why), gate.registered_model_name)
     except _NotComparable as why:
-        return ChampionCheck(NOT_COMPARABLE, number, champion_model, reasons=[
-            f"champion v{number} cannot be compared with {chosen}: {why}; the challenger is judged by the "
-            "thresholds alone"])
+        return not_comparable(chosen, number, champion_model, str(why), gate)
     return challenge(chosen, predictions[chosen]["test"], number, champion_model or "", champion_predicted,
                      gate, params.base.seed)
 
 
 class _NotComparable(Exception):
-    """Why the champion cannot be scored on this test split."""
+    """The champion was made for other classes or another input shape."""
+
+
+class _CannotScore(Exception):
+    """The champion's files cannot be fetched or loaded (store error, missing or damaged files, timeout)."""
 
 
 def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest_dir: Path,
@@ -176,7 +181,7 @@ def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest
                                                         Path(folder))
             keras_file, info = read_logged_serving_model(model_dir)
         except Exception as error:   # missing or damaged files, a store that went away: one line
-            raise _NotComparable(f"its files cannot be loaded ({first_line(error)})") from None
+            raise _CannotScore(f"its files cannot be loaded ({first_line(error)})") from None
         if sorted(info.class_names) != sorted(record.class_names):
             raise _NotComparable(f"it knows the classes {', '.join(info.class_names)}, this data has "
                                  f"{', '.join(record.class_names)}")
@@ -192,7 +197,7 @@ def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest
         try:
             model = keras.models.load_model(keras_file, safe_mode=True)
         except Exception as error:
-            raise _NotComparable(f"its model cannot be loaded ({first_line(error)})") from None
+            raise _CannotScore(f"its model cannot be loaded ({first_line(error)})") from None
     root = source_root(ingest_dir)
     pixels = load_images([str(root / path) for path in test.paths], info.image_size, info.channels)
     log.info("scoring champion v%s on %d test images", version.version, len(pixels))

@@ -212,6 +212,7 @@ class GateParams:
     max_regression: float
     confidence: float | None
     registered_model_name: str
+    replace_incomparable: bool = False
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",

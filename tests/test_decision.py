@@ -24,11 +24,13 @@ from pipeline.decision import (
     Decision,
     Estimate,
     best_passing,
+    cannot_score,
     challenge,
     compare_models,
     decide,
     judge,
     judge_all,
+    not_comparable,
     summary_lines,
 )
 from pipeline.params import GateParams
@@ -250,12 +252,36 @@ def test_the_champion_decides_whether_a_passing_model_deploys() -> None:
     assert decision.deploy is False and decision.model is None
     assert decision.candidates["custom"].verdict == DEPLOY
     assert summary_lines(decision)[-1] == "deployed: no, champion v3 stays (deploy/ unchanged)"
-    for outcome in (NO_CHAMPION, SAME_MODEL, NOT_COMPARABLE, REPLACED):
+    for outcome in (NO_CHAMPION, SAME_MODEL, REPLACED):
         assert decision_of(champion=ChampionCheck(outcome, "3"), custom=(0.95, 0.9)).model == "custom", outcome
     unknown = decision_of(champion=ChampionCheck(UNKNOWN, reasons=["the registry cannot be reached"]),
                           custom=(0.95, 0.9))
     assert unknown.deploy is False
-    assert summary_lines(unknown)[-1] == "deployed: nothing (the registry could not be asked; deploy/ unchanged)"
+    assert summary_lines(unknown)[-1] == "deployed: nothing (the champion could not be checked; deploy/ unchanged)"
+
+
+def test_a_champion_that_cannot_be_scored_fails_closed() -> None:
+    lost = cannot_score("3", "custom", "its files cannot be loaded (No such file)", "image-classifier")
+    decision = decision_of(champion=lost, custom=(0.99, 0.99))
+    assert lost.outcome == UNKNOWN and decision.deploy is False and decision.model is None
+    (reason,) = lost.reasons
+    assert reason.startswith("champion v3 cannot be scored: its files cannot be loaded (No such file)")
+    assert "nothing is deployed" in reason and "delete the alias image-classifier@champion" in reason
+    assert summary_lines(decision)[-1] == "deployed: nothing (the champion could not be checked; deploy/ unchanged)"
+
+
+def test_an_incomparable_champion_is_replaced_only_when_the_user_opted_in() -> None:
+    why = "it takes 32x32 images with 3 channel(s), this data is 40x40 with 3"
+    kept = not_comparable("custom", "3", "custom", why, GATE)
+    refused = decision_of(champion=kept, custom=(0.99, 0.99))
+    assert kept.outcome == NOT_COMPARABLE and refused.deploy is False
+    assert "champion v3 stays; set gate.replace_incomparable: true" in kept.reasons[0]
+    assert summary_lines(refused)[-1] == "deployed: no, champion v3 stays: it cannot be compared (deploy/ unchanged)"
+    opted_in = replace(GATE, replace_incomparable=True)
+    replaced = not_comparable("custom", "3", "custom", why, opted_in)
+    decision = decision_of(opted_in, champion=replaced, custom=(0.99, 0.99))
+    assert decision.deploy is True and decision.model == "custom"
+    assert "gate.replace_incomparable is true, so the challenger replaces it" in replaced.reasons[0]
 
 
 def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None:

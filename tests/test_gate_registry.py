@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bench.project import free_port
@@ -149,6 +150,14 @@ def test_an_incompatible_champion_is_not_compared(project: GateProject, raw_para
     decision = bigger.gate()
     assert decision["champion"]["outcome"] == "not comparable"
     assert "takes 32x32 images with 3 channel(s), this data is 40x40" in decision["champion"]["reasons"][0]
+    # Not opted in: the champion stays, nothing is deployed.
+    assert decision["deploy"] is False and str(bigger.champion().version) == "1"
+    assert not (bigger.root / "deploy" / MODEL_FILE).exists()
+    # Opted in (gate.replace_incomparable): the challenger replaces it, and the reason says so.
+    raw_params["gate"]["replace_incomparable"] = True
+    (bigger.root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    decision = bigger.gate()
+    assert "gate.replace_incomparable is true" in decision["champion"]["reasons"][0]
     assert decision["deploy"] is True and str(bigger.champion().version) == "2"
 
 
@@ -166,12 +175,15 @@ def test_a_registry_out_of_reach_or_a_champion_without_its_files(project: GatePr
     assert "the registry cannot be reached" in decision["champion"]["reasons"][0]
     assert project.deployed() == deployed
 
-    # The registry answers but the champion's files are gone: it cannot be scored, so the challenger
-    # is judged by the thresholds alone.
+    # The registry answers but the perfect champion's files are gone: it cannot be scored, so a worse
+    # challenger must not slip through. The gate fails closed: nothing deployed, the alias unmoved.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     shutil.rmtree(project.root / "mlartifacts")
     project.train(custom=TWO_RIGHT)
     decision = project.gate()
-    assert decision["champion"]["outcome"] == "not comparable"
-    assert "its files cannot be loaded" in decision["champion"]["reasons"][0]
-    assert decision["deploy"] is True
+    assert decision["champion"]["outcome"] == "unknown" and decision["champion"]["version"] == "1"
+    (reason,) = decision["champion"]["reasons"]
+    assert "champion v1 cannot be scored: its files cannot be loaded" in reason and "nothing is deployed" in reason
+    assert decision["deploy"] is False
+    assert str(project.champion().version) == "1" and project.versions() == 1
+    assert project.deployed() == deployed
