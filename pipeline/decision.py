@@ -31,14 +31,14 @@ UNDERFIT, OVERFIT, DEPLOY = "underfit", "overfit", "deploy"
 
 # What became of the registered champion.
 NO_CHAMPION = "none"                # the first promotion: nothing to compare with
-SAME_MODEL = "same model"           # the challenger is the champion already
+SAME_MODEL = "same model"           # the challenger is the champion already: nothing new to deploy
 NOT_COMPARABLE = "not comparable"   # other classes or input shape: replaced only if gate.replace_incomparable
 UNKNOWN = "unknown"                 # the registry or the champion's files cannot be used: nothing is deployed
 STAYS, REPLACED = "stays", "replaced"
 # Scores are fractions of images, so two that should tie can differ in the last bits (188/200 - 190/200
 # is -0.010000000000000009): a bound is met within this much, far below one image in a million.
 SCORE_TOLERANCE = 1e-9
-_CHALLENGER_DEPLOYS = (NO_CHAMPION, SAME_MODEL, REPLACED)
+_CHALLENGER_DEPLOYS = (NO_CHAMPION, REPLACED)
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,8 @@ def summary_lines(decision: Decision, validation: dict[str, float] | None = None
         lines.append(f"compared: {comparison_words(comparison)}")
     lines.append(rule)
     lines.extend(f"champion: {reason}" for reason in decision.champion.reasons)
+    lines.append("the registry is outside DVC, so this decision is re-made on each dvc repro (stage gate is "
+                 "always_changed)")
     lines.append(_deployed_line(decision))
     return lines
 
@@ -266,9 +268,10 @@ def summary_lines(decision: Decision, validation: dict[str, float] | None = None
 def _deployed_line(decision: Decision) -> str:
     champion = decision.champion
     if decision.deploy:
-        where = (f", champion v{champion.version} kept" if champion.outcome == SAME_MODEL
-                 else f", replacing champion v{champion.version}" if champion.version else "")
+        where = f", replacing champion v{champion.version}" if champion.version else ""
         return f"deployed: {decision.model} -> deploy/{where}"
+    if champion.outcome == SAME_MODEL:
+        return f"deployed: nothing new, champion v{champion.version} is this same model (deploy/ unchanged)"
     if champion.outcome == STAYS:
         return f"deployed: no, champion v{champion.version} stays (deploy/ unchanged)"
     if champion.outcome == UNKNOWN:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -48,18 +50,56 @@ from pipeline.decision import (
     summary_lines,
 )
 from pipeline.errors import PipelineError, first_line
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import read_json, write_json
 from pipeline.model_table import MODELS
 from pipeline.params import GateParams, Params, load_params
 
 log = logging.getLogger("pipeline.gate")
 
 
+# Fault-injection hook, for tests only: PIPELINE_GATE_FAULT=after-register | after-alias | after-deploy
+# makes the gate SIGKILL itself right after that step of a promotion, to show that the alias and
+# deploy/ end up naming the same run (or in a state the next run repairs).
+FAULT_VARIABLE = "PIPELINE_GATE_FAULT"
+
+
 def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record: RunRecord) -> None:
-    """Copy the chosen model into ``deploy/`` with its description, each file written whole or not at all."""
-    with atomic_path(deploy_dir / MODEL_FILE) as staged_model:
-        shutil.copyfile(model_dir / MODEL_FILE, staged_model)
-        DeployedModel.from_run(model_name, run_record).write(deploy_dir / DEPLOY_INFO_FILE)
+    """Put the chosen model and its description into ``deploy/``, the folder replaced whole."""
+    swap_in(stage_deployment(model_dir / MODEL_FILE, DeployedModel.from_run(model_name, run_record), deploy_dir),
+            deploy_dir)
+
+
+def stage_deployment(model_file: Path, info: DeployedModel, deploy_dir: Path) -> Path:
+    """A complete new deploy folder (model and description), hidden beside ``deploy_dir``; returns it."""
+    deploy_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=deploy_dir.parent, prefix=f".{deploy_dir.name}.staged-"))
+    try:
+        shutil.copyfile(model_file, staged / MODEL_FILE)
+        info.write(staged / DEPLOY_INFO_FILE)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def swap_in(staged: Path, deploy_dir: Path) -> None:
+    """Replace ``deploy_dir`` by the staged folder with two renames: it is the old folder or the new
+    one, each whole (a kill between the renames leaves it absent, which the next gate run repairs)."""
+    old = None
+    if deploy_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=deploy_dir.parent, prefix=f".{deploy_dir.name}.old-"))
+        os.replace(deploy_dir, old)   # onto an empty folder: allowed
+    os.replace(staged, deploy_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def deployed_run_id(deploy_dir: Path) -> str:
+    """The training run that ``deploy/model.json`` names; empty when there is none or it cannot be read."""
+    try:
+        return DeployedModel.read(deploy_dir / DEPLOY_INFO_FILE).mlflow_run_id
+    except Exception:   # missing, half-written by an old pipeline, not JSON: nothing deployed
+        return ""
 
 
 def check(gate_file: Path) -> int:
@@ -79,7 +119,7 @@ def check(gate_file: Path) -> int:
 
 
 def main(args: argparse.Namespace) -> None:
-    """Judge, compare, decide, deploy, record."""
+    """Judge, compare, decide; register, move the alias, then swap deploy/ in; record."""
     params = load_params(args.params)
     gate, seed = params.gate, params.base.seed
     predictions = {spec.name: read_predictions(Path(args.predictions) / f"{spec.name}.csv") for spec in MODELS}
@@ -87,17 +127,20 @@ def main(args: argparse.Namespace) -> None:
     comparisons = compare_models(predictions, gate, seed)
     model_dirs = {spec.name: Path(args.models) / spec.folder for spec in MODELS}
     run_records = {name: RunRecord.read(path) for name, path in model_dirs.items()}
+    deploy_dir = Path(args.deploy)
+    _sweep_leftovers(deploy_dir)
     registry_reached = _connect(params)
+    if registry_reached:
+        _restore_champion(gate.registered_model_name, deploy_dir)
     champion = (_check_champion(best_passing(candidates), predictions, run_records, params, Path(args.ingest))
                 if registry_reached else ChampionCheck(UNKNOWN, reasons=[registry_reached.problem]))
     decision = decide(candidates, comparisons, champion, gate)
-    deploy_dir = Path(args.deploy)
     deploy_dir.mkdir(parents=True, exist_ok=True)
     if decision.deploy:
-        deploy_model(model_dirs[decision.model], deploy_dir, decision.model, run_records[decision.model])
+        _promote(gate, decision, run_records[decision.model], model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
     if registry_reached:
-        _record_in_mlflow(gate, decision, run_records, deploy_dir)
+        _record_in_mlflow(gate, decision, run_records)
     validation = {name: statistics.score(gate.metric, np.asarray(splits["validation"].actual),
                                          np.asarray(splits["validation"].predicted))
                   for name, splits in predictions.items() if "validation" in splits}
@@ -148,7 +191,8 @@ def _check_champion(chosen: str | None, predictions: dict[str, dict[str, SplitPr
             f"no model passed the thresholds: champion v{number} stays"])
     if tags.get("source.run_id") == run_records[chosen].run_id:
         return ChampionCheck(SAME_MODEL, number, champion_model, reasons=[
-            f"champion v{number} is this {chosen} model already (same training run): it stays the champion"])
+            f"champion v{number} is this {chosen} model already (same training run): it stays the champion "
+            "and nothing new is deployed"])
     try:
         champion_predicted = _champion_answers(version, predictions[chosen]["test"], run_records[chosen],
                                                ingest_dir, params)
@@ -204,10 +248,8 @@ def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest
     return [prediction.label for prediction in classify(model, pixels, info, params.evaluate.batch_size)]
 
 
-def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[str, RunRecord],
-                      deploy_dir: Path) -> None:
-    """Tag each training run with its verdict and the comparison; log the deployed model for
-    serving, register it with the reasons and move the alias."""
+def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[str, RunRecord]) -> None:
+    """Tag each training run with its verdict and the comparison; record the decision on its parent run."""
     import mlflow
 
     from pipeline import parent_run, tracking
@@ -225,28 +267,86 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
                                  "gate.champion_reason": "; ".join(champion.reasons)[:5000]})
                 mlflow.log_metrics({"gate_vs_champion_difference": champion.comparison.difference,
                                     "gate_vs_champion_p_value": champion.comparison.mcnemar_p_value})
-    if decision.deploy and champion.outcome != SAME_MODEL:
-        _register(gate, decision, run_records[decision.model], deploy_dir)
     parent_run.record_decision(decision.to_json(), run_records)
 
 
-def _register(gate: GateParams, decision: Decision, record: RunRecord, deploy_dir: Path) -> None:
-    """Log the deployed model for serving, register it with why it was promoted, move the alias."""
+def _promote(gate: GateParams, decision: Decision, record: RunRecord, model_dir: Path, deploy_dir: Path) -> None:
+    """Registry first, then deploy/: stage the new deploy folder beside deploy/, log it for serving,
+    register it with why it was promoted, move the alias, and only then swap it into deploy/. A kill
+    before the alias moves leaves the old champion in both; after, the next run restores deploy/."""
+    from pipeline import tracking
+
+    staged = stage_deployment(model_dir / MODEL_FILE, DeployedModel.from_run(decision.model, record), deploy_dir)
+    try:
+        version = _register(gate, decision, record, staged)
+        _fault_point("after-register")
+        tracking.move_champion_alias(gate.registered_model_name, version)
+        log.info("%s version %s is the %s", gate.registered_model_name, version, tracking.CHAMPION_ALIAS)
+        _fault_point("after-alias")
+        swap_in(staged, deploy_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)   # gone already after the swap
+    _fault_point("after-deploy")
+
+
+def _register(gate: GateParams, decision: Decision, record: RunRecord, staged: Path) -> str:
+    """Log the staged deploy folder for serving and register it with why it was promoted."""
     from pipeline import tracking
     from pipeline.serving import log_serving_model
 
     chosen, champion = decision.candidates[decision.model], decision.champion
     with tracking.resume_run(record.run_id):
-        serving_model = log_serving_model(deploy_dir)
+        serving_model = log_serving_model(staged)
     why = "; ".join([*chosen.reasons, *champion.reasons])
     description = f"Promoted by the gate: {decision.model}, test {gate.metric} {chosen.test.text()}. {why}"
     tags = {"gate.verdict": DEPLOY, "source.run_id": record.run_id, "model": decision.model,
             "gate.metric": gate.metric, "gate.test_score": f"{chosen.test.score:.4f}", "gate.champion": champion.outcome}
     if champion.version:
         tags["gate.replaced_version"] = champion.version
-    version = tracking.register_champion(serving_model.model_uri, gate.registered_model_name, tags, description)
-    log.info("registered %s version %s with alias %s", gate.registered_model_name, version,
-             tracking.CHAMPION_ALIAS)
+    version = tracking.register_version(serving_model.model_uri, gate.registered_model_name, tags, description)
+    log.info("registered %s version %s", gate.registered_model_name, version)
+    return version
+
+
+def _fault_point(step: str) -> None:
+    """The fault-injection hook for tests (see :data:`FAULT_VARIABLE`): SIGKILL this process after ``step``."""
+    if os.environ.get(FAULT_VARIABLE) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sweep_leftovers(deploy_dir: Path) -> None:
+    """Remove staged or old deploy folders that a killed gate left beside deploy/."""
+    for pattern in (f".{deploy_dir.name}.staged-*", f".{deploy_dir.name}.old-*"):
+        for leftover in deploy_dir.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _restore_champion(registered_name: str, deploy_dir: Path) -> None:
+    """When the alias names another run than deploy/model.json (a gate killed after moving the alias),
+    put the champion's registered files back into deploy/ before deciding anything."""
+    from pipeline import tracking
+    from pipeline.serving import read_logged_serving_model
+
+    try:
+        version = tracking.find_champion(registered_name)
+    except PipelineError:
+        return   # the champion check says why, and nothing is deployed
+    run_id = (version.tags or {}).get("source.run_id", "") if version is not None else ""
+    deployed = deployed_run_id(deploy_dir)
+    if not run_id or run_id == deployed:
+        return
+    log.warning("deploy/ holds run %s but %s@%s is run %s (a gate stopped half-way): restoring deploy/ from "
+                "version %s", deployed or "(none)", registered_name, tracking.CHAMPION_ALIAS, run_id, version.version)
+    with tempfile.TemporaryDirectory(prefix="champion-") as folder:
+        try:
+            model_dir = tracking.download_model_version(registered_name, str(version.version), Path(folder))
+            keras_file, info = read_logged_serving_model(model_dir)
+        except Exception as error:   # the champion check meets the same problem and fails closed
+            log.warning("deploy/ could not be restored: %s", first_line(error))
+            return
+        swap_in(stage_deployment(keras_file, info, deploy_dir), deploy_dir)
+
+
 
 
 def _check_main() -> None:

@@ -252,8 +252,11 @@ def test_the_champion_decides_whether_a_passing_model_deploys() -> None:
     assert decision.deploy is False and decision.model is None
     assert decision.candidates["custom"].verdict == DEPLOY
     assert summary_lines(decision)[-1] == "deployed: no, champion v3 stays (deploy/ unchanged)"
-    for outcome in (NO_CHAMPION, SAME_MODEL, REPLACED):
+    for outcome in (NO_CHAMPION, REPLACED):
         assert decision_of(champion=ChampionCheck(outcome, "3"), custom=(0.95, 0.9)).model == "custom", outcome
+    same = decision_of(champion=ChampionCheck(SAME_MODEL, "3"), custom=(0.95, 0.9))
+    assert same.deploy is False and same.model is None
+    assert summary_lines(same)[-1] == "deployed: nothing new, champion v3 is this same model (deploy/ unchanged)"
     unknown = decision_of(champion=ChampionCheck(UNKNOWN, reasons=["the registry cannot be reached"]),
                           custom=(0.95, 0.9))
     assert unknown.deploy is False
@@ -316,6 +319,8 @@ def test_the_summary_prints_intervals_and_the_comparison_in_words() -> None:
     assert f"0.9000 [{interval.low:.3f}, {interval.high:.3f}]" in text
     assert "champion: challenger custom 0.900 vs champion v3 0.950: -5.0 points" in text
     assert lines[-1] == "deployed: no, champion v3 stays (deploy/ unchanged)"
+    assert lines[-2] == ("the registry is outside DVC, so this decision is re-made on each dvc repro (stage gate "
+                         "is always_changed)")
 
 
 def test_the_decision_needs_no_mlflow_and_no_tensorflow() -> None:
