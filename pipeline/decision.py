@@ -77,6 +77,7 @@ class ChampionCheck:
     model: str | None = None
     comparison: PairedComparison | None = None
     reasons: list[str] = field(default_factory=list)
+    test: statistics.OneSidedTest | None = None     # that the challenger is better: decides at a confidence
 
     @property
     def challenger_deploys(self) -> bool:
@@ -88,7 +89,8 @@ class ChampionCheck:
                 "stays": self.outcome == STAYS, "challenger": compared.get("first"),
                 "score": compared.get("second_score"), "challenger_score": compared.get("first_score"),
                 "difference": compared.get("difference"), "difference_interval": compared.get("difference_interval"),
-                "p_value": compared.get("mcnemar_p_value"), "table": compared.get("table"), "reasons": self.reasons}
+                "test": self.test.test if self.test else None, "p_value": self.test.p_value if self.test else None,
+                "table": compared.get("table"), "reasons": self.reasons}
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,9 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
     comparison = statistics.compare(challenger, f"champion v{champion_version}", gate.metric,
                                     np.asarray(answers.actual), np.asarray(answers.predicted),
                                     np.asarray(champion_predicted), level, seed)
-    words = f"challenger {comparison_words(comparison)}"
+    better = statistics.better_test(gate.metric, answers.actual, answers.predicted, champion_predicted, seed)
+    words = (f"challenger {comparison_words(comparison)}; better by a {better.test} test on {gate.metric}: "
+             f"p = {better.p_value:.2g}")
     if gate.confidence is None:
         replaces = at_least(comparison.difference, -gate.max_regression)
         rule = (f"worse by at most max_regression {gate.max_regression:g}" if gate.max_regression
@@ -182,15 +186,15 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
         replaces = low is not None and low > -gate.max_regression
         rule = f"the {level:.0%} interval of the difference above {-gate.max_regression:g}"
         if not gate.max_regression:
-            # "Better beyond doubt" is also what the exact test says: with few images where the two
-            # disagree, a bootstrap interval can leave out 0 while McNemar's p is well above 1 - level.
-            replaces = replaces and comparison.mcnemar_p_value < 1 - level
-            rule += f" and McNemar p < {1 - level:.2g}"
+            # "Better beyond doubt" is also what the one-sided test says: with few images where the two
+            # disagree, a bootstrap interval can leave out 0 while the test's p is above 1 - level.
+            replaces = replaces and better.p_value < 1 - level
+            rule += f" and {better.test} p < {1 - level:.2g}"
     outcome = REPLACED if replaces else STAYS
     verdict = (f"replaces champion v{champion_version}" if replaces
                else f"champion v{champion_version} stays")
     return ChampionCheck(outcome, champion_version, champion_model, comparison,
-                         [f"{words}; needs {rule}: {verdict}"])
+                         [f"{words}; needs {rule}: {verdict}"], better)
 
 
 def not_comparable(challenger: str, champion_version: str, champion_model: str | None, why: str,

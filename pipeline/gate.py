@@ -266,7 +266,7 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
                 mlflow.set_tags({"gate.champion_version": champion.version or "", "gate.champion": champion.outcome,
                                  "gate.champion_reason": "; ".join(champion.reasons)[:5000]})
                 mlflow.log_metrics({"gate_vs_champion_difference": champion.comparison.difference,
-                                    "gate_vs_champion_p_value": champion.comparison.mcnemar_p_value})
+                                    "gate_vs_champion_p_value": champion.test.p_value})
     parent_run.record_decision(decision.to_json(), run_records)
 
 

@@ -236,14 +236,37 @@ def test_at_a_confidence_the_challenger_must_be_better_beyond_doubt() -> None:
     assert close.outcome == STAYS and close.comparison.difference_interval.low < 0
     assert "needs the 95% interval of the difference above" in close.reasons[0]
     # Right on 4 images the champion missed and wrong on none: the bootstrap interval leaves out 0, but
-    # 4 to 0 happens by chance one time in eight (exact McNemar): not beyond doubt.
+    # 4 to 0 happens by chance one time in sixteen (one-sided exact McNemar): not beyond doubt.
     few = challenge("custom", answers(184, 200), "3", "", champion_answers(180), confident, 0)
     assert (few.comparison.first_only_right, few.comparison.second_only_right) == (4, 0)
     assert few.comparison.difference_interval.low > 0 and few.comparison.mcnemar_p_value == pytest.approx(0.125)
-    assert few.outcome == STAYS and "and McNemar p < 0.05" in few.reasons[0]
+    assert few.test.p_value == pytest.approx(1 / 16)    # one-sided: 4 to 0 by chance one time in 16
+    assert few.outcome == STAYS and "and mcnemar exact, one-sided p < 0.05" in few.reasons[0]
     # Fifteen points better is.
     clear = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, 0)
     assert clear.outcome == REPLACED and clear.comparison.difference_interval.low > 0
+
+
+def test_at_a_confidence_the_test_is_one_sided_for_the_challenger() -> None:
+    confident = replace(GATE, confidence=0.95)
+    # Right on 5 images the champion missed, wrong on none: one-sided p = 1/32 < 0.05, so it replaces
+    # the champion (two-sided McNemar, p = 1/16, would have kept it).
+    five = challenge("custom", answers(185, 200), "3", "", champion_answers(180), confident, 0)
+    assert (five.comparison.first_only_right, five.comparison.second_only_right) == (5, 0)
+    assert five.test.test == "mcnemar exact, one-sided" and five.test.p_value == pytest.approx(1 / 32)
+    assert five.outcome == REPLACED
+    assert five.to_json()["test"] == "mcnemar exact, one-sided" and five.to_json()["p_value"] == pytest.approx(1 / 32)
+
+
+def test_for_other_metrics_a_paired_permutation_test_of_that_metric_decides() -> None:
+    confident = replace(GATE, confidence=0.95, metric="balanced_accuracy")
+    better = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, seed=0)
+    assert better.test.test == "paired permutation, one-sided" and better.test.p_value < 0.01
+    assert better.outcome == REPLACED and "paired permutation, one-sided p < 0.05" in better.reasons[0]
+    again = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, seed=0)
+    assert again.test == better.test    # seeded by base.seed
+    worse = challenge("custom", answers(160, 200), "3", "", champion_answers(190), confident, seed=0)
+    assert worse.test.p_value > 0.5 and worse.outcome == STAYS
 
 
 def test_the_champion_decides_whether_a_passing_model_deploys() -> None:
@@ -303,7 +326,9 @@ def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None
     champion = data["champion"]
     assert champion["outcome"] == "stays" and champion["stays"] is True and champion["version"] == "3"
     assert champion["score"] == 0.95 and champion["challenger_score"] == 0.9
-    assert champion["difference"] == pytest.approx(-0.05) and 0 < champion["p_value"] < 1
+    assert champion["difference"] == pytest.approx(-0.05)
+    # One-sided in the challenger's favour: 0 to 10 on the discordant images is no evidence at all.
+    assert champion["test"] == "mcnemar exact, one-sided" and champion["p_value"] == pytest.approx(1.0)
     assert champion["table"]["second_only_right"] == 10 and champion["challenger"] == "custom"
     assert champion["difference_interval"]["high"] < 0
     assert data["deploy"] is False and data["model"] is None
