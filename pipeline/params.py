@@ -204,7 +204,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class GateParams:
     """The deck's decision flow (train threshold, then test threshold), then the challenger against
-    the registered champion; see pipeline/gate.py."""
+    the registered champion; see pipeline/decision.py."""
 
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1"]
     min_train_score: float
@@ -212,6 +212,7 @@ class GateParams:
     max_regression: float
     confidence: float | None
     registered_model_name: str
+    replace_incomparable: bool = False
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",

@@ -10,6 +10,9 @@ may be, and whether one model's lead over another on the same images is more tha
   wrong, an exact McNemar test (a two-sided binomial test on the images where exactly one of the two
   is right, ``scipy.stats.binomtest``), and a paired bootstrap interval of the difference in the
   metric, seeded so it is the same on every run.
+- Whether a challenger beats the champion is one-sided, on the gated metric (:func:`better_test`):
+  exact McNemar (``binomtest``, alternative ``greater``) for accuracy, a paired permutation test
+  (``scipy.stats.permutation_test``) of the metric's difference for the others.
 """
 
 from __future__ import annotations
@@ -129,6 +132,38 @@ def mcnemar_exact(first_only_right: int, second_only_right: int) -> float:
     if discordant == 0:
         return 1.0
     return float(stats.binomtest(first_only_right, discordant, 0.5).pvalue)
+
+
+@dataclass(frozen=True)
+class OneSidedTest:
+    """Whether the first model is better than the second in the metric: which test, its p-value."""
+
+    test: str
+    p_value: float
+
+
+def better_test(metric: str, actual: np.ndarray, first: np.ndarray, second: np.ndarray, seed: int) -> OneSidedTest:
+    """One-sided test that ``first`` beats ``second`` on the same images, in ``metric``.
+
+    Accuracy: exact McNemar, a one-sided binomial test (p = 1/2) on the images where exactly one is
+    right. Other metrics: a paired permutation test of the metric's difference (each image's two
+    answers swapped at random, ``scipy.stats.permutation_test``), seeded.
+    """
+    from scipy import stats
+
+    actual, first, second = np.asarray(actual), np.asarray(first), np.asarray(second)
+    if metric == "accuracy":
+        first_only = int(np.sum((first == actual) & (second != actual)))
+        discordant = first_only + int(np.sum((first != actual) & (second == actual)))
+        p_value = 1.0 if discordant == 0 else stats.binomtest(first_only, discordant, 0.5,
+                                                              alternative="greater").pvalue
+        return OneSidedTest("mcnemar exact, one-sided", float(p_value))
+    if np.array_equal(first, second):
+        return OneSidedTest("paired permutation, one-sided", 1.0)
+    result = stats.permutation_test((first, second), lambda a, b: score(metric, actual, a) - score(metric, actual, b),
+                                    permutation_type="samples", alternative="greater", vectorized=False,
+                                    n_resamples=BOOTSTRAP_RESAMPLES, rng=np.random.default_rng(seed))
+    return OneSidedTest("paired permutation, one-sided", float(result.pvalue))
 
 
 def _difference_interval(metric: str, actual: np.ndarray, first: np.ndarray, second: np.ndarray,

@@ -167,15 +167,18 @@ def resume_run(run_id: str):
                             "train_resnet50") from None
 
 
-def register_champion(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:
-    """Register ``model_uri`` as a new version of ``name`` (with why, in its description) and point
-    the ``champion`` alias at it: the one move of the alias, done last."""
+def register_version(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:
+    """Register ``model_uri`` as a new version of ``name`` (with why, in its description); the alias
+    stays where it is until :func:`move_champion_alias`."""
     version = mlflow.register_model(model_uri, name, tags=tags)
-    client = MlflowClient()
     if description:
-        client.update_model_version(name, version.version, description=description)
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+        MlflowClient().update_model_version(name, version.version, description=description)
     return str(version.version)
+
+
+def move_champion_alias(name: str, version: str) -> None:
+    """Point the ``champion`` alias of ``name`` at ``version``: the one move of the alias."""
+    MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version)
 
 
 def find_champion(name: str):

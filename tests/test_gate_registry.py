@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bench.project import free_port
@@ -24,7 +26,7 @@ from pipeline.artifacts import MODEL_FILE, RunRecord, write_predictions
 from pipeline.evaluate import answers, evaluate_model
 from pipeline.manifest import read_split
 from tests.conftest import make_image_folder
-from tests.stage_runner import prepare_split
+from tests.stage_runner import prepare_split, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +84,10 @@ class GateProject:
     def versions(self) -> int:
         return len(MlflowClient(tracking.tracking_uri()).search_model_versions(f"name='{NAME}'"))
 
+    def stamps(self) -> dict[str, int]:
+        """Each file of deploy/ with its modification time in nanoseconds."""
+        return {path.name: path.stat().st_mtime_ns for path in (self.root / "deploy").iterdir()}
+
     def deployed(self) -> bytes:
         return (self.root / "deploy" / MODEL_FILE).read_bytes() + (self.root / "deploy/model.json").read_bytes()
 
@@ -132,10 +138,14 @@ def test_the_champion_moves_only_forward(project: GateProject) -> None:
     assert run.data.tags["gate.champion"] == "replaced" and run.data.tags["gate.champion_version"] == "1"
     assert "gate_vs_champion_p_value" in run.data.metrics
 
-    # The gate again with nothing new: the champion is this very model; no new version.
+    # The gate again with nothing new: the champion is this very model; no new version, deploy/ not
+    # rewritten, and the CI check says nothing new may be deployed.
+    deployed_third, stamps = project.deployed(), project.stamps()
     again = project.gate()
-    assert again["deploy"] is True and again["champion"]["outcome"] == "same model"
-    assert project.versions() == 2
+    assert again["deploy"] is False and again["champion"]["outcome"] == "same model"
+    assert project.versions() == 2 and str(project.champion().version) == "2"
+    assert project.deployed() == deployed_third and project.stamps() == stamps
+    assert gate.check(project.root / "metrics/gate.json") == 1
 
 
 def test_an_incompatible_champion_is_not_compared(project: GateProject, raw_params: dict, tmp_path: Path,
@@ -149,6 +159,15 @@ def test_an_incompatible_champion_is_not_compared(project: GateProject, raw_para
     decision = bigger.gate()
     assert decision["champion"]["outcome"] == "not comparable"
     assert "takes 32x32 images with 3 channel(s), this data is 40x40" in decision["champion"]["reasons"][0]
+    # Not opted in: the champion stays, nothing is deployed.
+    assert decision["deploy"] is False and str(bigger.champion().version) == "1"
+    # deploy/ follows the alias: this new folder had none, so it got champion v1 from the registry.
+    assert gate.deployed_run_id(bigger.root / "deploy") == bigger.champion().tags["source.run_id"]
+    # Opted in (gate.replace_incomparable): the challenger replaces it, and the reason says so.
+    raw_params["gate"]["replace_incomparable"] = True
+    (bigger.root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    decision = bigger.gate()
+    assert "gate.replace_incomparable is true" in decision["champion"]["reasons"][0]
     assert decision["deploy"] is True and str(bigger.champion().version) == "2"
 
 
@@ -166,12 +185,44 @@ def test_a_registry_out_of_reach_or_a_champion_without_its_files(project: GatePr
     assert "the registry cannot be reached" in decision["champion"]["reasons"][0]
     assert project.deployed() == deployed
 
-    # The registry answers but the champion's files are gone: it cannot be scored, so the challenger
-    # is judged by the thresholds alone.
+    # The registry answers but the perfect champion's files are gone: it cannot be scored, so a worse
+    # challenger must not slip through. The gate fails closed: nothing deployed, the alias unmoved.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     shutil.rmtree(project.root / "mlartifacts")
     project.train(custom=TWO_RIGHT)
     decision = project.gate()
-    assert decision["champion"]["outcome"] == "not comparable"
-    assert "its files cannot be loaded" in decision["champion"]["reasons"][0]
-    assert decision["deploy"] is True
+    assert decision["champion"]["outcome"] == "unknown" and decision["champion"]["version"] == "1"
+    (reason,) = decision["champion"]["reasons"]
+    assert "champion v1 cannot be scored: its files cannot be loaded" in reason and "nothing is deployed" in reason
+    assert decision["deploy"] is False
+    assert str(project.champion().version) == "1" and project.versions() == 1
+    assert project.deployed() == deployed
+
+
+GATE_ARGUMENTS = ("--predictions", "data/predictions", "--ingest", "data/ingest", "--models", "models",
+                  "--deploy", "deploy", "--out", "metrics/gate.json")
+
+
+@pytest.mark.parametrize("step", ["after-register", "after-alias", "after-deploy"])
+def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(project: GateProject, step: str) -> None:
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    project.gate()
+    env = stage_env(MLFLOW_TRACKING_URI=tracking.tracking_uri())
+
+    def agree() -> bool:
+        champion = project.champion()
+        return gate.deployed_run_id(project.root / "deploy") == champion.tags["source.run_id"]
+
+    project.train(custom=PERFECT)     # a better challenger, promoted by a gate that is killed half-way
+    killed = run_stage(project.root, "gate", *GATE_ARGUMENTS, env={**env, gate.FAULT_VARIABLE: step})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if step != "after-alias":     # after the alias moved, deploy/ is repaired by the next run
+        assert agree()
+    rerun = run_stage(project.root, "gate", *GATE_ARGUMENTS, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert agree()
+    new_run = RunRecord.read(project.root / "models/custom").run_id
+    assert project.champion().tags["source.run_id"] == new_run
+    trained = (project.root / "models/custom" / MODEL_FILE).read_bytes()
+    assert (project.root / "deploy" / MODEL_FILE).read_bytes() == trained
+    assert sorted(path.name for path in project.root.iterdir() if path.name.startswith(".deploy")) == []

@@ -384,3 +384,12 @@ def test_the_photo_configuration_is_a_complete_valid_params_file() -> None:
     # Only what photos need differs: the split, the seed and the gate's registry name are the digits'.
     assert photos.split == digits.split and photos.base.seed == digits.base.seed
     assert photos.gate.registered_model_name == digits.gate.registered_model_name
+
+
+def test_replace_incomparable_is_a_yes_or_no_that_defaults_to_no(raw_params: dict) -> None:
+    assert params_from_dict(raw_params).gate.replace_incomparable is False
+    raw_params["gate"]["replace_incomparable"] = "yes"
+    with pytest.raises(ParamsError, match=r"gate\.replace_incomparable: expected true or false"):
+        params_from_dict(raw_params)
+    raw_params["gate"]["replace_incomparable"] = True
+    assert params_from_dict(raw_params).gate.replace_incomparable is True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.statistics import compare, interval, mcnemar_exact, score
+from pipeline.statistics import better_test, compare, interval, mcnemar_exact, score
 
 CATS_AND_DOGS = np.array(["cat"] * 6 + ["dog"] * 4)
 
@@ -106,3 +106,17 @@ def test_too_few_images_for_an_interval() -> None:
     one = np.array([1])
     assert interval("accuracy", one, one, 0.95, seed=0) is None
     assert compare("a", "b", "accuracy", one, one, one, 0.95, seed=0).difference_interval is None
+
+
+def test_the_one_sided_test_on_hand_computed_tables() -> None:
+    actual = np.array(["cat"] * 4 + ["dog"] * 4)
+    champion = actual.copy()
+    champion[[0, 1, 6]] = ["dog", "dog", "cat"]     # wrong on 3 images the challenger gets right
+    # Accuracy: one-sided exact McNemar on 3 to 0, (1/2)^3; the other way round nothing favours the first.
+    assert better_test("accuracy", actual, actual, champion, seed=0).p_value == pytest.approx(1 / 8)
+    assert better_test("accuracy", actual, champion, actual, seed=0).p_value == pytest.approx(1.0)
+    # Balanced accuracy: 2^8 swaps of the paired answers, enumerated; only those that leave the 3
+    # discordant pairs unswapped reach the observed difference: 2^5 / 2^8.
+    result = better_test("balanced_accuracy", actual, actual, champion, seed=0)
+    assert result.test == "paired permutation, one-sided" and result.p_value == pytest.approx(1 / 8)
+    assert better_test("macro_f1", actual, actual, actual.copy(), seed=0).p_value == 1.0
