@@ -84,16 +84,17 @@ def run(mode: str) -> RowResult:
             order = ("status", "repro") if repeat % 2 == 0 else ("repro", "status")
             for what in order:
                 seconds, text = _timed(["dvc", what], root, env)
+                # Up to date but for the gate, which is always_changed (its champion is in the registry).
                 if what == "repro":
-                    if stages_run(text):
+                    if stages_run(text) != ["gate"]:
                         raise RuntimeError(f"a no-op dvc repro ran stages {stages_run(text)}:\n{text[-2000:]}")
                     noop_s.append(seconds)
                 else:
-                    if "up to date" not in text.lower():
+                    if [line.strip() for line in text.splitlines() if line.strip()][-2:] != ["gate:", "always changed"]:
                         raise RuntimeError(f"dvc status after a full repro is not up to date:\n{text[-2000:]}")
                     status_s.append(seconds)
         ratio = paired_ratios(noop_s, status_s)
-        row.lines.append(Line("no-op dvc repro", fmt_stats(stats(noop_s), "s"),
+        row.lines.append(Line("no-op dvc repro (the gate only)", fmt_stats(stats(noop_s), "s"),
                               fmt_stats(stats(status_s), "s dvc status"), ratio, "-", None,
                               {"noop_repro_s": stats(noop_s), "status_s": stats(status_s)}))
 

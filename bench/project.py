@@ -4,6 +4,7 @@ that run ``dvc``; tiny params for a seconds-long run."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import socket
@@ -80,6 +81,16 @@ def run(root: Path, *command: str, check: bool = True) -> subprocess.CompletedPr
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# What ``dvc status --json`` says of a project whose every stage is up to date: the gate, whose champion
+# lives in the MLflow registry outside DVC, is ``always_changed`` and decides again on every repro.
+UP_TO_DATE = {"gate": ["always changed"]}
+
+
+def dvc_status(root: Path) -> dict[str, list]:
+    """``dvc status --json`` of the project: each stage that would rerun, and why."""
+    return json.loads(run(root, "dvc", "status", "--json").stdout)
 
 
 def stages_run(output: str) -> list[str]:

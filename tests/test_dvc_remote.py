@@ -2,8 +2,9 @@
 
 One copy of the project runs ``dvc repro``, pushes its outputs to a DVC remote (a local folder
 here; S3 or any other remote works the same) and commits ``dvc.lock`` and the metrics with git.
-A fresh ``git clone`` of it then pulls from the remote: DVC reports everything up to date,
-``dvc repro`` reruns no stage, and the deployed model is the same file, byte for byte. A change
+A fresh ``git clone`` of it then pulls from the remote: DVC reports every stage up to date but the
+gate (always changed: its champion is in the registry), ``dvc repro`` against the team's store reruns
+only the gate, which keeps the champion, and the deployed model is the same file, byte for byte. A change
 the teammate then makes (a gate threshold) reruns only the gate, against the team's tracking store.
 """
 
@@ -16,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from bench.common import git_commit_all
-from bench.project import project_env, read_params, run, stages_run, write_params
+from bench.project import UP_TO_DATE, dvc_status, project_env, read_params, run, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
-UP_TO_DATE = "Data and pipelines are up to date."
 # Outputs DVC caches (not git): a clone has none of them until ``dvc pull``.
 CACHED_OUTPUTS = ("deploy/model.keras", "deploy/model.json", "models/custom/model.keras",
                   "models/resnet50/model.keras", "data/split.csv", "data/ingest/manifest.csv")
@@ -29,7 +29,7 @@ CACHED_OUTPUTS = ("deploy/model.keras", "deploy/model.json", "models/custom/mode
 def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_project_copy: Path,
                                                                  tmp_path: Path) -> None:
     project = reproduced_project_copy
-    assert run(project, "dvc", "status").stdout.strip() == UP_TO_DATE
+    assert dvc_status(project) == UP_TO_DATE
 
     remote = tmp_path / "remote"
     run(project, "dvc", "remote", "add", "-d", "local", str(remote))
@@ -50,15 +50,23 @@ def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_proje
     assert [output for output in CACHED_OUTPUTS if (clone / output).exists()] == []
 
     run(clone, "dvc", "pull")
-    assert run(clone, "dvc", "status").stdout.strip() == UP_TO_DATE
-    again = run(clone, "dvc", "repro")
-    assert stages_run(again.stdout) == [], again.stdout
-    assert run(clone, "dvc", "status").stdout.strip() == UP_TO_DATE
-
+    assert dvc_status(clone) == UP_TO_DATE
     for output in CACHED_OUTPUTS:
         assert (clone / output).read_bytes() == (project / output).read_bytes(), output
     # Git brought the metrics: the gate's decision is the one the first machine made.
     assert (clone / "metrics/gate.json").read_bytes() == (project / "metrics/gate.json").read_bytes()
+
+    # With the team's tracking store (here the first machine's, standing in for a shared server),
+    # dvc repro trains nothing: only the gate decides again, finds this same model as the champion,
+    # and leaves deploy/ as it is.
+    shared = {**project_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    again = subprocess.run(["dvc", "repro"], cwd=clone, env=shared, capture_output=True, text=True, timeout=900,
+                           check=False)
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    assert stages_run(again.stdout) == ["gate"], again.stdout
+    assert json.loads((clone / "metrics/gate.json").read_text())["champion"]["outcome"] == "same model"
+    for output in CACHED_OUTPUTS:
+        assert (clone / output).read_bytes() == (project / output).read_bytes(), output
 
     # The teammate changes a gate threshold: only the gate reruns, and it tags the training runs that
     # models/*/run.json name, so it needs the team's tracking store (here the first machine's, standing
@@ -66,7 +74,6 @@ def test_clone_and_pull_restores_every_output_without_rerunning(reproduced_proje
     params = read_params(clone)
     params["gate"]["min_train_score"] = 0.001
     write_params(clone, params)
-    shared = {**project_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     gate = subprocess.run(["dvc", "repro"], cwd=clone, env=shared, capture_output=True, text=True, timeout=900,
                           check=False)
     assert gate.returncode == 0, f"{gate.stdout}\n{gate.stderr}"

@@ -169,8 +169,15 @@ def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse
     project = reproduced_project_copy
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     reproduced_first_gate = (project / "metrics/gate.json").read_text()
+    # Nothing to train again: only the gate decides again (the registry is outside DVC), finds this
+    # same model as the champion, rewrites nothing and tells CI there is nothing new to deploy.
+    deployed_first = {path.name: path.stat().st_mtime_ns for path in (project / "deploy").iterdir()}
     second = run(project, "dvc", "repro")
-    assert stages_run(second.stdout) == []
+    assert stages_run(second.stdout) == ["gate"]
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    assert gate["champion"]["outcome"] == "same model" and gate["deploy"] is False
+    assert {path.name: path.stat().st_mtime_ns for path in (project / "deploy").iterdir()} == deployed_first
+    assert run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False).returncode == 1
 
     # A stricter gate reruns only the gate: no training, nothing new deployed, registry untouched, and
     # deploy/ still holds the champion, byte for byte.
