@@ -16,7 +16,8 @@ the champion's answers, deploys and registers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 
 import numpy as np
@@ -60,9 +61,11 @@ class Verdict:
     test: Estimate
     verdict: str
     reasons: list[str]
+    validation: Estimate | None = None     # what chooses among the passing models
 
     def to_json(self) -> dict:
-        return {"train_score": self.train.score, "test_score": self.test.score,
+        return {"train_score": self.train.score,
+                "validation_score": self.validation.score if self.validation else None, "test_score": self.test.score,
                 "train_interval": _interval_json(self.train.interval),
                 "test_interval": _interval_json(self.test.interval), "verdict": self.verdict,
                 "reasons": self.reasons}
@@ -94,6 +97,38 @@ class ChampionCheck:
 
 
 @dataclass(frozen=True)
+class SplitReuse:
+    """How many models have been judged on this same test split: each decision taken on one test set
+    fits the choices to its images a little more, so past ``limit`` the set no longer measures new data."""
+
+    split: str              # the test split's fingerprint: its images and labels
+    models_judged: int      # distinct training runs judged on it, these included
+    limit: int              # gate.max_test_reuse
+
+    @property
+    def exceeded(self) -> bool:
+        return self.models_judged > self.limit
+
+    def words(self) -> str:
+        text = (f"test split {self.split} has judged {self.models_judged} model(s) so far "
+                f"(gate.max_test_reuse {self.limit})")
+        if self.exceeded:
+            text += (": warning, decisions repeated on one test set overfit it; draw a new test split "
+                     "(another split.seed, or new images) and judge the champion on it again")
+        return text
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "models_judged": self.models_judged, "limit": self.limit,
+                "exceeded": self.exceeded}
+
+
+def split_fingerprint(test: SplitPredictions) -> str:
+    """A short digest of the test images and their labels: the same split gives the same fingerprint."""
+    rows = "\n".join(sorted(f"{path}\t{label}" for path, label in zip(test.paths, test.actual)))
+    return hashlib.sha256(rows.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the gate decided: whether to deploy, which model, every candidate's verdict, the
     comparisons between them and with the champion."""
@@ -106,13 +141,15 @@ class Decision:
     candidates: dict[str, Verdict]
     comparisons: list[PairedComparison]
     champion: ChampionCheck
+    test_reuse: SplitReuse | None = None     # None when the registry could not be asked
 
     def to_json(self) -> dict:
         return {"deploy": self.deploy, "model": self.model, "metric": self.metric, "confidence": self.confidence,
                 "thresholds": self.thresholds,
                 "candidates": {name: verdict.to_json() for name, verdict in self.candidates.items()},
                 "comparisons": {f"{c.first}_vs_{c.second}": c.to_json() for c in self.comparisons},
-                "champion": self.champion.to_json()}
+                "champion": self.champion.to_json(),
+                "test_reuse": self.test_reuse.to_json() if self.test_reuse else None}
 
 
 def estimate(metric: str, answers: SplitPredictions, level: float | None, seed: int) -> Estimate:
@@ -138,18 +175,26 @@ def judge(train: Estimate, test: Estimate, gate: GateParams) -> Verdict:
 
 def judge_all(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
               seed: int) -> dict[str, Verdict]:
-    """Every model's verdict. The test score always carries an interval (at ``gate.confidence``, or
-    the reporting level); the train score only when the thresholds are judged at a confidence."""
+    """Every model's verdict, with its validation score where it has one. The test score always
+    carries an interval (at ``gate.confidence``, or the reporting level); the train score only when
+    the thresholds are judged at a confidence."""
     test_level = _level(gate)
-    return {name: judge(estimate(gate.metric, splits["train"], gate.confidence, seed),
+    verdicts = {}
+    for name, splits in predictions.items():
+        verdict = judge(estimate(gate.metric, splits["train"], gate.confidence, seed),
                         estimate(gate.metric, splits["test"], test_level, seed), gate)
-            for name, splits in predictions.items()}
+        validation = estimate(gate.metric, splits["validation"], None, seed) if "validation" in splits else None
+        verdicts[name] = replace(verdict, validation=validation)
+    return verdicts
 
 
 def best_passing(candidates: dict[str, Verdict]) -> str | None:
-    """The passing model with the best test score; ties go to the first (the smaller custom CNN)."""
+    """The passing model with the best validation score (its test score where it has none); ties go
+    to the first (the smaller custom CNN). Choosing on the test set and then judging on it would
+    favour whichever model was luckiest on those images: the test set decides the thresholds and the
+    champion comparison only."""
     passing = [name for name, verdict in candidates.items() if verdict.verdict == DEPLOY]
-    return max(passing, key=lambda name: candidates[name].test.score, default=None)
+    return max(passing, key=lambda name: (candidates[name].validation or candidates[name].test).score, default=None)
 
 
 def compare_models(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
@@ -236,7 +281,7 @@ def comparison_words(comparison: PairedComparison) -> str:
 
 
 def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], champion: ChampionCheck,
-           gate: GateParams) -> Decision:
+           gate: GateParams, test_reuse: SplitReuse | None = None) -> Decision:
     """Put the verdicts and the champion check together: deploy only a passing challenger that the
     champion check lets through."""
     chosen = best_passing(candidates)
@@ -245,18 +290,17 @@ def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], 
     thresholds = {"min_train_score": gate.min_train_score, "min_test_score": gate.min_test_score,
                   "max_regression": gate.max_regression}
     return Decision(deploy, chosen if deploy else None, gate.metric, gate.confidence, thresholds, candidates,
-                    comparisons, champion)
+                    comparisons, champion, test_reuse)
 
 
-def summary_lines(decision: Decision, validation: dict[str, float] | None = None) -> list[str]:
+def summary_lines(decision: Decision) -> list[str]:
     """The one-screen summary printed at the end of the stage: scores, verdicts, comparisons, why."""
-    validation = validation or {}
     rule = "-" * 78
     lines = [f"gate metric: {decision.metric}" + (f", decided at {decision.confidence:.0%} confidence"
                                                   if decision.confidence else ""),
              f"{'model':<10} {'train':>8} {'validation':>11} {'test [interval]':>26}  verdict", rule]
     for name, verdict in decision.candidates.items():
-        shown = f"{validation[name]:>11.4f}" if name in validation else f"{'-':>11}"
+        shown = f"{verdict.validation.score:>11.4f}" if verdict.validation else f"{'-':>11}"
         lines.append(f"{name:<10} {verdict.train.score:>8.4f} {shown} {verdict.test.text():>26}  {verdict.verdict}")
         lines.extend(f"{'':<10}   - {reason}" for reason in verdict.reasons)
     for comparison in decision.comparisons:
@@ -265,6 +309,8 @@ def summary_lines(decision: Decision, validation: dict[str, float] | None = None
     lines.extend(f"champion: {reason}" for reason in decision.champion.reasons)
     lines.append("the registry is outside DVC, so this decision is re-made on each dvc repro (stage gate is "
                  "always_changed)")
+    if decision.test_reuse:
+        lines.append(decision.test_reuse.words())
     lines.append(_deployed_line(decision))
     return lines
 

@@ -21,9 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from pipeline import cli, statistics
+from pipeline import cli
 from pipeline.artifacts import (
     DEPLOY_INFO_FILE,
     MODEL_FILE,
@@ -40,6 +39,7 @@ from pipeline.decision import (
     UNKNOWN,
     ChampionCheck,
     Decision,
+    SplitReuse,
     best_passing,
     cannot_score,
     challenge,
@@ -47,6 +47,7 @@ from pipeline.decision import (
     decide,
     judge_all,
     not_comparable,
+    split_fingerprint,
     summary_lines,
 )
 from pipeline.errors import PipelineError, first_line
@@ -55,6 +56,9 @@ from pipeline.model_table import MODELS
 from pipeline.params import GateParams, Params, load_params
 
 log = logging.getLogger("pipeline.gate")
+
+# Tag of each training run judged by the gate: the fingerprint of the test split it was judged on.
+TEST_SPLIT_TAG = "gate.test_split"
 
 
 # Fault-injection hook, for tests only: PIPELINE_GATE_FAULT=after-register | after-alias | after-deploy
@@ -134,17 +138,15 @@ def main(args: argparse.Namespace) -> None:
         _restore_champion(gate.registered_model_name, deploy_dir)
     champion = (_check_champion(best_passing(candidates), predictions, run_records, params, Path(args.ingest))
                 if registry_reached else ChampionCheck(UNKNOWN, reasons=[registry_reached.problem]))
-    decision = decide(candidates, comparisons, champion, gate)
+    reuse = _test_reuse(predictions, run_records, gate, registry_reached.experiment_id) if registry_reached else None
+    decision = decide(candidates, comparisons, champion, gate, reuse)
     deploy_dir.mkdir(parents=True, exist_ok=True)
     if decision.deploy:
         _promote(gate, decision, run_records[decision.model], model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
     if registry_reached:
         _record_in_mlflow(gate, decision, run_records)
-    validation = {name: statistics.score(gate.metric, np.asarray(splits["validation"].actual),
-                                         np.asarray(splits["validation"].predicted))
-                  for name, splits in predictions.items() if "validation" in splits}
-    for line in summary_lines(decision, validation):
+    for line in summary_lines(decision):
         log.info("%s", line)
 
 
@@ -153,6 +155,7 @@ class _RegistryAccess:
     """Whether the registry answered; false with the problem in one line when it did not."""
 
     problem: str = ""
+    experiment_id: str = ""
 
     def __bool__(self) -> bool:
         return not self.problem
@@ -162,11 +165,11 @@ def _connect(params: Params) -> _RegistryAccess:
     from pipeline import tracking
 
     try:
-        tracking.connect(params.base.experiment_name)
+        experiment_id = tracking.connect(params.base.experiment_name)
     except PipelineError as error:
         return _RegistryAccess(f"the registry cannot be reached, so the champion is unknown and nothing is "
                                f"deployed (deploy/ is left as it was): {error}")
-    return _RegistryAccess()
+    return _RegistryAccess(experiment_id=experiment_id)
 
 
 def _check_champion(chosen: str | None, predictions: dict[str, dict[str, SplitPredictions]],
@@ -259,6 +262,8 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
         with tracking.resume_run(run_records[name].run_id):
             mlflow.set_tags({"gate.verdict": verdict.verdict, "gate.deployed": str(decision.model == name).lower(),
                              "gate.metric": gate.metric})
+            if decision.test_reuse:
+                mlflow.set_tag(TEST_SPLIT_TAG, decision.test_reuse.split)
             if verdict.test.interval:
                 mlflow.log_metrics({f"gate_test_{gate.metric}_low": verdict.test.interval.low,
                                     f"gate_test_{gate.metric}_high": verdict.test.interval.high})
@@ -268,6 +273,23 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
                 mlflow.log_metrics({"gate_vs_champion_difference": champion.comparison.difference,
                                     "gate_vs_champion_p_value": champion.test.p_value})
     parent_run.record_decision(decision.to_json(), run_records)
+
+
+def _test_reuse(predictions: dict[str, dict[str, SplitPredictions]], run_records: dict[str, RunRecord],
+                gate: GateParams, experiment_id: str) -> SplitReuse | None:
+    """How many training runs of the experiment have been judged on this test split: those tagged
+    with its fingerprint by earlier decisions, and these. A store that fails here costs the count only."""
+    from mlflow.tracking import MlflowClient
+
+    split = split_fingerprint(next(iter(predictions.values()))["test"])
+    try:
+        earlier = MlflowClient().search_runs([experiment_id], f"tags.`{TEST_SPLIT_TAG}` = '{split}'",
+                                             max_results=50_000)
+    except Exception as error:   # the count is a warning, not a reason to fail the decision
+        log.warning("could not count the decisions taken on this test split: %s", first_line(error))
+        return None
+    judged = {run.info.run_id for run in earlier} | {record.run_id for record in run_records.values()}
+    return SplitReuse(split, len(judged), gate.max_test_reuse)
 
 
 def _promote(gate: GateParams, decision: Decision, record: RunRecord, model_dir: Path, deploy_dir: Path) -> None:

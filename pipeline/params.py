@@ -213,6 +213,7 @@ class GateParams:
     confidence: float | None
     registered_model_name: str
     replace_incomparable: bool = False
+    max_test_reuse: int = 20
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",
@@ -225,6 +226,9 @@ class GateParams:
         _require(self.confidence is None or 0.5 <= self.confidence < 1.0, f"{where}.confidence",
                  f"must be null or a level from 0.5 up to (not including) 1, such as 0.9 or 0.95; got {self.confidence}")
         _require(bool(self.registered_model_name.strip()), f"{where}.registered_model_name", "must not be empty")
+        _require(isinstance(self.max_test_reuse, int) and not isinstance(self.max_test_reuse, bool)
+                 and self.max_test_reuse >= 1, f"{where}.max_test_reuse",
+                 f"must be a whole number of models, 1 or more, got {self.max_test_reuse!r}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pipeline.decision import (
     ChampionCheck,
     Decision,
     Estimate,
+    SplitReuse,
     best_passing,
     cannot_score,
     challenge,
@@ -31,6 +32,7 @@ from pipeline.decision import (
     judge,
     judge_all,
     not_comparable,
+    split_fingerprint,
     summary_lines,
 )
 from pipeline.params import GateParams
@@ -49,9 +51,11 @@ def answers(right: int, total: int, labels: tuple[str, ...] = ("cat", "dog")) ->
                             tuple(predicted))
 
 
-def model(train: float, test: float, total: int = 200) -> dict[str, SplitPredictions]:
-    """One model's answers: train and test accuracy as given (on ``total`` images each)."""
-    return {"train": answers(round(train * total), total), "validation": answers(total // 2, total),
+def model(train: float, test: float, total: int = 200, validation: float | None = None) -> dict[str, SplitPredictions]:
+    """One model's answers: train, validation (the test accuracy unless given) and test accuracy as
+    given (on ``total`` images each)."""
+    validation = test if validation is None else validation
+    return {"train": answers(round(train * total), total), "validation": answers(round(validation * total), total),
             "test": answers(round(test * total), total)}
 
 
@@ -149,6 +153,23 @@ def test_a_better_test_score_from_a_failing_model_is_ignored() -> None:
     decision = decision_of(custom=(0.95, 0.86), resnet50=(0.5, 0.97))
     assert decision.model == "custom"
     assert decision.candidates["resnet50"].verdict == UNDERFIT
+
+
+def test_the_better_validation_score_goes_forward_not_the_better_test_score() -> None:
+    """Choosing on the test set, then judging on it, would favour the luckiest model on those images."""
+    predictions = {"custom": model(0.95, 0.90, validation=0.93), "resnet50": model(0.99, 0.92, validation=0.88)}
+    candidates = judge_all(predictions, GATE, 0)
+    assert candidates["custom"].validation.score == pytest.approx(0.93)
+    assert best_passing(candidates) == "custom"
+    decision = decide(candidates, compare_models(predictions, GATE, 0), FIRST_RUN, GATE)
+    assert decision.model == "custom" and decision.to_json()["candidates"]["custom"]["validation_score"] == 0.93
+    assert "custom       0.9500      0.9300" in "\n".join(summary_lines(decision))
+
+
+def test_without_a_validation_split_the_test_score_chooses() -> None:
+    predictions = {name: {split: answers for split, answers in model(0.99, test).items() if split != "validation"}
+                   for name, test in (("custom", 0.90), ("resnet50", 0.92))}
+    assert best_passing(judge_all(predictions, GATE, 0)) == "resnet50"
 
 
 def test_a_tie_goes_to_the_first_model() -> None:
@@ -314,11 +335,12 @@ def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None
     challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
     data = decision_of(champion=challenged, custom=(0.95, 0.9), resnet50=(0.5, 0.4)).to_json()
     assert set(data) == {"deploy", "model", "metric", "confidence", "thresholds", "candidates", "comparisons",
-                         "champion"}
+                         "champion", "test_reuse"}
     assert data["metric"] == "accuracy" and data["confidence"] is None
     assert data["thresholds"] == {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0}
     custom = data["candidates"]["custom"]
-    assert set(custom) == {"train_score", "test_score", "train_interval", "test_interval", "verdict", "reasons"}
+    assert set(custom) == {"train_score", "validation_score", "test_score", "train_interval", "test_interval",
+                           "verdict", "reasons"}
     assert custom["test_score"] == 0.9 and custom["train_interval"] is None
     assert custom["test_interval"]["method"] == "wilson" and custom["test_interval"]["confidence"] == 0.95
     assert custom["test_interval"]["low"] < 0.9 < custom["test_interval"]["high"]
@@ -337,7 +359,7 @@ def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None
 
 def test_the_summary_prints_intervals_and_the_comparison_in_words() -> None:
     challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
-    lines = summary_lines(decision_of(champion=challenged, custom=(0.95, 0.9)), {"custom": 0.5})
+    lines = summary_lines(decision_of(champion=challenged, custom=(0.95, 0.9)))
     text = "\n".join(lines)
     assert lines[0] == "gate metric: accuracy"
     interval = decision_of(custom=(0.95, 0.9)).candidates["custom"].test.interval
@@ -358,3 +380,22 @@ def test_the_decision_needs_no_mlflow_and_no_tensorflow() -> None:
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=120, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_the_split_fingerprint_follows_the_images_and_labels_not_their_order() -> None:
+    split = answers(150, 200)
+    shuffled = SplitPredictions(split.paths[::-1], split.actual[::-1], split.predicted[::-1])
+    relabelled = SplitPredictions(split.paths, ("dog",) + split.actual[1:], split.predicted)
+    assert split_fingerprint(split) == split_fingerprint(shuffled)
+    assert split_fingerprint(split) != split_fingerprint(relabelled)
+    assert split_fingerprint(split) != split_fingerprint(answers(150, 199))
+
+
+def test_test_reuse_warns_only_past_its_limit() -> None:
+    at_limit, past = SplitReuse("abc", 20, 20), SplitReuse("abc", 21, 20)
+    assert not at_limit.exceeded and "warning" not in at_limit.words()
+    assert past.exceeded and "warning, decisions repeated on one test set overfit it" in past.words()
+    decision = decision_of(custom=(0.95, 0.9))
+    decision = decide(decision.candidates, decision.comparisons, FIRST_RUN, GATE, past)
+    assert decision.to_json()["test_reuse"] == {"split": "abc", "models_judged": 21, "limit": 20, "exceeded": True}
+    assert past.words() in summary_lines(decision)

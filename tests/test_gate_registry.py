@@ -226,3 +226,21 @@ def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(proje
     trained = (project.root / "models/custom" / MODEL_FILE).read_bytes()
     assert (project.root / "deploy" / MODEL_FILE).read_bytes() == trained
     assert sorted(path.name for path in project.root.iterdir() if path.name.startswith(".deploy")) == []
+
+
+def test_the_gate_counts_the_models_judged_on_one_test_split_and_warns_past_the_limit(
+        project: GateProject, raw_params: dict) -> None:
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    first = project.gate()["test_reuse"]
+    assert first["models_judged"] == 2 and first["limit"] == 20 and first["exceeded"] is False
+    # Deciding again on the same two models is no new look at the test set: the count stays.
+    assert project.gate()["test_reuse"]["models_judged"] == 2
+    # A newly trained custom CNN is a third model judged on the same images, past a limit of 2.
+    raw_params["gate"]["max_test_reuse"] = 2
+    (project.root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    project.train(custom=PERFECT)
+    third = project.gate()["test_reuse"]
+    assert third == {"split": first["split"], "models_judged": 3, "limit": 2, "exceeded": True}
+    tagged = MlflowClient(tracking.tracking_uri()).search_runs([project.experiment_id],
+                                                               f"tags.`gate.test_split` = '{first['split']}'")
+    assert len(tagged) == 3

@@ -393,3 +393,11 @@ def test_replace_incomparable_is_a_yes_or_no_that_defaults_to_no(raw_params: dic
         params_from_dict(raw_params)
     raw_params["gate"]["replace_incomparable"] = True
     assert params_from_dict(raw_params).gate.replace_incomparable is True
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "20"])
+def test_max_test_reuse_is_a_whole_number_of_models(raw_params: dict, value) -> None:
+    assert params_from_dict(raw_params).gate.max_test_reuse == 20
+    raw_params["gate"]["max_test_reuse"] = value
+    with pytest.raises(ParamsError, match=r"gate\.max_test_reuse"):
+        params_from_dict(raw_params)
