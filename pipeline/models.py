@@ -157,17 +157,33 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
 
 
 def for_inference(model: keras.Model) -> keras.Model:
-    """The same layers and weights without the optimizer, loss and metrics that training attached.
+    """The same layers and weights, in float32, without the optimizer, loss and metrics that
+    training attached.
 
     This is what is saved and logged: a model file is for predicting, and Adam's two moment
     estimates per weight would triple it (ResNet50: 284 MB instead of 94 MB, and every save, log
-    and load slower by as much). ``clone_model`` is no help here, since it compiles the copy.
+    and load slower by as much). ``clone_model`` is no help here, since it compiles the copy. The
+    training precision (mixed_bfloat16 on CPUs that have it) is a training choice: the served model
+    computes in float32, which every CPU runs natively, and answers as the trained model does to
+    within bfloat16's rounding (the weights themselves are float32 under mixed precision).
     """
-    if not model.compiled:
+    mixed = any(layer.dtype_policy.name != "float32" for layer in model.layers)
+    if not model.compiled and not mixed:
         return model
-    copy = model.__class__.from_config(model.get_config())
+    copy = model.__class__.from_config(_float32_policies(model.get_config()))
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _float32_policies(config):
+    """A model config with every mixed-precision dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy" and str(config.get("config", {}).get("name", "")).startswith("mixed_"):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(value) for value in config]
+    return config
 
 
 def _classifier_head(x, num_classes: int, dense_units: Sequence[int], dropout: float):

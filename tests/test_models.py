@@ -347,3 +347,30 @@ def test_cosine_schedule_and_label_smoothing_reach_the_optimizer_and_loss() -> N
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
     assert float(schedule(0)) == pytest.approx(0.002) and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
     assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+
+
+def test_the_inference_copy_of_a_mixed_precision_model_computes_in_float32(tmp_path: Path) -> None:
+    """Trained in mixed_bfloat16, served in float32: every layer, nested ones included, and the
+    same answers to within bfloat16's rounding."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_custom_cnn((16, 16, 1), 3, [4], [8], 0.0)
+        compile_model(model, "adam", 1e-3, "crossentropy", 3)
+        resnet, base = build_resnet50((32, 32, 3), 2, weights=None, dense_units=[], dropout=0.0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    images = _raw_images(8, (16, 16, 1))
+    model.train_on_batch(images, np.eye(3)[np.arange(8) % 3])
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in model.layers}
+
+    copy = for_inference(model)
+    copy.save(tmp_path / "copy.keras")
+    loaded = keras.models.load_model(tmp_path / "copy.keras", safe_mode=True)
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    served = np.asarray(loaded.predict_on_batch(images))
+    assert served.dtype == np.float32
+    np.testing.assert_allclose(served, model.predict(images, verbose=0), atol=2e-2)
+
+    nested = for_inference(resnet).get_layer(base.name)
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in base.layers}
+    assert {layer.dtype_policy.name for layer in nested.layers} == {"float32"}

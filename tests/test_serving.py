@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -85,6 +86,29 @@ def test_classify_names_each_class_and_its_probability(model: keras.Model) -> No
     assert classify(model, np.zeros((0, 8, 8, 3)), INFO) == []
     frame = predictions_frame(predictions)
     assert list(frame.columns) == ["label", "probability", "probabilities"] and len(frame) == 3
+
+
+def test_small_and_large_inputs_get_the_same_answers_by_either_path(model: keras.Model) -> None:
+    """Up to batch_size images take the compiled one-batch call, more take predict in batches."""
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3))
+    at_once, batched = classify(model, pixels, INFO, batch_size=8), classify(model, pixels, INFO, batch_size=2)
+    assert [p.label for p in at_once] == [p.label for p in batched]
+    for one, other in zip(at_once, batched):
+        assert one.probabilities == pytest.approx(other.probabilities, abs=1e-6)
+
+
+def test_a_request_of_many_images_decodes_each_row_in_order() -> None:
+    """Decoded side by side, answered in the client's order; a bad row still says which it is."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)] * 4
+    encoded = []
+    for colour in colours:
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), colour).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    pixels = pixels_from_request(pd.DataFrame({"image": encoded}), INFO)
+    assert [tuple(int(c) for c in image[4, 4]) for image in pixels] == colours
+    with pytest.raises(ValueError, match="row 7: not an image"):
+        pixels_from_request(pd.DataFrame({"image": encoded[:7] + [b"junk"] + encoded[8:]}), INFO)
 
 
 # --- the MLflow model ---------------------------------------------------------------------------
