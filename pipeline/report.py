@@ -32,6 +32,10 @@ def decision_section(gate: Mapping, scores: Mapping) -> list[str]:
         deployed = f"**Deployed: `{gate['model']}`**"
     elif champion["outcome"] == "stays":
         deployed = f"**Nothing deployed**: champion v{champion['version']} stays"
+    elif champion["outcome"] == "same model":
+        deployed = f"**Nothing new deployed**: champion v{champion['version']} is this same model"
+    elif champion["outcome"] in ("unknown", "not comparable") and champion.get("reasons"):
+        deployed = f"**Nothing deployed**: the champion check said {champion['outcome']} ({champion['reasons'][0]})"
     else:
         deployed = "**Nothing deployed**: no model passed both thresholds"
     thresholds = ", ".join(f"{key} {value}" for key, value in gate.get("thresholds", {}).items())

@@ -43,6 +43,13 @@ def test_a_missing_base_or_an_empty_diff_is_said_in_words() -> None:
     stays = build_report({**GATE, "champion": {"outcome": "stays", "version": "3", "reasons": []}}, {}, None, "main",
                          "", None, {})
     assert "**Nothing deployed**: champion v3 stays" in stays
+    same = build_report({**GATE, "champion": {"outcome": "same model", "version": "3", "reasons": []}}, {}, None,
+                        "main", "", None, {})
+    assert "**Nothing new deployed**: champion v3 is this same model" in same
+    unknown = build_report({**GATE, "champion": {"outcome": "unknown", "version": "3",
+                                                 "reasons": ["its files cannot be loaded"]}}, {}, None, "main", "",
+                           None, {})
+    assert "the champion check said unknown (its files cannot be loaded)" in unknown
     assert "## Pictures" not in page and "## Confusion" not in page
 
 
