@@ -50,7 +50,8 @@ def test_a_preset_value_equal_to_the_default_is_named(raw_params: dict) -> None:
 
 
 def test_a_misspelt_preset_key_is_named_with_the_likely_key(raw_params: dict) -> None:
-    with pytest.raises(PresetError, match=r"^train_custom\.epoch: not a key of params\.yaml \(did you mean 'epochs'\?\)"):
+    with pytest.raises(PresetError,
+                       match=r"^train_custom\.epoch: not a key of params\.yaml \(did you mean 'epochs'\?\)"):
         apply_preset(raw_params, {"train_custom": {"epoch": 40}})
     with pytest.raises(PresetError, match=r"^trian_custom: not a key of params\.yaml"):
         apply_preset(raw_params, {"trian_custom": {"epochs": 40}})
