@@ -8,6 +8,8 @@ old and new value. DVC tracks params.yaml as before, so ``dvc repro`` retrains w
 
 The defaults are params.yaml as committed: ``git checkout params.yaml`` gets them back, and
 applying a preset to them always writes the same file. ``--list`` names the presets.
+(Not DVC's Hydra composition, ``hydra.enabled`` with ``conf/``: it rebuilds params.yaml only on
+``dvc exp run``, drops every comment, and needs hydra-core and a split of params.yaml into conf/.)
 """
 
 from __future__ import annotations
