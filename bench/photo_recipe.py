@@ -1,9 +1,9 @@
 """Row 7, recipe: time to accuracy on real photos, the pipeline's custom CNN against the keras-io recipe.
 
-On the same photo folder, the same stratified split (``params.photos.yaml``'s ratios and seed) and
+On the same photo folder, the same stratified split (the photo preset's ratios and seed) and
 the same decoded pixels, each in its own process:
 
-(a) the pipeline: ``params.photos.yaml`` as it ships, trained by the stage's own code
+(a) the pipeline: params.yaml with ``presets/photos.yaml`` applied, trained by the stage's own code
     (``make_fit_data`` + ``train_custom``: the cached input pipeline, the builder, the fit loop with
     early stopping, the precision ``auto`` picks), without MLflow;
 (b) the keras-io example "Image classification from scratch" (an Xception-like network with
@@ -22,8 +22,8 @@ from pathlib import Path
 from bench.common import REPO_ROOT, Line, RowResult, run_worker, worker_main
 from bench.photos import photo_folder
 
-PHOTO_PARAMS = REPO_ROOT / "params.photos.yaml"
-# images per class (None: all), keras-io epochs, pipeline epochs (None: as params.photos.yaml says)
+PHOTO_PRESET = "photos"   # presets/photos.yaml, applied to params.yaml
+# images per class (None: all), keras-io epochs, pipeline epochs (None: as the photo preset says)
 SETTINGS = {
     "full": (None, 25, None),     # keras-io trains its example for 25 epochs
     "quick": (150, 3, 3),
@@ -39,13 +39,13 @@ def run(mode: str) -> RowResult:
                          "skipped: no photo folder (python -m bench --photos DIR, or BENCH_PHOTOS=DIR)")
         return row
     per_class, keras_io_epochs, pipeline_epochs = SETTINGS[mode]
-    spec = {"folder": str(photos.resolve()), "per_class": per_class, "params": str(PHOTO_PARAMS)}
+    spec = {"folder": str(photos.resolve()), "per_class": per_class, "preset": PHOTO_PRESET}
     ours = run_worker("bench.photo_recipe", {**spec, "recipe": "pipeline", "epochs": pipeline_epochs,
                                              "label": "pipeline"}, timeout=3600)
     theirs = run_worker("bench.photo_recipe", {**spec, "recipe": "keras_io", "epochs": keras_io_epochs,
                                                "label": "keras-io"}, timeout=3600)
     judged = mode == "full"
-    for name, result in (("pipeline custom CNN (params.photos.yaml)", ours), ("keras-io recipe", theirs)):
+    for name, result in (("pipeline custom CNN (presets/photos.yaml)", ours), ("keras-io recipe", theirs)):
         low, high = result["test_accuracy_ci95"]
         row.lines.append(Line(name, f"acc {result['test_accuracy']:.3f} [{low:.3f}-{high:.3f}], "
                                     f"{result['fit_s']:.0f} s", "-", None, "-", None, result))
@@ -72,16 +72,20 @@ def worker(spec: dict) -> dict:
     import time
 
     import numpy as np
+    import yaml
 
     from pipeline import statistics
     from pipeline.dataset import decode_predictions, load_images
     from pipeline.ingest import ingest_folder
     from pipeline.manifest import SplitImages
-    from pipeline.params import load_params
+    from pipeline.params import params_from_dict
+    from pipeline.preset import apply_preset, read_preset
     from pipeline.seeding import seed_everything
     from pipeline.split import split_dataset
 
-    params = load_params(Path(spec["params"]))
+    defaults = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw, _ = apply_preset(defaults, read_preset(REPO_ROOT / "presets", spec["preset"]))
+    params = params_from_dict(raw, source=f"params.yaml with preset {spec['preset']}")
     base = params.base
     root = Path(spec["folder"])
     manifest = ingest_folder(root, params.ingest.max_image_pixels, spec["per_class"], base.seed).manifest

@@ -186,16 +186,20 @@ def percentile(latencies: list[float], fraction: float) -> float:
     return LoadResult(len(latencies), 0, 1.0, tuple(sorted(latencies))).percentile(fraction)
 
 
-def served_params(raw: dict, preset: str) -> dict:
-    """The tiny project's params with a preset's input and custom CNN (``params.yaml`` for the
-    digits, ``params.photos.yaml`` for photos): the architecture and image size of the model a user
-    serves, trained for one epoch, since latency depends on the model's shape, not on what it
-    learned. ResNet50 does not learn (a rate of 1e-9), so the custom CNN is the champion served."""
+def served_params(raw: dict, preset: str | None) -> dict:
+    """The tiny project's params with the input and custom CNN of params.yaml (``preset`` None, the
+    digits) or of params.yaml with a preset from presets/ applied (``photos``): the architecture and
+    image size of the model a user serves, trained for one epoch, since latency depends on the
+    model's shape, not on what it learned. ResNet50 does not learn (a rate of 1e-9), so the custom
+    CNN is the champion served."""
     import yaml
 
     from bench.common import REPO_ROOT
+    from pipeline.preset import apply_preset, read_preset
 
-    chosen = yaml.safe_load((REPO_ROOT / preset).read_text())
+    chosen = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    if preset is not None:
+        chosen, _ = apply_preset(chosen, read_preset(REPO_ROOT / "presets", preset))
     for key in ("image_size", "channels"):
         raw["base"][key] = chosen["base"][key]
     for key in ("blocks", "batch_norm", "pooling", "dense_units"):
@@ -266,7 +270,7 @@ def run(mode: str) -> RowResult:
                          "server with a small load)")
         return row
     requests, floor_calls = REQUESTS[mode], FLOOR_CALLS[mode]
-    for label, preset, judge in (("digits", "params.yaml", True), ("photo preset", "params.photos.yaml", False)):
+    for label, preset, judge in (("digits", None, True), ("photo preset", "photos", False)):
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as temporary:
             project = copy_project(Path(temporary) / "project")
             write_params(project, served_params(read_params(project), preset))
@@ -275,7 +279,7 @@ def run(mode: str) -> RowResult:
             served = json.loads((project / "deploy/model.json").read_text())["model"]
             row.lines.extend(measure_model(f"{label} ({served})", project, requests, floor_calls, judge))
     row.notes.append("tiny projects (digits, 10 per class, one epoch) whose custom CNN has the architecture and "
-                     "image size of params.yaml (32x32 grey) and of params.photos.yaml (64x64 colour); each request "
+                     "image size of params.yaml (32x32 grey) and of presets/photos.yaml (64x64 colour); each request "
                      "is one base64 PNG in dataframe_records, answered by the champion (named in brackets); the "
                      "clients share the machine's cores with the server; the floor is the same model loaded in "
                      "the bench process, one compiled call per image on the decoded pixels")

@@ -376,16 +376,6 @@ def test_recipe_choices_are_checked(raw_params: dict, key: str, value: str) -> N
         params_from_dict(raw_params)
 
 
-def test_the_photo_configuration_is_a_complete_valid_params_file() -> None:
-    photos = load_params(REPO_ROOT / "params.photos.yaml")
-    digits = load_params(REPO_ROOT / "params.yaml")
-    assert photos.base.channels == 3 and photos.augment.active and photos.augment.horizontal_flip
-    assert photos.train_custom.batch_norm and photos.train_custom.pooling == "global_average"
-    # Only what photos need differs: the split, the seed and the gate's registry name are the digits'.
-    assert photos.split == digits.split and photos.base.seed == digits.base.seed
-    assert photos.gate.registered_model_name == digits.gate.registered_model_name
-
-
 def test_replace_incomparable_is_a_yes_or_no_that_defaults_to_no(raw_params: dict) -> None:
     assert params_from_dict(raw_params).gate.replace_incomparable is False
     raw_params["gate"]["replace_incomparable"] = "yes"
