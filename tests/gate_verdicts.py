@@ -42,7 +42,9 @@ def check_verdicts(project: Path, gate: dict) -> None:
     assert gate["thresholds"] == {key: params[key] for key in THRESHOLDS}
     for model, candidate in gate["candidates"].items():
         for split in ("train", "test"):
-            assert candidate[f"{split}_score"] == pytest.approx(split_accuracy(project, model, split)), (model, split)
+            answered = split_accuracy(project, model, split)
+            assert candidate[f"{split}_score"] == pytest.approx(answered), \
+                f"{model}: gate.json's {split}_score {candidate[f'{split}_score']} is not its answers' {answered}"
         assert candidate["verdict"] == expected_verdict(candidate, gate["thresholds"]), (model, candidate)
     passing = [model for model, candidate in gate["candidates"].items() if candidate["verdict"] == "deploy"]
     if not passing:
