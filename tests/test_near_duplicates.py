@@ -78,7 +78,8 @@ def test_transparency_and_16_bit_are_flattened_before_imagehashs_phash() -> None
     over_white = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
     assert fingerprint(image).phash == str(imagehash.phash(over_white))
     gray = np.asarray(_photo(22, (70, 110)).convert("L"), dtype=np.uint16)
-    assert fingerprint(Image.fromarray(gray * 257)).phash == str(imagehash.phash(Image.fromarray(gray.astype(np.uint8))))
+    eight_bit = Image.fromarray(gray.astype(np.uint8))
+    assert fingerprint(Image.fromarray(gray * 257)).phash == str(imagehash.phash(eight_bit))
 
 
 # From 128 pixels on a side the thumbnail is a cheaper resize (sampled, then averaged), so the hash may
