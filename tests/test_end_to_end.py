@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from bench.project import STAGES, free_port, read_params, run, stages_run, write_params
 from tests.conftest import ReproducedProject
+from tests.gate_verdicts import check_verdicts
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +35,12 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
     assert stages_run(reproduced_project.output) == list(STAGES)
 
     gate = json.loads((project / "metrics/gate.json").read_text())
-    assert gate["deploy"] is True and gate["model"] in ("custom", "resnet50") and gate["metric"] == "accuracy"
     assert set(gate["candidates"]) == {"custom", "resnet50"}
+    # Each verdict follows from the model's answers and params.yaml's thresholds (the tiny project's are
+    # 0: both pass, and with no champion yet the better one deploys); --check exits as gate.json says.
+    check_verdicts(project, gate)
+    assert gate["deploy"] is True and gate["model"] in ("custom", "resnet50")
     for candidate in gate["candidates"].values():
-        assert candidate["verdict"] == "deploy"
         interval = candidate["test_interval"]
         assert interval["method"] == "wilson" and interval["low"] <= candidate["test_score"] <= interval["high"]
     assert set(gate["comparisons"]) == {"custom_vs_resnet50"}
@@ -69,12 +73,12 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
     for r in runs:
         assert {"train_accuracy", "validation_accuracy", "test_accuracy", "test_balanced_accuracy", "test_macro_f1",
                 "gate_test_accuracy_low", "loss", "val_loss"} <= set(r.data.metrics)
-        assert r.data.tags["gate.verdict"] == "deploy"
+        assert r.data.tags["gate.verdict"] == gate["candidates"][r.data.tags["dvc.stage"].removeprefix("train_")][
+            "verdict"]
         assert len(r.data.tags["git.commit"]) == 40
         assert r.data.params["train_size"]
     champion = client.get_model_version_by_alias("image-classifier", "champion")
     assert str(champion.version) == "1"
-    assert run(project, sys.executable, "-m", "pipeline.gate", "--check").returncode == 0
 
     # The README's predict command, on built-in digits, from deploy/.
     digits = project / "data/ingest/images"
@@ -119,7 +123,8 @@ def check_parent_run(client, runs: list, gate: dict) -> None:
     assert parent.info.run_name.startswith("repro@") and parent.info.status == "FINISHED"
     tags = parent.data.tags
     assert tags["gate.deploy"] == "true" and tags["gate.model"] == gate["model"]
-    assert tags["gate.verdict.custom"] == tags["gate.verdict.resnet50"] == "deploy"
+    assert tags["gate.verdict.custom"] == gate["candidates"]["custom"]["verdict"]
+    assert tags["gate.verdict.resnet50"] == gate["candidates"]["resnet50"]["verdict"]
     assert {tags["run.custom"], tags["run.resnet50"]} == {r.info.run_id for r in children}
     assert parent.data.metrics["custom.test_accuracy"] == gate["candidates"]["custom"]["test_score"]
     import mlflow
@@ -180,14 +185,27 @@ def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse
     assert run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False).returncode == 1
 
     # A stricter gate reruns only the gate: no training, nothing new deployed, registry untouched, and
-    # deploy/ still holds the champion, byte for byte.
+    # deploy/ still holds the champion, byte for byte. Its thresholds come from the first run's scores,
+    # so each model lands on a known side: the best train score clears min_train_score exactly (a bound
+    # is met at equality), the others are underfit, and the test scores of those that clear it miss
+    # min_test_score by half an image at least (overfit).
+    first_gate = json.loads(reproduced_first_gate)
+    first = first_gate["candidates"]
+    min_train = max(candidate["train_score"] for candidate in first.values())
+    strongest = [model for model, candidate in first.items() if candidate["train_score"] == min_train]
+    test_images = len(pd.read_csv(project / f"data/predictions/{strongest[0]}.csv").query("split == 'test'"))
+    min_test = max(first[model]["test_score"] for model in strongest) + 0.5 / test_images
     deployed = {name: (project / "deploy" / name).read_bytes() for name in ("model.keras", "model.json")}
     params = read_params(project)
-    params["gate"].update(min_train_score=1.0, min_test_score=1.0)
+    params["gate"].update(min_train_score=min_train, min_test_score=min_test)
     write_params(project, params)
     third = run(project, "dvc", "repro")
     assert stages_run(third.stdout) == ["gate"]
     gate = json.loads((project / "metrics/gate.json").read_text())
+    check_verdicts(project, gate)
+    assert gate["thresholds"]["min_train_score"] == min_train
+    assert {model: candidate["verdict"] for model, candidate in gate["candidates"].items()} == {
+        model: "overfit" if model in strongest else "underfit" for model in first}
     assert gate["deploy"] is False and gate["model"] is None
     assert gate["champion"]["outcome"] == "stays" and gate["champion"]["version"] == "1"
     assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
@@ -197,14 +215,14 @@ def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse
     experiment = client.get_experiment_by_name("image-classification")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.key` != ''")
     assert parent.data.tags["gate.deploy"] == "false" and parent.data.tags["gate.model"] == "none"
-    assert parent.data.tags["gate.verdict.custom"] in ("underfit", "overfit")
+    assert parent.data.tags["gate.verdict.custom"] == gate["candidates"]["custom"]["verdict"]
+    assert parent.data.tags["gate.verdict.resnet50"] == gate["candidates"]["resnet50"]["verdict"]
     refused = run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False)
     assert refused.returncode == 1 and "NOT allowed" in refused.stderr
     assert "champion v1 stays" in refused.stderr
 
     # The check: retrain with a worse setting. The new model passes the (zero) thresholds but
     # loses to the champion on the same test images, so the alias and deploy/ stay put.
-    first = json.loads(reproduced_first_gate)
     params["gate"].update(min_train_score=0.0, min_test_score=0.0)
     params["train_custom"]["learning_rate"] = 1e-7        # it barely moves from its random start
     write_params(project, params)
@@ -213,7 +231,7 @@ def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse
     gate = json.loads((project / "metrics/gate.json").read_text())
     champion = gate["champion"]
     assert champion["outcome"] == "stays", champion
-    assert champion["score"] == pytest.approx(first["candidates"][first["model"]]["test_score"])
+    assert champion["score"] == pytest.approx(first[first_gate["model"]]["test_score"])
     assert champion["challenger_score"] < champion["score"]
     assert gate["deploy"] is False
     assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed

@@ -377,8 +377,14 @@ def test_max_per_class_keeps_that_many_rows_per_class_folder(image_folder: Path)
 # --- check_classes -------------------------------------------------------------------------------
 
 def test_check_classes_accepts_the_fixture(image_folder: Path) -> None:
+    # Beside the three classes: a hidden folder, a link to a folder and a loose file are not class
+    # folders, so none of them counts as an empty class.
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    (image_folder / "linked").symlink_to(image_folder / "square", target_is_directory=True)
+    (image_folder / "README.txt").write_text("three classes")
     result = _ingest(image_folder)
-    check_classes(result, image_folder)
+    assert sorted({row.label for row in result.images}) == list(CLASSES)
+    assert check_classes(result, image_folder) is None
 
 
 def test_check_classes_rejects_an_empty_class_folder(image_folder: Path) -> None:

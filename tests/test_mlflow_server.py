@@ -28,6 +28,7 @@ import pytest
 import requests
 
 from bench.project import STAGES, copy_project, free_port, project_env, read_params, stages_run, write_params
+from tests.gate_verdicts import check_verdicts
 
 pytestmark = pytest.mark.slow
 
@@ -237,12 +238,14 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline: Pipelin
     runs = training_runs(server)
     assert sorted(runs) == ["train_custom", "train_resnet50"]
     gate = json.loads((project / "metrics/gate.json").read_text())
+    # The verdicts follow from the models' answers and the thresholds; the server holds the same ones.
+    check_verdicts(project, gate)
     for stage, run in runs.items():
         assert run["info"]["status"] == "FINISHED"
         assert {"train_accuracy", "validation_accuracy", "test_accuracy", "loss", "val_loss"} <= set(run["metrics"])
         model = stage.removeprefix("train_")
         assert run["metrics"]["test_accuracy"] == pytest.approx(gate["candidates"][model]["test_score"])
-        assert run["tags"]["gate.verdict"] == gate["candidates"][model]["verdict"] == "deploy"
+        assert run["tags"]["gate.verdict"] == gate["candidates"][model]["verdict"]
         assert run["tags"]["gate.deployed"] == str(gate["model"] == model).lower()
         assert len(run["tags"]["git.commit"]) == 40
         assert run["params"]["train_size"]
@@ -257,6 +260,12 @@ def test_experiment_and_runs_are_on_the_server(server: Server, pipeline: Pipelin
     parent_id = parent["info"]["run_id"]
     assert {run["tags"]["mlflow.parentRunId"] for run in runs.values()} == {parent_id}
     assert parent["info"]["status"] == "FINISHED"
+    parent_tags = {tag["key"]: tag["value"] for tag in parent["data"]["tags"]}
+    assert parent_tags["gate.deploy"] == str(gate["deploy"]).lower()
+    assert parent_tags["gate.model"] == (gate["model"] or "none")
+    for model, candidate in gate["candidates"].items():
+        assert parent_tags[f"gate.verdict.{model}"] == candidate["verdict"]
+        assert parent_tags[f"run.{model}"] == runs[f"train_{model}"]["info"]["run_id"]
     listed = server.get("/api/2.0/mlflow/artifacts/list", run_id=parent_id, path="metrics")
     assert [Path(entry["path"]).name for entry in listed.get("files", [])] == ["gate.json"]
 
@@ -271,7 +280,10 @@ def test_champion_alias_is_on_the_server(server: Server, pipeline: Pipeline) -> 
     assert version["run_id"] == deployed["mlflow_run_id"]
     tags = {tag["key"]: tag["value"] for tag in version.get("tags", [])}
     assert tags["source.run_id"] == deployed["mlflow_run_id"]
-    assert tags["gate.verdict"] == "deploy"
+    # The first promotion into an empty registry: the gate deployed its best passing model (tiny thresholds).
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    assert gate["deploy"] is True and gate["champion"]["outcome"] == "none"
+    assert tags["gate.verdict"] == gate["candidates"][gate["model"]]["verdict"] == "deploy"
     model = server.get("/api/2.0/mlflow/registered-models/get", name=REGISTERED_MODEL)["registered_model"]
     assert {alias["alias"]: alias["version"] for alias in model.get("aliases", [])} == {"champion": "1"}
 

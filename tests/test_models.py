@@ -276,7 +276,12 @@ def test_resnet50_from_scratch_on_grayscale() -> None:
     keras.utils.set_random_seed(0)
     model, base = build_resnet50((32, 32, 1), num_classes=4, weights=None, dense_units=(), dropout=0.0)
     assert model.input_shape == (None, 32, 32, 1)
-    assert model.get_layer("gray_to_rgb") is not None
+    # The gray channel repeated three times, before ImageNet's preprocessing (get_layer raises when missing).
+    gray_to_rgb = model.get_layer("gray_to_rgb")
+    assert isinstance(gray_to_rgb, keras.layers.Concatenate) and gray_to_rgb.axis == -1
+    gray = _raw_images(2, (32, 32, 1))
+    rgb = keras.Model(model.input, gray_to_rgb.output).predict(gray, verbose=0)
+    np.testing.assert_array_equal(rgb, np.repeat(gray, 3, axis=-1))
     assert base.input_shape == (None, 32, 32, 3)
     assert base.trainable is True
     assert len(base.trainable_weights) > 100

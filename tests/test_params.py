@@ -302,12 +302,16 @@ def test_check_paths_names_a_missing_weights_file(raw_params: dict, tmp_path: Pa
     assert "train_resnet50.weights" in str(info.value)
 
 
-def test_check_paths_accepts_null_imagenet_and_an_existing_file(raw_params: dict, tmp_path: Path) -> None:
+def test_check_paths_accepts_null_imagenet_and_an_existing_file(raw_params: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     existing = tmp_path / "w.weights.h5"
     existing.write_bytes(b"x")
-    for weights in (None, "imagenet", str(existing)):
+    monkeypatch.chdir(tmp_path)   # a relative path is the project's: stages run from its root
+    for weights in (None, "imagenet", str(existing), "w.weights.h5"):
         raw_params["train_resnet50"]["weights"] = weights
-        params_from_dict(raw_params).train_resnet50.check_paths("train_resnet50")
+        section = params_from_dict(raw_params).train_resnet50
+        assert section.check_paths("train_resnet50") is None
+        assert section.weights == weights and section.pretrained is (weights is not None)
 
 
 def test_check_paths_rejects_a_directory(raw_params: dict, tmp_path: Path) -> None:

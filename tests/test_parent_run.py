@@ -3,6 +3,7 @@ which parent a training stage joins, when a new one starts, and what the gate re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -129,6 +130,20 @@ def test_the_decision_becomes_tags_and_metrics() -> None:
                        "resnet50.train_accuracy": 0.5, "resnet50.test_accuracy": 0.4}
 
 
-def test_models_trained_before_parent_runs_leave_the_decision_on_the_training_runs(store: str) -> None:
-    record = RunRecord("r1", "runs:/r1/model", ["a"], 32, 1)
-    assert parent_run.record_decision(DECISION, {"custom": record}) is None
+def test_models_trained_before_parent_runs_leave_the_decision_on_the_training_runs(
+        store: str, caplog: pytest.LogCaptureFixture) -> None:
+    client = MlflowClient()
+    old_custom = RunRecord("r1", "runs:/r1/model", ["a"], 32, 1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.parent_run"):
+        assert parent_run.record_decision(DECISION, {"custom": old_custom}) is None
+    assert "the training runs have no MLflow parent run" in caplog.text
+    assert client.search_runs([store]) == []    # no parent made up to hold the decision
+
+    # One model from before parent runs beside one with a parent: the decision goes on that parent.
+    resnet50 = train(store, "train_resnet50")
+    recorded = parent_run.record_decision(DECISION, {"custom": old_custom, "resnet50": resnet50})
+    assert recorded == resnet50.parent_run_id
+    parent = client.get_run(recorded)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["run.custom"] == "r1" and parent.data.tags["run.resnet50"] == resnet50.run_id
+    assert parent.data.tags["gate.deploy"] == "true" and parent.data.metrics["resnet50.test_accuracy"] == 0.4
