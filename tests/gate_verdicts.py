@@ -41,7 +41,7 @@ def check_verdicts(project: Path, gate: dict) -> None:
     assert gate["metric"] == "accuracy" and gate["confidence"] is None, "the rule below is for plain accuracy"
     assert gate["thresholds"] == {key: params[key] for key in THRESHOLDS}
     for model, candidate in gate["candidates"].items():
-        for split in ("train", "test"):
+        for split in ("train", "validation", "test"):
             answered = split_accuracy(project, model, split)
             assert candidate[f"{split}_score"] == pytest.approx(answered), \
                 f"{model}: gate.json's {split}_score {candidate[f'{split}_score']} is not its answers' {answered}"
@@ -50,8 +50,9 @@ def check_verdicts(project: Path, gate: dict) -> None:
     if not passing:
         assert gate["deploy"] is False and gate["model"] is None
     if gate["deploy"]:
+        # Chosen on validation, judged on test: the passing model with the best validation score.
         assert gate["model"] in passing
-        assert gate["candidates"][gate["model"]]["test_score"] == max(gate["candidates"][m]["test_score"]
-                                                                      for m in passing)
+        assert gate["candidates"][gate["model"]]["validation_score"] == max(
+            gate["candidates"][m]["validation_score"] for m in passing)
     checked = run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False)
     assert checked.returncode == (0 if gate["deploy"] else 1), (checked.stdout, checked.stderr)
