@@ -21,6 +21,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import lineage
 from pipeline.errors import PipelineError, first_line
 from pipeline.manifest import SPLITS, SplitImages
 
@@ -260,6 +261,30 @@ def log_dataset_inputs(inputs: list[DatasetInput]) -> None:
     """Log the datasets to the active run (the run page's Datasets, the runs table's Dataset column)."""
     mlflow.log_inputs([item.dataset for item in inputs], [item.context for item in inputs],
                       [item.tags for item in inputs])
+
+
+def log_seen_images(data: SplitImages) -> None:
+    """Record on the active run the content hashes of the images it learns from (train and validation)."""
+    hashes = [digest for split in lineage.SEEN_SPLITS for digest in data.subset(split)["sha256"]]
+    mlflow.log_text(lineage.seen_images_text(hashes), lineage.SEEN_IMAGES_ARTIFACT)
+
+
+def seen_images(run_id: str) -> set[str] | None:
+    """The image hashes run ``run_id`` recorded with :func:`log_seen_images`; None when it recorded none
+    (trained before lineage was recorded).
+
+    Raises :class:`PipelineError` when the store cannot answer.
+    """
+    folder = lineage.SEEN_IMAGES_ARTIFACT.rpartition("/")[0]
+    try:
+        listed = MlflowClient().list_artifacts(run_id, folder)
+        if not any(item.path == lineage.SEEN_IMAGES_ARTIFACT for item in listed):
+            return None
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{lineage.SEEN_IMAGES_ARTIFACT}")
+    except Exception as error:   # MlflowException, OSError, a server gone: one line
+        raise PipelineError(f"the images run {run_id} learned from cannot be read from {tracking_uri()} "
+                            f"({_store_problem(error)})") from None
+    return lineage.read_seen_images(text)
 
 
 def _git(arguments: list[str]) -> str:
