@@ -236,8 +236,9 @@ def _champion_lineage(version, test: SplitPredictions, ingest_dir: Path) -> str:
                            "pipeline (dvc repro)") from None
     shared = lineage.overlap(seen, today)
     if shared:
-        raise _NotComparable(f"champion v{version.version} learned from {shared} of today's {len(today)} test "
-                             "images (another split or changed data): its score on them is biased")
+        # The reason reads "champion vK cannot be compared with <challenger>: it learned from ...".
+        raise _NotComparable(f"it learned from {shared} of today's {len(today)} test images (another split or "
+                             "changed data): its score on them is biased")
     return ""
 
 
