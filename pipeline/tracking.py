@@ -1,7 +1,8 @@
 """MLflow: the store, runs that span stages, lineage tags, the registry alias.
 
 Nothing here runs at import time; every stage calls :func:`connect` first, which fails fast with
-the URI in the message if the store cannot be used.
+the URI in the message if the store cannot be used, and points the project's own SQLite store at
+this folder's ``mlartifacts/`` when the project was moved or copied.
 """
 
 from __future__ import annotations
