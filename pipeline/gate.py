@@ -12,6 +12,7 @@ when nothing new may be deployed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -197,22 +198,51 @@ def _check_champion(chosen: str | None, predictions: dict[str, dict[str, SplitPr
             f"champion v{number} is this {chosen} model already (same training run): it stays the champion "
             "and nothing new is deployed"])
     try:
+        lineage_note = _champion_lineage(version, predictions[chosen]["test"], ingest_dir)
         champion_predicted = _champion_answers(version, predictions[chosen]["test"], run_records[chosen],
                                                ingest_dir, params)
     except _CannotScore as why:
         return cannot_score(number, champion_model, str(why), gate.registered_model_name)
     except _NotComparable as why:
         return not_comparable(chosen, number, champion_model, str(why), gate)
-    return challenge(chosen, predictions[chosen]["test"], number, champion_model or "", champion_predicted,
-                     gate, params.base.seed)
+    compared = challenge(chosen, predictions[chosen]["test"], number, champion_model or "", champion_predicted,
+                         gate, params.base.seed)
+    return dataclasses.replace(compared, reasons=[*compared.reasons, lineage_note]) if lineage_note else compared
 
 
 class _NotComparable(Exception):
-    """The champion was made for other classes or another input shape."""
+    """The champion was made for other classes or another input shape, or learned from today's test images."""
 
 
 class _CannotScore(Exception):
     """The champion's files cannot be fetched or loaded (store error, missing or damaged files, timeout)."""
+
+
+def _champion_lineage(version, test: SplitPredictions, ingest_dir: Path) -> str:
+    """Raise :class:`_NotComparable` when the champion learned from some of today's test images (by
+    content hash); return a note when its run recorded none, else an empty string."""
+    from pipeline import lineage, tracking
+    from pipeline.manifest import read_manifest
+
+    run_id = (version.tags or {}).get("source.run_id") or version.run_id
+    try:
+        seen = tracking.seen_images(run_id) if run_id else None
+    except PipelineError as error:
+        raise _CannotScore(str(error)) from None
+    if seen is None:
+        return f"champion v{version.version}: lineage unknown (trained before lineage was recorded)"
+    manifest = read_manifest(ingest_dir)
+    try:
+        today = lineage.hashes_of(test.paths, dict(zip(manifest["path"], manifest["sha256"])))
+    except KeyError as missing:
+        raise _CannotScore(f"today's test image {missing} is not in {ingest_dir}'s manifest: rerun the "
+                           "pipeline (dvc repro)") from None
+    shared = lineage.overlap(seen, today)
+    if shared:
+        # The reason reads "champion vK cannot be compared with <challenger>: it learned from ...".
+        raise _NotComparable(f"it learned from {shared} of today's {len(today)} test images (another split or "
+                             "changed data): its score on them is biased")
+    return ""
 
 
 def _champion_answers(version, test: SplitPredictions, record: RunRecord, ingest_dir: Path,

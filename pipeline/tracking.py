@@ -1,7 +1,8 @@
 """MLflow: the store, runs that span stages, lineage tags, the registry alias.
 
 Nothing here runs at import time; every stage calls :func:`connect` first, which fails fast with
-the URI in the message if the store cannot be used.
+the URI in the message if the store cannot be used, and points the project's own SQLite store at
+this folder's ``mlartifacts/`` when the project was moved or copied.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import lineage
 from pipeline.errors import PipelineError, first_line
 from pipeline.manifest import SPLITS, SplitImages
 
@@ -68,6 +73,7 @@ def connect(experiment_name: str) -> str:
     # A stage's output is a log, not a terminal: no progress bars for artifacts (a user's setting wins).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
+        _follow_the_project(uri)
         client = MlflowClient(uri)
         with _quick_http_probe():
             experiment = client.get_experiment_by_name(experiment_name)
@@ -92,6 +98,62 @@ def connect(experiment_name: str) -> str:
         for name, value in _STAGE_HTTP_SETTINGS.items():
             os.environ.setdefault(name, value)
     return experiment_id
+
+
+# The columns of MLflow's SQL store that hold where artifacts live (those absent in a store are skipped).
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def moved_from(artifact_location: str, root: Path) -> Path | None:
+    """The project folder an experiment's artifact location points into, when that is a local
+    ``mlartifacts`` folder of another folder than ``root`` (the project was moved or copied); else None."""
+    parsed = urlparse(artifact_location)
+    if parsed.scheme != "file":
+        return None
+    location = Path(url2pathname(parsed.path))
+    if location.name != DEFAULT_ARTIFACT_DIR or location.parent == root:
+        return None
+    return location.parent
+
+
+def location_prefixes(old_root: Path, new_root: Path) -> list[tuple[str, str]]:
+    """``(old, new)`` prefixes to rewrite: the folder as a file URI and as a plain path, with a
+    trailing slash so that ``/a/project`` does not match ``/a/project2``."""
+    return [(f"{old_root.as_uri()}/", f"{new_root.as_uri()}/"), (f"{old_root}/", f"{new_root}/")]
+
+
+def _own_store_file(uri: str) -> Path | None:
+    """The SQLite file of ``uri`` when it is this project's own ``mlflow.db``, else None."""
+    own = project_root() / DEFAULT_STORE_FILE
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).resolve() != own.resolve():
+        return None
+    return own if own.exists() else None
+
+
+def _follow_the_project(uri: str) -> None:
+    """When the project's own SQLite store names artifact folders of the place the project was moved
+    or copied from, point them at this folder (a copy would write into, and read from, the original)."""
+    store = _own_store_file(uri)
+    if store is None:
+        return
+    root = project_root()
+    with contextlib.closing(sqlite3.connect(store)) as database, database:
+        try:
+            locations = [row[0] for row in database.execute("SELECT artifact_location FROM experiments")]
+        except sqlite3.OperationalError:    # not an MLflow store yet: MLflow creates its tables
+            return
+        old_roots = sorted({old for old in (moved_from(location or "", root) for location in locations) if old})
+        for old_root in old_roots:
+            for table, column in _LOCATION_COLUMNS:
+                if column not in {row[1] for row in database.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                for old, new in location_prefixes(old_root, root):
+                    database.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                     f"WHERE substr({column}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
+            log.info("MLflow store: artifact locations moved from %s to %s (the project was moved or copied)",
+                     old_root, root)
 
 
 def start_run(run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
@@ -260,6 +322,30 @@ def log_dataset_inputs(inputs: list[DatasetInput]) -> None:
     """Log the datasets to the active run (the run page's Datasets, the runs table's Dataset column)."""
     mlflow.log_inputs([item.dataset for item in inputs], [item.context for item in inputs],
                       [item.tags for item in inputs])
+
+
+def log_seen_images(data: SplitImages) -> None:
+    """Record on the active run the content hashes of the images it learns from (train and validation)."""
+    hashes = [digest for split in lineage.SEEN_SPLITS for digest in data.subset(split)["sha256"]]
+    mlflow.log_text(lineage.seen_images_text(hashes), lineage.SEEN_IMAGES_ARTIFACT)
+
+
+def seen_images(run_id: str) -> set[str] | None:
+    """The image hashes run ``run_id`` recorded with :func:`log_seen_images`; None when it recorded none
+    (trained before lineage was recorded).
+
+    Raises :class:`PipelineError` when the store cannot answer.
+    """
+    folder = lineage.SEEN_IMAGES_ARTIFACT.rpartition("/")[0]
+    try:
+        listed = MlflowClient().list_artifacts(run_id, folder)
+        if not any(item.path == lineage.SEEN_IMAGES_ARTIFACT for item in listed):
+            return None
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{lineage.SEEN_IMAGES_ARTIFACT}")
+    except Exception as error:   # MlflowException, OSError, a server gone: one line
+        raise PipelineError(f"the images run {run_id} learned from cannot be read from {tracking_uri()} "
+                            f"({_store_problem(error)})") from None
+    return lineage.read_seen_images(text)
 
 
 def _git(arguments: list[str]) -> str:

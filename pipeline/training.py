@@ -228,6 +228,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         tracking.log_dataset_inputs(tracking.dataset_inputs(data, source_setting(Path(args.ingest)),
                                                             tags.get("data.manifest_sha256", ""),
                                                             params.split.ratios))
+        tracking.log_seen_images(data)
         history = History()
         with placement.strategy.scope():
             trained = fit_function(fit_data, dataclasses.replace(section, jit_compile=setup.jit_compile),

@@ -24,7 +24,8 @@ from bench.project import free_port
 from pipeline import gate, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord, write_predictions
 from pipeline.evaluate import answers, evaluate_model
-from pipeline.manifest import read_split
+from pipeline.errors import PipelineError
+from pipeline.manifest import SplitImages, read_split
 from tests.conftest import make_image_folder
 from tests.stage_runner import prepare_split, run_stage, stage_env
 
@@ -77,6 +78,11 @@ class GateProject:
                                        models="models", deploy="deploy", out="metrics/gate.json")
         gate.main(arguments)
         return json.loads((self.root / "metrics/gate.json").read_text())
+
+    def record_seen(self, name: str, frame) -> None:
+        """Record on model ``name``'s run the images it learned from, as training does, from ``frame``."""
+        with tracking.resume_run(RunRecord.read(self.root / "models" / name).run_id):
+            tracking.log_seen_images(SplitImages(self.data.root, frame))
 
     def champion(self):
         return MlflowClient(tracking.tracking_uri()).get_model_version_by_alias(NAME, "champion")
@@ -244,3 +250,60 @@ def test_the_gate_counts_the_models_judged_on_one_test_split_and_warns_past_the_
     tagged = MlflowClient(tracking.tracking_uri()).search_runs([project.experiment_id],
                                                                f"tags.`gate.test_split` = '{first['split']}'")
     assert len(tagged) == 3
+
+
+def test_a_champion_that_learned_from_todays_test_images_is_not_compared(project: GateProject, raw_params: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The champion was trained on another split: three of today's test images were among its training images.
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    other_split = project.data.frame.copy()
+    today_test = other_split.index[other_split["split"] == "test"]
+    other_split.loc[today_test[:3], "split"] = "train"
+    project.record_seen("custom", other_split)
+    assert project.gate()["deploy"] is True and str(project.champion().version) == "1"
+
+    # A better challenger: without the lineage check it would replace the champion (see the test above).
+    project.train(custom=PERFECT)
+    decision = project.gate()
+    assert decision["champion"]["outcome"] == "not comparable"
+    (reason,) = decision["champion"]["reasons"]
+    assert reason.startswith(f"champion v1 cannot be compared with custom: it learned from 3 of today's "
+                             f"{len(today_test)} test images (another split or changed data): its score on them "
+                             "is biased; champion v1 stays")
+    assert decision["deploy"] is False and str(project.champion().version) == "1" and project.versions() == 1
+
+    # The store fails while the record is read: the champion is unknown and nothing is deployed.
+    def refused(*_args, **_kwargs):
+        raise ConnectionError("Connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.MlflowClient, "list_artifacts", refused)
+        decision = project.gate()
+    assert decision["champion"]["outcome"] == "unknown" and decision["deploy"] is False
+    assert "cannot be scored: the images run" in decision["champion"]["reasons"][0]
+
+    # Opted in (gate.replace_incomparable), the challenger replaces it.
+    raw_params["gate"]["replace_incomparable"] = True
+    (project.root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    assert project.gate()["deploy"] is True and str(project.champion().version) == "2"
+
+
+def test_a_champion_with_a_clean_or_an_unknown_lineage_is_compared(project: GateProject) -> None:
+    # Learned from today's train and validation images only: compared as usual, no note.
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    project.record_seen("custom", project.data.frame)
+    project.gate()
+    project.train(custom=PERFECT)
+    replaced = project.gate()
+    assert replaced["champion"]["outcome"] == "replaced" and replaced["deploy"] is True
+    assert not any("lineage" in reason for reason in replaced["champion"]["reasons"])
+
+    # Champion v2's run recorded nothing (trained before lineage was recorded): compared, with a note.
+    project.train(custom=ONE_RIGHT)
+    stays = project.gate()
+    assert stays["champion"]["outcome"] == "stays" and stays["champion"]["score"] == pytest.approx(1.0)
+    assert stays["champion"]["reasons"][-1] == \
+        "champion v2: lineage unknown (trained before lineage was recorded)"
+    assert tracking.seen_images(project.champion().tags["source.run_id"]) is None
+    with pytest.raises(PipelineError, match="cannot be read"):
+        tracking.seen_images("no-such-run")

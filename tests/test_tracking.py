@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from bench.common import git_commit_all
-from pipeline.tracking import dvc_input_hashes, lineage_tags, pinned_requirements, project_root, tracking_uri
+from pipeline.tracking import (
+    dvc_input_hashes,
+    lineage_tags,
+    location_prefixes,
+    moved_from,
+    pinned_requirements,
+    project_root,
+    tracking_uri,
+)
 
 
 def test_the_project_root_is_the_working_directory(tmp_path: Path) -> None:
@@ -29,6 +37,21 @@ def test_the_default_store_is_mlflow_db_at_the_project_root(tmp_path: Path, monk
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert tracking_uri() == "http://tracking.example:5000"
+
+
+def test_an_artifact_folder_of_another_project_folder_is_seen_as_moved_from_there() -> None:
+    here = Path("/work/new")
+    assert moved_from("file:///work/old/mlartifacts", here) == Path("/work/old")
+    assert moved_from(Path("/work/my project/mlartifacts").as_uri(), here) == Path("/work/my project")
+    assert moved_from("file:///work/new/mlartifacts", here) is None          # this project's own
+    assert moved_from("file:///work/old/elsewhere", here) is None            # not a project's artifact folder
+    assert moved_from("s3://bucket/mlartifacts", here) is None               # a remote store is left alone
+    assert moved_from("/work/old/mlruns/0", here) is None
+
+
+def test_locations_are_rewritten_by_whole_folder_prefixes() -> None:
+    assert location_prefixes(Path("/work/old"), Path("/b/new place")) == [
+        ("file:///work/old/", "file:///b/new%20place/"), ("/work/old/", "/b/new place/")]
 
 
 def test_input_hashes_come_from_dvc_lock_for_the_paths_asked(tmp_path: Path) -> None:

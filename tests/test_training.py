@@ -71,6 +71,12 @@ def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> N
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/training_curves.png" in artifacts
     assert record["model_uri"].startswith("models:/")
+    # The images it learned from, by content hash: train and validation, not test; sorted, one a line.
+    split = pd.read_csv(workdir / "data/split.csv", dtype=str)
+    seen = client.download_artifacts(run.info.run_id, "lineage/seen_images.txt", str(workdir))
+    learned = sorted(set(split.loc[split["split"] != "test", "sha256"]))
+    assert Path(seen).read_text() == "".join(f"{digest}\n" for digest in learned)
+    assert not set(split.loc[split["split"] == "test", "sha256"]) & set(learned)
 
 
 def test_deterministic_training_repeats_bit_for_bit(tmp_path: Path, image_folder: Path, raw_params: dict) -> None:
