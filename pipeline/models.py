@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -216,7 +217,7 @@ def _resnet50_base(input_shape: tuple[int, int, int], weights: str | None) -> ke
                 "ResNet50 no-top weights file, or to null to train from scratch") from None
     base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=input_shape)
     try:
-        base.load_weights(weights)
+        base.load_weights(Path(weights).expanduser())   # params accept "~/..." as check_paths does
     except (OSError, ValueError) as error:
         raise PipelineError(f"train_resnet50.weights: {weights} could not be loaded as ResNet50 (no top) "
                             f"weights: {str(error).splitlines()[0][:200]}") from None

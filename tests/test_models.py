@@ -212,6 +212,14 @@ def test_resnet50_loads_the_given_weights_file(pretrained, resnet_weights_file) 
             np.testing.assert_array_equal(a, e)
 
 
+def test_a_weights_path_under_the_home_folder_loads(resnet_weights_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``~/...`` passes the params check (it expands ~), so loading must expand it too."""
+    path, marked = resnet_weights_file
+    monkeypatch.setenv("HOME", str(path.parent))
+    _, base = build_resnet50((32, 32, 3), num_classes=2, weights=f"~/{path.name}", dense_units=(8,), dropout=0.2)
+    np.testing.assert_array_equal(base.get_layer("conv1_conv").get_weights()[0], marked["conv1_conv"][0])
+
+
 def test_pretrained_base_is_frozen(pretrained) -> None:
     model, base = pretrained
     assert base.trainable is False
