@@ -77,7 +77,7 @@ def pixels_from_request(model_input: Any, info: DeployedModel) -> np.ndarray:
         values = list(model_input[IMAGE_COLUMN])
         decode = partial(_decode_row, info=info)
         # Pillow decodes without the GIL: a batch of many images decodes on every core.
-        images = list(_decoder_pool().map(decode, enumerate(values))) if len(values) > 1 else \
+        images = list(decoder_pool().map(decode, enumerate(values))) if len(values) > 1 else \
             [decode(row) for row in enumerate(values)]
         return np.stack(images) if images else np.zeros((0, *expected), dtype=np.uint8)
     array = np.asarray(model_input)
@@ -100,8 +100,9 @@ def _decode_row(row: tuple[int, Any], info: DeployedModel) -> np.ndarray:
 
 
 @cache
-def _decoder_pool() -> ThreadPoolExecutor:
-    """One pool of decoding threads per process, made on the first request of several images."""
+def decoder_pool() -> ThreadPoolExecutor:
+    """One pool of decoding threads per process (Pillow decodes without the GIL), made on first use:
+    a request of several images, or ``python -m pipeline.predict`` on several files."""
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
 
 
