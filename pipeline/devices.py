@@ -74,7 +74,7 @@ def _tf_config() -> dict:
 
 
 # GPUs with bfloat16 tensor cores: compute capability 8.0 and up (A100, L4, H100, ...). On an H100
-# (a probe through Keras's JAX and torch backends, 2026-11-28; README, Performance) mixed_bfloat16 trained both models at least as fast as
+# (a probe through Keras's JAX and torch backends, 2026-11-28; docs/performance.md) mixed_bfloat16 trained both models at least as fast as
 # mixed_float16, and it needs no loss scaling; older GPUs have float16 tensor cores only.
 _GPU_BF16_CAPABILITY = (8, 0)
 
@@ -99,7 +99,7 @@ def resolve_precision(setting: str, model_name: str, cpu_bfloat16: bool | None =
 
 def resolve_jit_compile(setting: bool | str, model_name: str, math: CpuMath | None = None) -> bool:
     """Whether the training step is compiled with XLA. ``jit_compile: auto`` follows measurement
-    (README, Performance): on a CPU whose TensorFlow runs without oneDNN, XLA's own kernels beat
+    (docs/performance.md): on a CPU whose TensorFlow runs without oneDNN, XLA's own kernels beat
     TensorFlow's (the model table says per model); with oneDNN, TensorFlow's own are faster. On a
     GPU, where it was not measured, auto leaves it off. ``math`` overrides :func:`cpu_math`."""
     if setting != "auto":

@@ -26,7 +26,7 @@ class ModelSpec:
 
 # Measured with `make bench` (numerics row) on a 2-core AMD EPYC with AVX-512 BF16: mixed_bfloat16
 # pays off for the custom CNN's large convolutions (1.7x, the same accuracy over ten seeds); for
-# ResNet50 it does not. See the README's Performance section.
+# ResNet50 it does not. See docs/performance.md.
 # XLA (jit_compile) against TensorFlow's own kernels, where it runs without oneDNN (float32, batch
 # 32, 32x32): ResNet50 2.95x in bare Keras on a 2-core AMD EPYC without AVX-512 (issue 18); on a
 # 2-core Xeon held to AVX2 with oneDNN off, 1.97x in bare Keras and 1.8x per steady epoch in the

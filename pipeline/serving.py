@@ -26,7 +26,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_
 IMAGE_COLUMN = "image"
 # What one request may hold, checked before any decoding: enough for a batch of phone photos, not
 # for a client that sends a disk image. A proxy in front should refuse larger bodies first
-# (README, Serving: limits to put in front).
+# (docs/walkthrough.md, Serving: the limits to put in front).
 MAX_IMAGES_PER_REQUEST = 256
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 SERVING_PACKAGES = ("tensorflow", "keras", "mlflow", "pillow", "pandas", "numpy")

@@ -48,7 +48,7 @@ def _no_gpu() -> None:
 
 def test_auto_on_a_bfloat16_cpu_uses_bfloat16_for_the_cnn_only() -> None:
     _no_gpu()
-    # The measured choice (README, Performance): bf16 pays for the custom CNN, not for ResNet50.
+    # The measured choice (docs/performance.md): bf16 pays for the custom CNN, not for ResNet50.
     assert resolve_precision("auto", "custom", cpu_bfloat16=True) == "mixed_bfloat16"
     assert resolve_precision("auto", "resnet50", cpu_bfloat16=True) == "float32"
 
