@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import subprocess
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -313,7 +314,13 @@ def dataset_inputs(data: SplitImages, source: str, manifest_sha256: str,
         counts = rows["label"].astype(str).value_counts().reindex(data.class_names, fill_value=0)
         tags = {"images": str(len(rows)), "split.ratios": str(list(ratios)), "manifest.sha256": manifest_sha256,
                 **{f"class.{label}": str(int(count)) for label, count in counts.items()}}
-        dataset = from_pandas(rows, source=data.root.as_posix(), name=name, digest=digest)
+        # MLflow warns of integer columns (they cannot hold a missing value): the sizes are logged as
+        # floats, as its hint says. It also registers its local-file source twice and warns that a
+        # folder path is ambiguous between the two, a warning no user can act on: that one is ignored.
+        shown = rows.astype({column: "float64" for column in rows.select_dtypes("integer").columns})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            dataset = from_pandas(shown, source=data.root.as_posix(), name=name, digest=digest)
         inputs.append(DatasetInput(dataset, split, tags))
     return inputs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,16 @@ def test_each_split_is_a_dataset_input_with_its_digest_source_and_class_counts()
     from pipeline.tracking import dataset_inputs
 
     frame = pd.DataFrame({"path": [f"{label}/{i}.png" for label in "ab" for i in range(5)],
-                          "label": ["a"] * 5 + ["b"] * 5,
+                          "label": ["a"] * 5 + ["b"] * 5, "width": [8] * 10,
                           "split": ["train", "train", "train", "validation", "test"] * 2})
-    inputs = dataset_inputs(SplitImages(Path("data/sources/shapes"), frame), "data/sources/shapes", "f" * 64,
-                            (0.6, 0.2, 0.2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = dataset_inputs(SplitImages(Path("data/sources/shapes"), frame), "data/sources/shapes", "f" * 64,
+                                (0.6, 0.2, 0.2))
+        logged = [item.dataset.to_dict() for item in inputs]   # what log_inputs sends: schema and profile
+    assert all("width" in entry["schema"] for entry in logged)
+    # A stage's output carries no warning a user cannot act on (integer columns, an "ambiguous" source).
+    assert [str(warning.message)[:80] for warning in caught] == []
     assert [item.context for item in inputs] == ["train", "validation", "test"]
     train = inputs[0]
     assert train.dataset.name == "shapes" and train.dataset.source.to_dict() == {"uri": "data/sources/shapes"}
