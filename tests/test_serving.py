@@ -136,6 +136,9 @@ def test_logged_model_loads_from_code_and_answers_like_classify(model: keras.Mod
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert (local / "serving_model.py").exists() and not list(local.rglob("*.pkl"))
+    # The environment it needs names pip's version (MLflow warns when the venv has no pip to ask).
+    conda = yaml.safe_load((local / "conda.yaml").read_text())
+    assert any(str(dependency).startswith("pip<=") for dependency in conda["dependencies"]), conda
 
     served = mlflow.pyfunc.load_model(logged.model_uri)
     pixels = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3))
