@@ -149,6 +149,8 @@ def main(args: argparse.Namespace) -> None:
         _record_in_mlflow(gate, decision, run_records)
     for line in summary_lines(decision):
         log.info("%s", line)
+    log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes); "
+             "the decision is in %s", args.out)
 
 
 @dataclass(frozen=True)

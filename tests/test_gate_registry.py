@@ -307,3 +307,12 @@ def test_a_champion_with_a_clean_or_an_unknown_lineage_is_compared(project: Gate
     assert tracking.seen_images(project.champion().tags["source.run_id"]) is None
     with pytest.raises(PipelineError, match="cannot be read"):
         tracking.seen_images("no-such-run")
+
+
+def test_after_the_summary_one_line_says_where_to_look_next(project: GateProject,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    with caplog.at_level("INFO", logger="pipeline.gate"):
+        project.gate()
+    last = [record.getMessage() for record in caplog.records if record.name == "pipeline.gate"][-1]
+    assert last.startswith("next: make ui") and "metrics/gate.json" in last
