@@ -68,10 +68,10 @@ TEST_SPLIT_TAG = "gate.test_split"
 FAULT_VARIABLE = "PIPELINE_GATE_FAULT"
 
 
-def deploy_model(model_dir: Path, deploy_dir: Path, model_name: str, run_record: RunRecord) -> None:
-    """Put the chosen model and its description into ``deploy/``, the folder replaced whole."""
-    swap_in(stage_deployment(model_dir / MODEL_FILE, DeployedModel.from_run(model_name, run_record), deploy_dir),
-            deploy_dir)
+def deploy_model(model_file: Path, info: DeployedModel, deploy_dir: Path) -> None:
+    """Put a model file and its description into ``deploy/`` at once, the folder replaced whole
+    (how a champion's registered files are put back after a gate was stopped half-way)."""
+    swap_in(stage_deployment(model_file, info, deploy_dir), deploy_dir)
 
 
 def stage_deployment(model_file: Path, info: DeployedModel, deploy_dir: Path) -> Path:
@@ -398,9 +398,7 @@ def _restore_champion(registered_name: str, deploy_dir: Path) -> None:
         except Exception as error:   # the champion check meets the same problem and fails closed
             log.warning("deploy/ could not be restored: %s", first_line(error))
             return
-        swap_in(stage_deployment(keras_file, info, deploy_dir), deploy_dir)
-
-
+        deploy_model(keras_file, info, deploy_dir)
 
 
 def _check_main() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, RunRecord
+from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel, RunRecord
 from pipeline.decision import STAYS, ChampionCheck, Decision
 from pipeline.gate import check, deploy_model
 from tests.conftest import REPO_ROOT
@@ -70,7 +70,7 @@ def test_deploy_model_copies_the_model_and_writes_model_json(tmp_path: Path) -> 
     record = RunRecord("abc123", "runs:/abc123/model", ["cat", "dog"], 32, 1)
     deploy_dir = tmp_path / "deploy"
 
-    deploy_model(model_dir, deploy_dir, "custom", record)
+    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record), deploy_dir)
 
     assert (deploy_dir / MODEL_FILE).read_bytes() == payload
     info = json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())
@@ -91,7 +91,7 @@ def test_deploy_model_replaces_an_earlier_deployment(tmp_path: Path) -> None:
     (model_dir / MODEL_FILE).write_bytes(b"new model")
     record = RunRecord("r2", "runs:/r2/model", ["a", "b", "c"], 48, 3)
 
-    deploy_model(model_dir, deploy_dir, "custom", record)
+    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record), deploy_dir)
 
     assert (deploy_dir / MODEL_FILE).read_bytes() == b"new model"
     assert json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())["model"] == "custom"
@@ -100,6 +100,6 @@ def test_deploy_model_replaces_an_earlier_deployment(tmp_path: Path) -> None:
 def test_deploy_model_without_a_model_file_fails(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
-        deploy_model(tmp_path / "empty", tmp_path / "deploy", "custom",
-                     RunRecord("x", "runs:/x/model", [], 32, 1))
+        deploy_model(tmp_path / "empty" / MODEL_FILE,
+                     DeployedModel.from_run("custom", RunRecord("x", "runs:/x/model", [], 32, 1)), tmp_path / "deploy")
     assert not (tmp_path / "deploy" / MODEL_FILE).exists()
