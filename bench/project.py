@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -107,17 +106,13 @@ def free_port() -> int:
 
 def copy_reproduced(source: Path, target: Path) -> Path:
     """A private copy of a reproduced project (git, DVC cache, outputs, MLflow store) for a test that
-    changes it. The MLflow store's absolute artifact paths are moved to the copy, so what the test
-    logs lands in the copy, never in the shared project."""
+    changes it. The MLflow store's artifact locations are moved to the copy, as a stage run there would
+    (:func:`pipeline.tracking.repoint_store`), so what the test logs or reads lands in the copy, never in
+    the shared project, even before a stage runs."""
+    from pipeline.tracking import repoint_store
+
     shutil.copytree(source, target, symlinks=True)
     store = target / "mlflow.db"
     if store.exists():
-        old, new = str(source.resolve()), str(target.resolve())
-        with sqlite3.connect(store) as connection:
-            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            for table in tables:
-                for column in connection.execute(f'PRAGMA table_info("{table}")').fetchall():
-                    if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
-                        connection.execute(f'UPDATE "{table}" SET "{column[1]}" = REPLACE("{column[1]}", ?, ?) '
-                                           f'WHERE "{column[1]}" LIKE ?', (old, new, f"%{old}%"))
+        repoint_store(store, target.resolve())
     return target

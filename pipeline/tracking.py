@@ -140,11 +140,19 @@ def _follow_the_project(uri: str) -> None:
     if store is None:
         return
     root = project_root()
+    for old_root in repoint_store(store, root):
+        log.info("MLflow store: artifact locations moved from %s to %s (the project was moved or copied)",
+                 old_root, root)
+
+
+def repoint_store(store: Path, root: Path) -> list[Path]:
+    """Point the artifact locations of the SQLite store ``store`` that lie in another folder's
+    ``mlartifacts/`` at ``root``'s, in one transaction; returns the folders they pointed into."""
     with contextlib.closing(sqlite3.connect(store)) as database, database:
         try:
             locations = [row[0] for row in database.execute("SELECT artifact_location FROM experiments")]
         except sqlite3.OperationalError:    # not an MLflow store yet: MLflow creates its tables
-            return
+            return []
         old_roots = sorted({old for old in (moved_from(location or "", root) for location in locations) if old})
         for old_root in old_roots:
             for table, column in _LOCATION_COLUMNS:
@@ -153,8 +161,7 @@ def _follow_the_project(uri: str) -> None:
                 for old, new in location_prefixes(old_root, root):
                     database.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
                                      f"WHERE substr({column}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
-            log.info("MLflow store: artifact locations moved from %s to %s (the project was moved or copied)",
-                     old_root, root)
+    return old_roots
 
 
 def start_run(run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
