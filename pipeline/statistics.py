@@ -121,8 +121,9 @@ def compare(first: str, second: str, metric: str, actual: np.ndarray, first_pred
                                                  seed))
 
 
-def mcnemar_exact(first_only_right: int, second_only_right: int) -> float:
-    """Exact McNemar p-value: a two-sided binomial test (p = 1/2) on the discordant images.
+def mcnemar_exact(first_only_right: int, second_only_right: int, alternative: str = "two-sided") -> float:
+    """Exact McNemar p-value: a binomial test (p = 1/2) on the discordant images, two-sided or, with
+    ``alternative="greater"``, that the first is right more often.
 
     With no discordant image the two models cannot be told apart: p = 1.
     """
@@ -131,7 +132,7 @@ def mcnemar_exact(first_only_right: int, second_only_right: int) -> float:
     discordant = first_only_right + second_only_right
     if discordant == 0:
         return 1.0
-    return float(stats.binomtest(first_only_right, discordant, 0.5).pvalue)
+    return float(stats.binomtest(first_only_right, discordant, 0.5, alternative=alternative).pvalue)
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,8 @@ def better_test(metric: str, actual: np.ndarray, first: np.ndarray, second: np.n
     actual, first, second = np.asarray(actual), np.asarray(first), np.asarray(second)
     if metric == "accuracy":
         first_only = int(np.sum((first == actual) & (second != actual)))
-        discordant = first_only + int(np.sum((first != actual) & (second == actual)))
-        p_value = 1.0 if discordant == 0 else stats.binomtest(first_only, discordant, 0.5,
-                                                              alternative="greater").pvalue
-        return OneSidedTest("mcnemar exact, one-sided", float(p_value))
+        second_only = int(np.sum((first != actual) & (second == actual)))
+        return OneSidedTest("mcnemar exact, one-sided", mcnemar_exact(first_only, second_only, "greater"))
     if np.array_equal(first, second):
         return OneSidedTest("paired permutation, one-sided", 1.0)
     result = stats.permutation_test((first, second), lambda a, b: score(metric, actual, a) - score(metric, actual, b),
