@@ -29,7 +29,7 @@ from pipeline.devices import Placement, choose_placement, machine_summary, resol
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
-from pipeline.models import compile_model, for_inference
+from pipeline.models import compile_model, for_inference, with_flip_averaging
 from pipeline.params import AugmentParams, BaseParams, FitParams, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
@@ -153,7 +153,8 @@ def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learn
     for a phase of ``epochs`` epochs; the rate is scaled to the number of replicas."""
     decay_steps = epochs * data.iterations_per_epoch if section.lr_schedule == "cosine" else 0
     compile_model(model, section.optimizer, data.scaled_learning_rate(learning_rate), section.loss, data.num_classes,
-                  section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps)
+                  section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps,
+                  weight_decay=section.weight_decay, ema=section.ema)
 
 
 def fit(model: keras.Model, data: FitData, section: FitParams, history: History, *, phase: str, epochs: int,
@@ -166,7 +167,11 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
     """
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
                                             restore_best_weights=True)
+    # With ``ema`` the averaged weights are swapped in before each validation and at each epoch's end,
+    # ahead of the stopper, so early stopping judges, keeps and restores the averaged weights.
     own: list[keras.callbacks.Callback] = [stopper]
+    if section.ema:
+        own.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if section.lr_schedule == "plateau":
         own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                      patience=max(1, section.patience // 2), verbose=1))
@@ -234,6 +239,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
             trained = fit_function(fit_data, dataclasses.replace(section, jit_compile=setup.jit_compile),
                                    params.augment, history, [MlflowEpochLogger()])
         model = for_inference(trained)
+        if params.augment.flip_average:
+            model = with_flip_averaging(model)
         summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
