@@ -108,9 +108,10 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
 
 # The hyperparameters both models have, under one name in both runs (MLflow's compare view lines them up).
 SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule", "optimizer", "loss", "label_smoothing",
-                 "class_weight", "patience", "dense_units", "dropout", "precision", "jit_compile", "weight_decay", "ema", "image_size",
-                 "channels", "seed", "deterministic", "distribution", "split.ratios", "augment.rotation", "augment.flip_average",
-                 "train_size", "iterations_per_epoch", "classes", "precision.policy"}
+                 "class_weight", "patience", "dense_units", "dropout", "precision", "jit_compile", "weight_decay",
+                 "ema", "image_size", "channels", "seed", "deterministic", "distribution", "split.ratios",
+                 "augment.rotation", "augment.flip_average", "train_size", "iterations_per_epoch", "classes",
+                 "precision.policy"}
 OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "pooling"},
               "train_resnet50": {"weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"}}
 
