@@ -152,7 +152,7 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "site" / "params" / "index.html").is_file()
+    assert (tmp_path / "site" / "params.html").is_file()
     assert not list((tmp_path / "site").rglob("*.py")), "the generators are not pages"
 
 
