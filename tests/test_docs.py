@@ -177,7 +177,8 @@ def test_the_performance_tables_are_what_their_command_writes() -> None:
 
 def test_every_results_file_says_its_machine_date_and_command() -> None:
     block = bench_tables.render()
-    files = [path.name for path in (REPO_ROOT / "bench").glob("results*.json") if path.name not in bench_tables.UNTRACKED]
+    files = [path.name for path in (REPO_ROOT / "bench").glob("results*.json")
+             if path.name not in bench_tables.UNTRACKED]
     assert files
     for name in files:
         section = block.split(f"### `bench/{name}`")[1].split("\n### ")[0]
