@@ -114,7 +114,7 @@ class SplitReuse:
                 f"(gate.max_test_reuse {self.limit})")
         if self.exceeded:
             text += (": warning, decisions repeated on one test set overfit it; draw a new test split "
-                     "(another split.seed, or new images) and judge the champion on it again")
+                     "(another base.seed or split.ratios, or new images) and judge the champion on it again")
         return text
 
     def to_json(self) -> dict:
