@@ -6,7 +6,9 @@ params.yaml (with a preset and ``--set`` overrides) describes on every fold of t
 training stage's own code (the same builder, input pipeline, early stopping and precision), and
 reports each fold's test accuracy, their mean, spread and minimum, and the accuracy over every image
 pooled, with its interval. Several recipes written to one results file are compared on the same
-folds, image by image (exact McNemar test from :mod:`pipeline.statistics`).
+folds, image by image (exact McNemar test from :mod:`pipeline.statistics`). Once a recipe is chosen,
+``--holdout DIR`` trains it on the whole folder and scores a separate folder that no choice has seen,
+once.
 
 Folds: the images are dealt into ``2 x folds`` parts, stratified by class, with each group of copies
 in one part (scikit-learn's ``StratifiedGroupKFold``). Fold k tests on parts 2k and 2k+1 (a fifth of
@@ -97,9 +99,13 @@ def recipe_params(params_path: Path, preset: str | None, overrides: Sequence[str
     return params_from_dict(raw, source=f"{params_path}{f' with preset {preset}' if preset else ''}"), changes
 
 
-def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame) -> dict:
+def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
+             holdout: tuple[list[str], list[str]] | None = None) -> dict:
     """Train one fold with the training stage's code and score its test part, as trained and with
-    the prediction averaged over the image and its mirror; plus the training part's accuracy."""
+    the prediction averaged over the image and its mirror; plus the training part's accuracy.
+
+    ``holdout`` (file paths and labels) replaces the test part: a folder kept out of every choice.
+    """
     import keras
 
     from pipeline.dataset import decode_predictions, load_images
@@ -126,28 +132,58 @@ def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame) -
     plain = for_inference(trained)
     averaged = with_flip_averaging(plain)
     answers: dict[str, Any] = {}
-    for split in ("test", "train"):
-        images = load_images(data.paths(split), params.base.image_size, params.base.channels).astype(np.float32)
-        actual = np.asarray(data.label_indices(split))
+    index = {name: number for number, name in enumerate(data.class_names)}
+    tested = {"test": (data.paths("test"), data.label_indices("test")), "train": (data.paths("train"),
+                                                                               data.label_indices("train"))}
+    if holdout is not None:
+        tested["test"] = (holdout[0], [index[label] for label in holdout[1]])
+    for split, (paths, labels) in tested.items():
+        images = load_images(paths, params.base.image_size, params.base.channels).astype(np.float32)
+        actual = np.asarray(labels)
         for name, model in (("", plain), ("_flip", averaged)):
             predicted, _ = decode_predictions(model.predict(images, batch_size=256, verbose=0))
             answers[f"{split}_accuracy{name}"] = float(np.mean(predicted == actual))
             if split == "test":
                 answers[f"test_right{name}"] = (predicted == actual).astype(int).tolist()
-    sizes = {split: int((frame["split"] == split).sum()) for split in ("train", "validation", "test")}
+    sizes = {split: int((frame["split"] == split).sum()) for split in ("train", "validation")}
+    sizes["test"] = len(tested["test"][0])
+    test_paths = data.subset("test")["path"].tolist() if holdout is None else list(holdout[0])
     return {**answers, "sizes": sizes, "epochs_run": len(history.rows), "fit_s": fit_seconds,
-            "test_paths": data.subset("test")["path"].tolist(), "precision": setup.precision}
+            "test_paths": test_paths, "precision": setup.precision}
 
 
-def cross_validate(params: Params, model_name: str, root: Path, folds: int) -> dict:
-    """Ingest ``root`` as the ingest stage would (copies grouped), then train and score every fold."""
+def ingested(params: Params, root: Path) -> pd.DataFrame:
+    """The manifest the ingest stage would write for ``root`` (copies grouped, conflicts left out)."""
     from pipeline.ingest import ingest_folder
     from pipeline.manifest import MANIFEST_COLUMNS
 
     ingest = params.ingest
     result = ingest_folder(root, ingest.max_image_pixels, ingest.max_per_class, params.base.seed,
                            near_duplicate_distance=ingest.near_duplicate_distance, image_size=params.base.image_size)
-    manifest = pd.DataFrame(result.images, columns=MANIFEST_COLUMNS)
+    return pd.DataFrame(result.images, columns=MANIFEST_COLUMNS)
+
+
+def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: Path, folds: int) -> dict:
+    """Train once on all of ``root`` (a ``1 / (2 x folds)`` part for early stopping, as in every
+    fold) and score the separate folder ``holdout_root``, which no choice has seen."""
+    manifest, holdout = ingested(params, root), ingested(params, holdout_root)
+    unknown = sorted(set(holdout["label"]) - set(manifest["label"]))
+    if unknown:
+        raise PipelineError(f"crossval: --holdout {holdout_root} has classes the training folder lacks: {unknown}")
+    parts = assign_folds(manifest, folds, params.base.seed)
+    frame = manifest.assign(split=np.where(parts == 0, "validation", "train"))
+    paths = [str(holdout_root / path) for path in holdout["path"]]
+    outcome = run_fold(params, model_name, root, frame, holdout=(paths, holdout["label"].tolist()))
+    outcome["test_paths"] = holdout["path"].tolist()
+    log.info("holdout %s: accuracy %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s", holdout_root,
+             outcome["test_accuracy"], outcome["test_accuracy_flip"], outcome["train_accuracy"],
+             outcome["epochs_run"], outcome["fit_s"])
+    return {"folder": str(holdout_root), **outcome}
+
+
+def cross_validate(params: Params, model_name: str, root: Path, folds: int) -> dict:
+    """Ingest ``root`` as the ingest stage would (copies grouped), then train and score every fold."""
+    manifest = ingested(params, root)
     parts = assign_folds(manifest, folds, params.base.seed)
     outcomes = []
     for fold in range(folds):
@@ -204,6 +240,10 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
         lines.append(f"{name:<28} {test['mean']:>6.3f} {test['std']:>6.3f} {test['min']:>6.3f} "
                      f"{f'{low:.3f}-{high:.3f}':>15} {flip['mean']:>9.3f} {flip['min']:>6.3f} {train['mean']:>6.3f} "
                      f"{seconds:>6.0f}  {against}")
+        if "holdout" in result:
+            held = result["holdout"]
+            lines.append(f"{'':<28} held-out folder {held['folder']}: accuracy {held['test_accuracy']:.3f} "
+                         f"({held['test_accuracy_flip']:.3f} with flip averaging) on {held['sizes']['test']} images")
     return lines
 
 
@@ -215,7 +255,16 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results = read_json(out)["recipes"] if out.exists() else {}
     name = args.name or ",".join(f"{key}={value}" for key, value in overrides.items()) or "params.yaml"
-    if not args.report_only:
+    if args.holdout:
+        holdout_root = Path(args.holdout).expanduser()
+        if not holdout_root.is_dir():
+            raise PipelineError(f"crossval: --holdout {holdout_root} is not a folder (expected one subfolder per class)")
+        if name not in results:
+            raise PipelineError(f"crossval: no recipe '{name}' in {out}: cross-validate it before scoring it on "
+                                "the held-out folder")
+        results[name]["holdout"] = score_on_holdout(params, args.model, root, holdout_root, args.folds)
+        write_json(out, {"recipes": results})
+    elif not args.report_only:
         from pipeline.devices import machine_summary
 
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -239,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="crossval.json", help="results file; recipes accumulate in it")
     parser.add_argument("--against", help="compare every recipe with this one, image by image")
     parser.add_argument("--report-only", action="store_true", help="print the results file's table, train nothing")
+    parser.add_argument("--holdout", metavar="DIR",
+                        help="once a recipe is chosen: train it on all of --source and score this separate folder")
     return parser
 
 

@@ -99,6 +99,14 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
         assert fold["sizes"]["test"] == 10 and fold["epochs_run"] == 1
         assert np.mean(fold["test_right"]) == pytest.approx(fold["test_accuracy"])
         assert 0 <= fold["test_accuracy_flip"] <= 1 and 0 <= fold["train_accuracy"] <= 1
+    # Once chosen, the recipe is trained on the whole folder and scored once on a folder kept apart.
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--name", "tiny", "--holdout", str(holdout)]) == 0
+    held = json.loads(out.read_text())["recipes"]["tiny"]["holdout"]
+    assert held["sizes"] == {"train": 15, "validation": 5, "test": 6}   # a quarter stops early and len(held["test_right"]) == 6
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--name", "unknown", "--holdout", str(holdout)]) == EXIT_USER_ERROR
     # The table is printed again from the file without training; a misspelt key fails in one line,
     # writing nothing.
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
