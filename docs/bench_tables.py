@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from bench.common import ROW_NUMBERS, fmt_stats, machine_line
+from docs import generated
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "performance.md"
@@ -100,26 +101,11 @@ def render(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-def replaced(page: str, block: str) -> str:
-    """``page`` with the text between the markers (markers included) replaced by ``block``."""
-    start, end = page.index(BEGIN), page.index(END) + len(END)
-    return page[:start] + block + page[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m docs.bench_tables", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when the page is not what this writes")
     args = parser.parse_args(argv)
-    page = PAGE.read_text(encoding="utf-8")
-    wanted = replaced(page, render())
-    if args.check:
-        if wanted != page:
-            print(f"{PAGE} is stale: run python -m docs.bench_tables", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(wanted, encoding="utf-8")
-    print(f"written: {PAGE}")
-    return 0
+    return generated.write_or_check(PAGE, render(), BEGIN, END, "python -m docs.bench_tables", args.check)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bench.common import REPO_ROOT
-from docs import bench_tables, params_reference
+from docs import bench_tables, generated, params_reference
 from pipeline.params import Params
 
 README = REPO_ROOT / "README.md"
@@ -171,7 +171,7 @@ def test_the_params_reference_lists_every_key_with_its_comment() -> None:
 
 def test_the_performance_tables_are_what_their_command_writes() -> None:
     page = (REPO_ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    assert bench_tables.replaced(page, bench_tables.render()) == page, (
+    assert generated.replaced(page, bench_tables.render(), bench_tables.BEGIN, bench_tables.END) == page, (
         "docs/performance.md is stale: run python -m docs.bench_tables")
 
 
