@@ -59,6 +59,8 @@ def calibration(true_indices, probabilities: np.ndarray, bins: int = BINS) -> Ca
     """
     true = np.asarray(true_indices)
     predicted, full = decode_predictions(probabilities)
+    # float32 softmax rows sum to 1 within a few ulps only, which scikit-learn warns about.
+    full = full / np.maximum(full.sum(axis=1, keepdims=True), np.finfo(float).tiny)
     confidence = full[np.arange(len(true)), predicted]
     correct = (predicted == true).astype(int)
     edges = np.linspace(0.0, 1.0, bins + 1)
