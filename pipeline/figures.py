@@ -98,7 +98,8 @@ def gradcam_grid(rows: Sequence[tuple[Sequence[HeatmapPanel], Sequence[HeatmapPa
     ones on the right, each with its Grad-CAM heatmap over it (red: the evidence for the answer)."""
     count = max(1, len(rows))
     columns = 2 * per_side
-    fig, axes = plt.subplots(count, columns, figsize=(1.8 * columns, 2.0 * count + 0.6), squeeze=False)
+    height = 2.0 * count + 0.7
+    fig, axes = plt.subplots(count, columns, figsize=(1.8 * columns, height), squeeze=False, layout="constrained")
     for axis in axes.ravel():
         axis.axis("off")
     for row, (wrong, right) in zip(axes, rows):
@@ -112,7 +113,6 @@ def gradcam_grid(rows: Sequence[tuple[Sequence[HeatmapPanel], Sequence[HeatmapPa
         axes[0, 0].text(0.5, 0.5, "no test images", ha="center", va="center")
     fig.suptitle(f"{title}\nleft: most confidently wrong, right: most confidently right (true -> predicted "
                  "probability); heat: Grad-CAM of the predicted class", fontsize=10)
-    fig.tight_layout()
     plt.close(fig)
     return fig
 

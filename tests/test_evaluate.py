@@ -111,12 +111,13 @@ def test_the_surest_right_and_wrong_answers_of_each_class() -> None:
 
 
 def test_each_panel_shows_its_own_photo_and_heatmap() -> None:
-    """The corner model (class 1: a red top-right corner) on a photo it gets right and one it gets
-    wrong: each panel's heatmap is that photo's, for the class the model answered."""
+    """The corner model (class 1: a red top-right corner) on a photo it gets right and one with a
+    faint red corner it gets wrong: each panel's heatmap is that photo's, for the class answered."""
     red_corner = corner_image()
-    no_red = corner_image()
-    no_red[..., 0] = 0
-    images = np.stack([red_corner, no_red])
+    faint = corner_image()
+    faint[..., 0] = 0
+    faint[0, -1, 0] = 200.0     # one reddish pixel: evidence for "red", too little to outweigh the bias
+    images = np.stack([red_corner, faint])
     model = corner_classifier()
     scores = score_predictions([1, 1], model.predict(images, verbose=0), ["plain", "red"])
     assert scores.predicted == [1, 0]
@@ -124,9 +125,12 @@ def test_each_panel_shows_its_own_photo_and_heatmap() -> None:
     ((wrong, right),) = gradcam_panels(model, images, [1, 1], scores, ["plain", "red"])
     assert [panel.caption.rsplit(" ", 1)[0] for panel in (*wrong, *right)] == ["red -> plain", "red -> red"]
     assert wrong[0].right is False and right[0].right is True
-    assert np.array_equal(right[0].image, red_corner) and np.array_equal(wrong[0].image, no_red)
+    assert np.array_equal(right[0].image, red_corner) and np.array_equal(wrong[0].image, faint)
     assert right[0].heatmap[:4, -4:].min() > 0.9 and right[0].heatmap[-4:, :4].max() < 0.05
     assert right[0].caption.endswith(f"{scores.confidence[0]:.2f}")
+    # The heatmap of the answer "plain": the reddish pixel is evidence against it, so there is none
+    # (the true class's heatmap would light that pixel).
+    assert wrong[0].heatmap.max() == 0.0
 
 
 def test_the_calibration_without_temperature_is_measured_and_the_model_restored() -> None:
