@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, log_expit
+from scipy.special import log_expit, log_softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 

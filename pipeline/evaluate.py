@@ -248,7 +248,7 @@ def _log_calibration(run_id: str, model: keras.Model, test: SplitScores, before:
                                 GRADCAM_PER_CLASS, f"{name}: test set")
     reliability = figures.reliability_diagram(test.calibration, f"{name}: reliability on the test set", before,
                                               temperature)
-    figures.save_png(heat, pictures["gradcam"])
+    figures.save_png(heat, pictures["gradcam"], colours=256)
     figures.save_png(reliability, pictures["reliability"])
     with tracking.resume_run(run_id):
         mlflow.log_figure(heat, "plots/gradcam_test.png")

@@ -165,7 +165,8 @@ def main(args: argparse.Namespace) -> None:
         _record_in_mlflow(gate, decision, run_records)
     for line in summary_lines(decision):
         log.info("%s", line)
-    log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes, Grad-CAM, reliability); "
+    log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes, "
+             "Grad-CAM, reliability); "
              "the decision is in %s", args.out)
 
 

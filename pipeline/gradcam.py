@@ -56,7 +56,8 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: Sequence[int]
     return np.concatenate(heatmaps)
 
 
-def _batch_heatmaps(probe: keras.Model, head: keras.layers.Dense, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def _batch_heatmaps(probe: keras.Model, head: keras.layers.Dense, images: np.ndarray,
+                    classes: np.ndarray) -> np.ndarray:
     pixels = tf.convert_to_tensor(images)
     with tf.GradientTape() as tape:
         tape.watch(pixels)   # records the path even where every weight is frozen

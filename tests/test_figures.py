@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pipeline import figures
 from pipeline.calibration import calibration
@@ -64,3 +67,15 @@ def test_reliability_diagram_shows_the_bins_counts_and_both_calibrations() -> No
     plain = figures.reliability_diagram(after, "custom: reliability")
     assert len(plain.axes[0].get_legend().get_texts()) == 2
     plain.canvas.draw()
+
+
+def test_a_picture_of_photos_saved_with_a_palette_is_smaller(tmp_path: Path) -> None:
+    photo = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    heat = np.random.default_rng(1).uniform(size=(64, 64))
+    panels = [figures.HeatmapPanel(photo, heat, "cat -> dog 0.97", False)] * 3
+    fig = figures.gradcam_grid([(panels, panels)], per_side=3, title="custom: test set")
+    figures.save_png(fig, tmp_path / "full.png")
+    figures.save_png(fig, tmp_path / "palette.png", colours=256)
+    with Image.open(tmp_path / "palette.png") as palette, Image.open(tmp_path / "full.png") as full:
+        assert palette.mode == "P" and palette.size == full.size
+    assert (tmp_path / "palette.png").stat().st_size < 0.6 * (tmp_path / "full.png").stat().st_size
