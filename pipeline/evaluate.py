@@ -219,7 +219,7 @@ def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, 
                                           [names[i] for i in predicted[wrong]],
                                           f"{name}: misclassified test images (true -> predicted)")
     figures.save_png(confusion, plots_dir / f"confusion_{name}.png")
-    figures.save_png(mistakes, plots_dir / f"misclassified_{name}.png")
+    figures.save_png(mistakes, plots_dir / f"misclassified_{name}.png", colours=256)   # photos: 780 KB -> 250 KB
     with tracking.resume_run(run_id):
         for split, s in scores.items():
             mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_balanced_accuracy": s.balanced_accuracy,
