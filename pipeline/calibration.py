@@ -15,12 +15,13 @@ safe mode and serves calibrated probabilities as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_expit, log_softmax
+from scipy.special import log_expit, log_softmax, logsumexp
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
@@ -31,6 +32,8 @@ OUTPUT_LAYER = "output"    # the final Dense layer of every classifier (models._
 BINS = 10                  # equal-width bins of confidence: the usual choice for the ECE
 # The temperatures searched: far beyond any a trained network needs (typical: 0.5 to 5).
 TEMPERATURE_RANGE = (0.01, 100.0)
+
+Logits = np.ndarray | Sequence[np.ndarray]   # one array, or one per view of the same images
 
 
 @dataclass(frozen=True)
@@ -87,28 +90,43 @@ def _curve(correct: np.ndarray, confidence: np.ndarray, bins: int) -> tuple[np.n
     return calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
 
 
-def fit_temperature(logits: np.ndarray, true_indices) -> float:
+def fit_temperature(logits: Logits, true_indices) -> float:
     """The temperature T that minimises the negative log-likelihood of ``logits / T``.
 
     ``logits`` are the output layer's inputs to its activation: ``(n, 1)`` or ``(n,)`` for one
-    sigmoid unit (two classes), ``(n, classes)`` for a softmax.
+    sigmoid unit (two classes), ``(n, classes)`` for a softmax; or a list of such arrays, one per view
+    of the same images, for a model that answers with the mean of its views' probabilities (an image
+    and its mirror, say).
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    views = _views(logits)
     true = np.asarray(true_indices)
     if len(true) == 0:
         raise PipelineError("temperature scaling needs validation images, and the validation split is empty")
     low, high = np.log(TEMPERATURE_RANGE)
-    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits / np.exp(log_t), true),
+    result = minimize_scalar(lambda log_t: negative_log_likelihood([view / np.exp(log_t) for view in views], true),
                              bounds=(low, high), method="bounded", options={"xatol": 1e-6})
     return float(np.exp(result.x))
 
 
-def negative_log_likelihood(logits: np.ndarray, true: np.ndarray) -> float:
-    """Mean cross-entropy of the answers ``logits`` stand for (sigmoid for one column, else softmax)."""
-    if logits.ndim == 1 or logits.shape[-1] == 1:
-        z = logits.reshape(-1)
-        return float(-np.mean(np.where(true == 1, log_expit(z), log_expit(-z))))
-    return float(-np.mean(log_softmax(logits, axis=1)[np.arange(len(true)), true]))
+def negative_log_likelihood(logits: Logits, true_indices) -> float:
+    """Mean cross-entropy of the answers ``logits`` stand for (sigmoid for one column, else softmax;
+    for a list of views, the mean of their probabilities)."""
+    true = np.asarray(true_indices)
+    truth = np.stack([_log_probability_of(true, view) for view in _views(logits)])
+    return float(-np.mean(logsumexp(truth, axis=0) - np.log(len(truth))))
+
+
+def _log_probability_of(true: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    if logits.shape[-1] == 1:
+        z = logits[:, 0]
+        return np.where(true == 1, log_expit(z), log_expit(-z))
+    return log_softmax(logits, axis=1)[np.arange(len(true)), true]
+
+
+def _views(logits: Logits) -> list[np.ndarray]:
+    views = logits if isinstance(logits, (list, tuple)) else [logits]
+    arrays = [np.asarray(view, dtype=np.float64) for view in views]
+    return [array if array.ndim == 2 else array.reshape(-1, 1) for array in arrays]   # (n,): one sigmoid unit
 
 
 def classifier_of(model: keras.Model) -> keras.Model:

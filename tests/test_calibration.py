@@ -11,7 +11,13 @@ import pytest
 from scipy.special import expit, softmax
 
 from pipeline.artifacts import DeployedModel
-from pipeline.calibration import apply_temperature, calibration, fit_temperature, output_logits
+from pipeline.calibration import (
+    apply_temperature,
+    calibration,
+    fit_temperature,
+    negative_log_likelihood,
+    output_logits,
+)
 from pipeline.errors import PipelineError
 from pipeline.serving import classify
 
@@ -64,6 +70,19 @@ def test_temperature_scaling_recovers_the_temperature_that_made_the_answers(clas
         probabilities = softmax(logits / temperature, axis=1)
         labels = np.array([rng.choice(classes, p=row) for row in probabilities])
     assert fit_temperature(logits, labels) == pytest.approx(temperature, rel=0.05)
+
+
+def test_for_a_model_that_averages_two_views_the_temperature_of_the_average_is_found() -> None:
+    """A flip-averaging model answers with the mean of sigmoid(z / T) on the image and its mirror:
+    the fit on both views finds T, the fit on one view alone does not."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(0.0, 3.0, (20_000, 1))
+    mirror = image + rng.normal(0.0, 3.0, image.shape)       # the mirror's answer differs, not wholly
+    answer = (expit(image / 0.7) + expit(mirror / 0.7)) / 2
+    labels = (rng.uniform(size=len(image)) < answer[:, 0]).astype(int)
+    assert fit_temperature([image, mirror], labels) == pytest.approx(0.7, rel=0.05)
+    assert fit_temperature(image, labels) != pytest.approx(0.7, rel=0.1)
+    assert negative_log_likelihood([image, image], labels) == pytest.approx(negative_log_likelihood(image, labels))
 
 
 def test_an_empty_validation_split_cannot_fit_a_temperature() -> None:
