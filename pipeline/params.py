@@ -140,6 +140,7 @@ class FitParams:
     jit_compile: Literal["auto", True, False]
     weight_decay: float
     ema: bool
+    temperature_scaling: bool    # fit one temperature on validation, inside the saved model (calibration.py)
 
     def check(self, where: str) -> None:
         _require(0 <= self.weight_decay < 1, f"{where}.weight_decay",
@@ -222,6 +223,7 @@ class GateParams:
     registered_model_name: str
     replace_incomparable: bool = False
     max_test_reuse: int = 20
+    max_calibration_error: float | None = None
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",
@@ -237,6 +239,10 @@ class GateParams:
         _require(isinstance(self.max_test_reuse, int) and not isinstance(self.max_test_reuse, bool)
                  and self.max_test_reuse >= 1, f"{where}.max_test_reuse",
                  f"must be a whole number of models, 1 or more, got {self.max_test_reuse!r}")
+        _require(self.max_calibration_error is None or 0 < self.max_calibration_error <= 1,
+                 f"{where}.max_calibration_error",
+                 f"must be null (off) or an expected calibration error above 0 and at most 1, such as 0.05; "
+                 f"got {self.max_calibration_error}")
 
 
 @dataclass(frozen=True)

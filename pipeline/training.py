@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, figures, parent_run, stage_runs, tracking
+from pipeline import calibration, cli, figures, parent_run, stage_runs, tracking
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision
@@ -241,12 +241,37 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         model = for_inference(trained)
         if params.augment.flip_average:
             model = with_flip_averaging(model)
-        summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
+        scaling = (calibrate(model, data, params.base, section.batch_size, params.augment.flip_average)
+                   if section.temperature_scaling else {"temperature": 1.0})
+        mlflow.log_metrics(scaling)
+        summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage,
+                                          scaling)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
-                  params.base.channels, parent_id).write(Path(args.out))
+                  params.base.channels, parent_id, scaling["temperature"]).write(Path(args.out))
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
              summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
+
+
+def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_size: int,
+              flip_averaged: bool = False) -> dict[str, float]:
+    """Fit the temperature on the validation split and build it into ``model``'s output layer.
+
+    For a flip-averaged model the temperature is fitted to the mean of both views' answers, which
+    is what the saved model serves. Returns the temperature and the validation log loss before and
+    after it.
+    """
+    images = load_images(data.paths("validation"), base.image_size, base.channels)
+    views = [images, images[:, :, ::-1]] if flip_averaged else [images]
+    logits = [calibration.output_logits(model, view, batch_size) for view in views]
+    labels = np.asarray(data.label_indices("validation"))
+    temperature = calibration.fit_temperature(logits, labels)
+    before = calibration.negative_log_likelihood(logits, labels)
+    after = calibration.negative_log_likelihood(logits / temperature, labels)
+    calibration.apply_temperature(model, temperature)
+    log.info("temperature scaling: T = %.3f fitted on %d validation images (their log loss %.4f -> %.4f)",
+             temperature, len(labels), before, after)
+    return {"temperature": temperature, "val_loss_before_temperature": before, "val_loss_after_temperature": after}
 
 
 def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
@@ -273,13 +298,13 @@ def run_params(base: BaseParams, augment: AugmentParams, split: SplitParams, sec
 
 
 def _write_training_outputs(args: argparse.Namespace, model: keras.Model, history: History, fit_data: FitData,
-                            class_names: list[str], setup: RunSetup, stage: str) -> dict:
+                            class_names: list[str], setup: RunSetup, stage: str, scaling: dict[str, float]) -> dict:
     """The model, the curves (CSV and MLflow figure) and the summary DVC shows as metrics."""
     save_model(model, Path(args.out) / MODEL_FILE)
     frame = history.frame()
     write_frame_csv(Path(args.history), frame)
     summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
-               "jit_compile": setup.jit_compile,
+               "jit_compile": setup.jit_compile, **scaling,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
     curves = figures.training_curves(frame, title=stage)
