@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bench.common import REPO_ROOT
-from docs import bench_tables, generated, params_reference
+from docs import bench_tables, crossval_table, generated, params_reference
 from pipeline.params import Params
 
 README = REPO_ROOT / "README.md"
@@ -156,6 +156,12 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert not list((tmp_path / "site").rglob("*.py")), "the generators are not pages"
 
 
+def test_the_recipe_table_is_what_its_command_writes() -> None:
+    page = crossval_table.PAGE.read_text(encoding="utf-8")
+    assert generated.replaced(page, crossval_table.render(), crossval_table.BEGIN, crossval_table.END) == page, (
+        "docs/choosing-a-recipe.md is stale: run python -m docs.crossval_table")
+
+
 def test_the_params_reference_is_what_its_command_writes() -> None:
     assert (REPO_ROOT / "docs" / "params.md").read_text(encoding="utf-8") == params_reference.render(), (
         "docs/params.md is stale: run python -m docs.params_reference")
@@ -204,8 +210,8 @@ def test_the_readme_is_read_in_five_minutes() -> None:
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
 def test_no_dated_lab_notes_or_issue_numbers(document: Path) -> None:
     text = document.read_text(encoding="utf-8")
-    if document.name == "performance.md":   # the generated tables date each run, as they should
-        text = text.split(bench_tables.BEGIN)[0]
+    # The generated tables date each run, as they should.
+    text = re.sub(r"<!-- begin: generated.*?<!-- end: generated -->", "", text, flags=re.S)
     assert not re.search(r"\bissues? #?\d+", text, flags=re.IGNORECASE), "a reader cannot see our issues"
     assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), "a date in prose: put measurements in bench/results*.json"
 
