@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,11 @@ from tests.conftest import REPO_ROOT, make_image_folder
 
 MAX_PIXELS = 89_478_485
 CLASSES = ("circle", "square", "triangle")
+SIMILARITY = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["ingest"]["near_duplicate_similarity"]
 
 
 def _ingest(root: Path, **kwargs) -> IngestResult:
+    kwargs.setdefault("near_duplicate_similarity", SIMILARITY)
     return ingest_folder(root, MAX_PIXELS, workers=1, **kwargs)
 
 
@@ -114,6 +117,9 @@ def test_summarise_counts(image_folder: Path) -> None:
         "accepted_per_class": {"circle": 12, "square": 12, "triangle": 12},
         "rejected_per_class": {"(root)": 1, "square": 1},
         "near_duplicate_distance": 0,
+        "near_duplicate_similarity": SIMILARITY,
+        "near_duplicate_candidates": 0,
+        "near_duplicate_pairs": 0,
         "exact_duplicate_groups": 0,
         "near_duplicate_groups": 0,
         "images_in_duplicate_groups": 0,
@@ -197,8 +203,10 @@ def test_same_picture_in_two_classes_is_left_out_and_reported(image_folder: Path
     assert len(result.manifest) == 35
     reasons = _reasons(result)
     assert reasons == {
-        "circle/circle_000.png": "same picture under several labels (circle, square)",
-        "square/from_circle.png": "same picture under several labels (circle, square)",
+        "circle/circle_000.png": "same picture under several labels (circle, square): identical bytes to "
+                                 "square/from_circle.png (square)",
+        "square/from_circle.png": "same picture under several labels (circle, square): identical bytes to "
+                                  "circle/circle_000.png (circle)",
     }
     assert result.duplicate_files == 0
 
@@ -277,7 +285,9 @@ def test_near_copies_share_a_group_and_are_reported(tmp_path: Path) -> None:
     report = {(row.check, row.path): row for row in result.quality}
     assert set(report) == {("near_duplicate", "cat/c0.jpg"), ("near_duplicate", "cat/c0_q50.jpg"),
                            ("exact_duplicate", "dog/d1.jpg"), ("exact_duplicate", "dog/d1_copy.jpg")}
-    assert "nearest other picture cat/c0_q50.jpg" in report["near_duplicate", "cat/c0.jpg"].detail
+    assert re.fullmatch(r"group of 2 \(2 distinct files\); near copy of cat/c0_q50\.jpg: hashes \d+ bits apart, "
+                        r"SSIM (0\.9\d|1\.00)", report["near_duplicate", "cat/c0.jpg"].detail)
+    assert report["exact_duplicate", "dog/d1.jpg"].detail == "2 identical files"
 
 
 def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: Path) -> None:
@@ -287,8 +297,9 @@ def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: P
     reasons = _reasons(result)
 
     assert set(reasons) == {"cat/c2.jpg", "dog/from_cat.jpg"}
-    assert reasons["dog/from_cat.jpg"].startswith("near copy of cat/c2.jpg (cat), ")
-    assert reasons["dog/from_cat.jpg"].endswith("bits apart: one picture under several labels (cat, dog)")
+    assert re.fullmatch(r"near copy of cat/c2\.jpg \(cat\): hashes \d+ bits apart, SSIM (0\.\d\d|1\.00): one "
+                        r"picture under several labels \(cat, dog\)", reasons["dog/from_cat.jpg"])
+    assert reasons["cat/c2.jpg"].startswith("near copy of dog/from_cat.jpg (dog): ")
     assert not {"cat/c2.jpg", "dog/from_cat.jpg"} & set(result.manifest["path"])
     conflicts = [row for row in result.quality if row.check == "label_conflict"]
     assert [row.path for row in conflicts] == ["cat/c2.jpg", "dog/from_cat.jpg"]
