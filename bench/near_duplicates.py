@@ -316,7 +316,7 @@ def benchmark_lines(name: str, results: list[dict], default: tuple[int, float], 
         judged = judge and setting == default
         ok = result["distinct_grouped_12"] == 0 and result["recall"] >= RECALL_TARGET
         lines.append(Line(
-            f"{name}: within {result['bits']} bits, {confirm}{' (default)' if setting == default else ''}",
+            f"{name} benchmark: within {result['bits']} bits, {confirm}{' (default)' if setting == default else ''}",
             f"precision {100 * result['precision']:.2f}%, recall {100 * result['recall']:.2f}% "
             f"(each copy to its photo directly: {100 * result['pair_recall']:.1f}%)",
             f"distinct pairs grouped: {result['distinct_grouped_12']} of {result['distinct_pairs_12']} within 12 "

@@ -306,6 +306,72 @@ def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: P
     assert summarise(result)["label_conflict_groups"] == 1 and summarise(result)["label_conflict_images"] == 2
 
 
+def test_a_chain_through_a_look_alike_of_another_label_leaves_out_only_the_two_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cat a-e-b and dog c-d are linked a-e, a-b, b-c, c-d: one group under two labels. Only b and c
+    are alike across the labels, so only they are left out; a-e and d stay, as two groups."""
+    from pipeline import ingest
+    from pipeline.near_duplicates import NearPairs
+
+    root = tmp_path / "photos"
+    names = ["cat/a.jpg", "cat/b.jpg", "cat/e.jpg", "dog/c.jpg", "dog/d.jpg"]    # rows in path order
+    for seed, name in enumerate(names):
+        _scene(root / name, seed=seed)
+    row = {name: index for index, name in enumerate(names)}
+    links = np.array(sorted(sorted((row[x], row[y])) for x, y in
+                            [("cat/a.jpg", "cat/e.jpg"), ("cat/a.jpg", "cat/b.jpg"), ("cat/b.jpg", "dog/c.jpg"),
+                             ("dog/c.jpg", "dog/d.jpg")]))
+    alike = {(row["cat/b.jpg"], row["dog/c.jpg"])}
+
+    def measured(phashes, pixels, pairs):
+        close = np.array([tuple(pair) in alike or tuple(pair) in {tuple(link) for link in links.tolist()}
+                          for pair in np.asarray(pairs).tolist()], dtype=bool)
+        return np.where(close, 6, 30), np.where(close, 0.9, 0.2)
+
+    monkeypatch.setattr(ingest, "near_pairs", lambda *args: NearPairs(links, np.full(4, 6), np.full(4, 0.9),
+                                                                       np.ones(4, dtype=bool)))
+    monkeypatch.setattr(ingest, "measure_pairs", measured)
+    result = _ingest(root, near_duplicate_distance=10)
+
+    assert _reasons(result) == {
+        "cat/b.jpg": "near copy of dog/c.jpg (dog): hashes 6 bits apart, SSIM 0.90: one picture under several "
+                     "labels (cat, dog)",
+        "dog/c.jpg": "near copy of cat/b.jpg (cat): hashes 6 bits apart, SSIM 0.90: one picture under several "
+                     "labels (cat, dog)"}
+    groups = result.manifest.set_index("path")["group"]
+    assert groups["cat/a.jpg"] == groups["cat/e.jpg"] != groups["dog/d.jpg"]
+    health = summarise(result)
+    assert (health["label_conflict_images"], health["label_conflict_groups"]) == (2, 1)
+    assert (health["near_duplicate_groups"], health["images_in_duplicate_groups"]) == (1, 2)
+
+
+def test_the_largest_group_of_near_copies_is_drawn(tmp_path: Path) -> None:
+    from pipeline.ingest import LARGEST_GROUP_FILE, SHEET_COLUMNS, SHEET_TILE, draw_largest_group, largest_near_group
+
+    root = _scene_folder(tmp_path / "photos")
+    for quality in (40, 60, 80):
+        _resaved(root / "cat" / "c0.jpg", root / "cat" / f"c0_q{quality}.jpg", quality)
+    _resaved(root / "dog" / "d3.jpg", root / "dog" / "d3_q50.jpg")
+    for copy in range(4):      # a larger group, but of identical files: nothing to look at
+        shutil.copyfile(root / "dog" / "d1.jpg", root / "dog" / f"d1_copy{copy}.jpg")
+    result = _ingest(root, near_duplicate_distance=10)
+    assert [row.path for row in largest_near_group(result.images)] == [
+        "cat/c0.jpg", "cat/c0_q40.jpg", "cat/c0_q60.jpg", "cat/c0_q80.jpg"]
+    target = tmp_path / "ingest" / LARGEST_GROUP_FILE
+    assert draw_largest_group(result.images, root, target) == target
+    with Image.open(target) as sheet:
+        assert sheet.size == (SHEET_COLUMNS * SHEET_TILE, 18 + SHEET_TILE + 14)
+        tile = np.asarray(sheet.convert("RGB"))[18:18 + SHEET_TILE, SHEET_TILE:2 * SHEET_TILE].astype(int)
+    # The second tile is cat/c0_q40.jpg itself, shrunk: not a blank square.
+    expected = Image.open(root / "cat" / "c0_q40.jpg").convert("RGB")
+    expected.thumbnail((SHEET_TILE, SHEET_TILE))
+    top = (SHEET_TILE - expected.height) // 2
+    assert np.abs(tile[top:top + expected.height, :expected.width] - np.asarray(expected, dtype=int)).mean() < 2
+    # Without near copies there is nothing to draw, and an old drawing goes.
+    plain = _ingest(_scene_folder(tmp_path / "plain"), near_duplicate_distance=10)
+    assert draw_largest_group(plain.images, tmp_path / "plain", target) is None and not target.exists()
+
+
 def test_distance_0_turns_the_near_search_off(tmp_path: Path) -> None:
     root = _scene_folder(tmp_path / "photos")
     _resaved(root / "cat" / "c2.jpg", root / "dog" / "from_cat.jpg")
