@@ -304,7 +304,8 @@ def precision_recall(benchmark: Benchmark, settings: list[tuple[int, float | Non
             "pair_recall": float(direct.mean()),
             "copies": len(copies), "distinct_linked": int((linked & ~same_photo).sum()),
             "distinct_pairs_12": int(within_12.sum()), "distinct_grouped_12": int((together & within_12).sum()),
-            "distinct_pairs": int(len(distinct)), "distinct_grouped": int(together.sum())})
+            "distinct_pairs": int(len(distinct)), "distinct_grouped": int(together.sum()),
+            "distinct_most_similar": float(near.similarity[~same_photo & (near.bits <= bits)].max(initial=-1.0))})
     return results
 
 
@@ -321,7 +322,8 @@ def benchmark_lines(name: str, results: list[dict], default: tuple[int, float], 
             f"precision {100 * result['precision']:.2f}%, recall {100 * result['recall']:.2f}% "
             f"(each copy to its photo directly: {100 * result['pair_recall']:.1f}%)",
             f"distinct pairs grouped: {result['distinct_grouped_12']} of {result['distinct_pairs_12']} within 12 "
-            f"bits, {result['distinct_grouped']} of {result['distinct_pairs']} within {DISTINCT_BITS}",
+            f"bits, {result['distinct_grouped']} of {result['distinct_pairs']} within {DISTINCT_BITS}; the most alike "
+            f"distinct candidate: SSIM {result['distinct_most_similar']:.2f}",
             None, f"0 distinct grouped, recall >= {RECALL_TARGET:.0%}" if judged else "-", ok if judged else None,
             result))
     return lines

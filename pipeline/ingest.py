@@ -484,8 +484,11 @@ def _group(inspected: list[tuple[str, str, Inspected]], max_distance: int, min_s
     position[kept_rows] = np.arange(len(kept_rows))
     both_kept = (position[links] >= 0).all(axis=1)
     first = group_rows([sha[row] for row in kept_rows], position[links[both_kept]])
-    kept = [ManifestRow(paths[row], labels[row], sha[row], *inspected[row][2][1:4], phashes[row],
-                        sha[kept_rows[first[index]]]) for index, row in enumerate(kept_rows)]
+    kept = []
+    for index, row in enumerate(kept_rows):
+        path, label, info = inspected[row]
+        kept.append(ManifestRow(path, label, info.sha256, info.width, info.height, info.channels, info.phash,
+                                sha[kept_rows[first[index]]]))
     conflicts = [QualityRow("label_conflict", path, labels[index], sha[found[index]], reasons[path])
                  for index, path in enumerate(paths) if path in reasons]
     rows_of_sha: dict[str, list[int]] = defaultdict(list)
@@ -515,6 +518,8 @@ def _label_conflicts(found: np.ndarray, paths: list[str], labels: list[str], sha
     members: dict[int, list[int]] = defaultdict(list)
     for index, head in enumerate(found.tolist()):
         members[head].append(index)
+    # Every pair across labels of a mixed group: such groups are few and small (a thousand blank frames
+    # under two labels would be 250,000 pairs, seconds of work), and the candidates alone miss pairs.
     pairs = []
     for rows in members.values():
         if len({labels[row] for row in rows}) > 1:
