@@ -296,6 +296,7 @@ def precision_recall(benchmark: Benchmark, settings: list[tuple[int, float | Non
         together = group[distinct[:, 0]] == group[distinct[:, 1]]
         within_12 = near.bits[~same_photo] <= 12
         true_links = int((linked & same_photo).sum())
+        distinct_scores = near.similarity[~same_photo & (near.bits <= bits)]    # every distinct candidate's SSIM
         results.append({
             "bits": bits, "similarity": least, "linked_pairs": int(linked.sum()),
             "precision": true_links / int(linked.sum()) if linked.any() else 1.0,
@@ -305,7 +306,7 @@ def precision_recall(benchmark: Benchmark, settings: list[tuple[int, float | Non
             "copies": len(copies), "distinct_linked": int((linked & ~same_photo).sum()),
             "distinct_pairs_12": int(within_12.sum()), "distinct_grouped_12": int((together & within_12).sum()),
             "distinct_pairs": int(len(distinct)), "distinct_grouped": int(together.sum()),
-            "distinct_most_similar": float(near.similarity[~same_photo & (near.bits <= bits)].max(initial=-1.0))})
+            "distinct_most_similar": float(distinct_scores.max()) if len(distinct_scores) else None})
     return results
 
 
@@ -322,8 +323,9 @@ def benchmark_lines(name: str, results: list[dict], default: tuple[int, float], 
             f"precision {100 * result['precision']:.2f}%, recall {100 * result['recall']:.2f}% "
             f"(each copy to its photo directly: {100 * result['pair_recall']:.1f}%)",
             f"distinct pairs grouped: {result['distinct_grouped_12']} of {result['distinct_pairs_12']} within 12 "
-            f"bits, {result['distinct_grouped']} of {result['distinct_pairs']} within {DISTINCT_BITS}; the most alike "
-            f"distinct candidate: SSIM {result['distinct_most_similar']:.2f}",
+            f"bits, {result['distinct_grouped']} of {result['distinct_pairs']} within {DISTINCT_BITS}; " + (
+                "no distinct candidate" if result["distinct_most_similar"] is None
+                else f"the most alike distinct candidate: SSIM {result['distinct_most_similar']:.2f}"),
             None, f"0 distinct grouped, recall >= {RECALL_TARGET:.0%}" if judged else "-", ok if judged else None,
             result))
     return lines
