@@ -412,7 +412,8 @@ def run(mode: str) -> RowResult:
     from pipeline.params import load_params
 
     ingest = load_params(REPO_ROOT / "params.yaml").ingest
-    distance, default = ingest.near_duplicate_distance, (ingest.near_duplicate_distance, ingest.near_duplicate_similarity)
+    distance = ingest.near_duplicate_distance
+    default = (distance, ingest.near_duplicate_similarity)
     settings = [(bits, least) for bits in SETTINGS_BITS for least in SETTINGS_SIMILARITY]
     if default not in settings:
         settings.append(default)

@@ -45,7 +45,7 @@ from pipeline.manifest import (
     QualityRow,
     RejectedRow,
 )
-from pipeline.near_duplicates import fingerprint, group_rows, measure_pairs, near_pairs
+from pipeline.near_duplicates import NearPairs, fingerprint, group_rows, measure_pairs, near_pairs
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
 
@@ -80,7 +80,6 @@ class Link(NamedTuple):
     """A confirmed near copy of a row: the other file and the two measures that agreed."""
 
     path: str
-    label: str
     bits: int          # between the perceptual hashes
     similarity: float  # SSIM of the 16x16 thumbnails
 
@@ -491,22 +490,26 @@ def _group(inspected: list[tuple[str, str, Inspected]], max_distance: int, min_s
                                 sha[kept_rows[first[index]]]))
     conflicts = [QualityRow("label_conflict", path, labels[index], sha[found[index]], reasons[path])
                  for index, path in enumerate(paths) if path in reasons]
+    closest = _closest_links(near, np.flatnonzero(near.confirmed)[both_kept], paths, sha)
+    spreads = {path: info.spread for path, _, info in inspected}
+    counts = {"near_duplicate_candidates": int(len(near.pairs)), "near_duplicate_pairs": int(len(links))}
+    return kept, spreads, conflicts, closest, counts
+
+
+def _closest_links(near: NearPairs, kept_pairs: np.ndarray, paths: list[str], sha: list[str]) -> dict[str, Link]:
+    """For each path in a kept confirmed pair (and each file with its bytes), the most alike other file."""
     rows_of_sha: dict[str, list[int]] = defaultdict(list)
     for index, value in enumerate(sha):
         rows_of_sha[value].append(index)
-    best: dict[str, Link] = {}
-    confirmed = np.flatnonzero(near.confirmed)[both_kept]
-    for pair in sorted(confirmed, key=lambda k: -near.similarity[k]):
+    closest: dict[str, Link] = {}
+    for pair in sorted(kept_pairs, key=lambda k: -near.similarity[k]):
         left, right = (int(row) for row in near.pairs[pair])
         if sha[left] == sha[right]:
             continue
         for this, other in ((left, right), (right, left)):
             for twin in rows_of_sha[sha[this]]:
-                best.setdefault(paths[twin], Link(paths[other], labels[other], int(near.bits[pair]),
-                                                  float(near.similarity[pair])))
-    spreads = {path: info.spread for path, _, info in inspected}
-    counts = {"near_duplicate_candidates": int(len(near.pairs)), "near_duplicate_pairs": int(len(links))}
-    return kept, spreads, conflicts, best, counts
+                closest.setdefault(paths[twin], Link(paths[other], int(near.bits[pair]), float(near.similarity[pair])))
+    return closest
 
 
 def _label_conflicts(found: np.ndarray, paths: list[str], labels: list[str], sha: list[str], phashes: list[str],
