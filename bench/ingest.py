@@ -2,7 +2,8 @@
 
 Measured: images per second of the whole stage process (interpreter start, walking the folder,
 decoding, SHA-256 and perceptual hash of every file in a process pool, the near-duplicate search
-with the project's ``ingest.near_duplicate_distance``, writing the manifest and the health report),
+and its confirmation with the project's ``ingest.near_duplicate_distance`` and
+``near_duplicate_similarity``, writing the manifest and the health report, its drawing included),
 and the peak RSS of its process tree (the stage and its pool workers, sampled together).
 
 Reference (the floor): the least work ingest must do per file, ``read + sha256 + Image.open +

@@ -3,14 +3,17 @@
 A source is either ``sklearn:digits`` (the handwritten digits that ship with scikit-learn,
 written out as PNG files) or a folder with one subfolder per class. Every file is decoded for
 real; the unusable ones go to a rejected-files report with the reason. Exact copies and near
-copies (close perceptual hashes, :mod:`pipeline.near_duplicates`) form groups that ``split`` keeps
-together; a group under several labels is left out. A data health report lists the groups, the
-conflicts, class balance, blank frames and small images. The user's files are only ever read.
+copies (close perceptual hashes, confirmed by the SSIM of small thumbnails:
+:mod:`pipeline.near_duplicates`) form groups that ``split`` keeps together; the files that are one
+picture under two labels are left out, the rest of their group kept. A data health report lists
+the groups, the conflicts, class balance, blank frames and small images, and draws the largest
+group of near copies. The user's files are only ever read.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import stat
@@ -23,6 +26,7 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline import cli
@@ -41,7 +45,7 @@ from pipeline.manifest import (
     QualityRow,
     RejectedRow,
 )
-from pipeline.near_duplicates import fingerprint, group_rows, hamming, hash_values
+from pipeline.near_duplicates import NearPairs, fingerprint, group_rows, measure_pairs, near_pairs
 from pipeline.params import load_params
 from pipeline.seeding import seed_everything
 
@@ -54,6 +58,10 @@ DIGITS_SOURCE = "sklearn:digits"
 BUILTIN_IMAGES_DIR = "images"
 ALMOST_UNIFORM_SPREAD = 4.0   # grayscale standard deviation (0-255) below which a frame is nearly one colour
 SMALL_FRACTION = 0.5          # an image less than this share of base.image_size on its shorter side is small
+LARGEST_GROUP_FILE = "largest_group.png"   # the largest group of near copies, drawn: is it one scene?
+SHEET_TILE = 96               # pixels a side of each photo on that drawing
+SHEET_COLUMNS = 8
+SHEET_MAX = 64                # members drawn at most (the title says how many there are)
 
 
 class Inspected(NamedTuple):
@@ -65,6 +73,15 @@ class Inspected(NamedTuple):
     channels: int
     phash: str
     spread: float
+    pixels: bytes     # the 16x16 thumbnail that confirms a near copy (256 bytes)
+
+
+class Link(NamedTuple):
+    """A confirmed near copy of a row: the other file and the two measures that agreed."""
+
+    path: str
+    bits: int          # between the perceptual hashes
+    similarity: float  # SSIM of the 16x16 thumbnails
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,6 @@ class IngestResult:
 
 def export_digits(destination: Path) -> None:
     """Write scikit-learn's 1,797 digits as 8x8 grayscale PNGs in ``destination/<digit>/``."""
-    import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -146,13 +162,15 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
 
 
 def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None, seed: int = 0,
-                  workers: int | None = None, near_duplicate_distance: int = 0, image_size: int = 0) -> IngestResult:
+                  workers: int | None = None, near_duplicate_distance: int = 0, image_size: int = 0,
+                  near_duplicate_similarity: float = 0.0) -> IngestResult:
     """Decode every candidate image under ``root`` and build the manifest, the rejected report and
     the health report.
 
     Exact copies (same SHA-256) and near copies (perceptual hashes at most
-    ``near_duplicate_distance`` bits apart; 0: off) form groups; a group under several labels is
-    left out. ``image_size`` (base.image_size) is what "far smaller" is measured against.
+    ``near_duplicate_distance`` bits apart, 0: off, and thumbnails' SSIM at least
+    ``near_duplicate_similarity``) form groups; the files that are one picture under several labels
+    are left out. ``image_size`` (base.image_size) is what "far smaller" is measured against.
     """
     if not root.is_dir():
         raise PipelineError(f"ingest.source: {root} is not a folder (expected one subfolder per class)")
@@ -168,7 +186,8 @@ def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None,
         else:
             inspected.append((rel, label, outcome))
     inspected.sort(key=lambda item: item[0])
-    images, spreads, conflicts = _group(inspected, near_duplicate_distance)
+    images, spreads, conflicts, links, pair_counts = _group(inspected, near_duplicate_distance,
+                                                            near_duplicate_similarity)
     rejected.extend((row.path, row.detail) for row in conflicts)
     if max_per_class is not None:
         images = _sample_per_class(images, max_per_class, seed)
@@ -179,8 +198,9 @@ def ingest_folder(root: Path, max_pixels: int, max_per_class: int | None = None,
     for row in images:
         duplicate_files += row.sha256 in seen
         seen.add(row.sha256)
-    quality, health = health_report(images, spreads, conflicts, image_size)
-    health = {"near_duplicate_distance": near_duplicate_distance, **health}
+    quality, health = health_report(images, spreads, conflicts, image_size, links)
+    health = {"near_duplicate_distance": near_duplicate_distance,
+              "near_duplicate_similarity": near_duplicate_similarity, **pair_counts, **health}
     return IngestResult(images, rejected_files, duplicate_files, quality, health)
 
 
@@ -195,13 +215,16 @@ def inspect_file(path: Path, max_pixels: int) -> Inspected:
         marks = fingerprint(decoded.image)
     except Exception as error:  # noqa: BLE001 - any failure of the hash rejects this one file, never the run
         raise ImageRejected(f"perceptual hash cannot be computed ({type(error).__name__}: {error})") from None
-    return Inspected(*describe(decoded), marks.phash, marks.spread)
+    return Inspected(*describe(decoded), marks.phash, marks.spread, marks.pixels)
 
 
 def health_report(images: list[ManifestRow], spreads: dict[str, float], conflicts: list[QualityRow],
-                  image_size: int) -> tuple[list[QualityRow], dict]:
+                  image_size: int, links: dict[str, Link] | None = None) -> tuple[list[QualityRow], dict]:
     """The data health report: groups of exact and near copies, label conflicts (already left out),
     class balance, nearly one-colour frames and images far smaller than ``image_size``.
+
+    ``links`` gives, for a row in a group of near copies, the confirmed near copy most like it
+    (its path and both measures).
 
     Returns the report's rows (sorted by check, then path) and its counts for ``metrics/ingest.json``.
     """
@@ -222,11 +245,12 @@ def health_report(images: list[ManifestRow], spreads: dict[str, float], conflict
                                        f"{len(in_group)} identical files"))
             continue
         near_groups += 1
-        nearest = _nearest_other_picture(in_group)
-        for row, (other, bits) in zip(in_group, nearest):
+        for row in in_group:
+            link = (links or {}).get(row.path)
+            how = (f"near copy of {link.path}: hashes {link.bits} bits apart, SSIM {link.similarity:.2f}" if link
+                   else "identical bytes to another member")
             rows.append(QualityRow("near_duplicate", row.path, row.label, group,
-                                   f"group of {len(in_group)} ({distinct} distinct files); nearest other "
-                                   f"picture {other}, {bits} bits apart"))
+                                   f"group of {len(in_group)} ({distinct} distinct files); {how}"))
     small_side = SMALL_FRACTION * image_size
     uniform = small = 0
     for row in images:
@@ -294,11 +318,13 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = ingest_folder(root, params.ingest.max_image_pixels, params.ingest.max_per_class,
                            params.base.seed, near_duplicate_distance=params.ingest.near_duplicate_distance,
-                           image_size=params.base.image_size)
+                           image_size=params.base.image_size,
+                           near_duplicate_similarity=params.ingest.near_duplicate_similarity)
     write_csv(out / MANIFEST_FILE, MANIFEST_COLUMNS, result.images)
     write_csv(out / REJECTED_FILE, REJECTED_COLUMNS, result.rejected_files)
     write_csv(out / QUALITY_FILE, QUALITY_COLUMNS, result.quality)
     write_json(out / SOURCE_FILE, {"source": source, "root": stored_root})
+    drawn = draw_largest_group(result.images, root, out / LARGEST_GROUP_FILE)
     summary = summarise(result)
     write_json(Path(args.metrics), summary)
     check_classes(result, root)
@@ -306,19 +332,26 @@ def main(args: argparse.Namespace) -> None:
              summary["classes"], summary["rejected"], out / REJECTED_FILE)
     for label, count in summary["accepted_per_class"].items():
         log.info("  %-20s accepted %6d  rejected %6d", label, count, summary["rejected_per_class"].get(label, 0))
-    log_health(summary, out / QUALITY_FILE)
+    log_health(summary, out / QUALITY_FILE, drawn)
 
 
-def log_health(summary: dict, report: Path) -> None:
+def log_health(summary: dict, report: Path, drawing: Path | None = None) -> None:
     """The health report's counts as log lines: warnings, except the conflicts already left out."""
     distance = summary["near_duplicate_distance"]
-    near = (f"{summary['near_duplicate_groups']} groups of near copies (perceptual hashes within {distance} bits)"
+    near = (f"{summary['near_duplicate_groups']} groups of near copies (perceptual hashes within {distance} bits, "
+            f"thumbnails' SSIM at least {summary['near_duplicate_similarity']:g})"
             if distance else "near copies not searched (ingest.near_duplicate_distance: 0)")
     log.info("health: %d groups of exact copies, %s; %d images in groups, the largest %d (split keeps each "
              "group in one split)", summary["exact_duplicate_groups"], near, summary["images_in_duplicate_groups"],
              summary["largest_duplicate_group"])
+    if distance:
+        log.info("health: %d pairs of close hashes, %d confirmed as near copies, %d look-alikes not linked",
+                 summary["near_duplicate_candidates"], summary["near_duplicate_pairs"],
+                 summary["near_duplicate_candidates"] - summary["near_duplicate_pairs"])
+    if drawing is not None:
+        log.info("health: the largest group of near copies is drawn in %s: check that it is one scene", drawing)
     if summary["label_conflict_images"]:
-        log.warning("health: %d images in %d groups of copies under several labels were left out (see %s)",
+        log.warning("health: %d images, one picture under several labels, were left out (%d groups; see %s)",
                     summary["label_conflict_images"], summary["label_conflict_groups"], report)
     if summary["class_balance"] is not None and summary["class_balance"] < 0.5:
         log.warning("health: class balance %.2f (smallest / largest class): consider train_custom.class_weight: "
@@ -423,60 +456,137 @@ def _inspect_all(root: Path, relatives: list[str], max_pixels: int, workers: int
             return results
 
 
-def _group(inspected: list[tuple[str, str, Inspected]], max_distance: int,
-           ) -> tuple[list[ManifestRow], dict[str, float], list[QualityRow]]:
-    """Group exact and near copies; leave out every member of a group under several labels.
+def _group(inspected: list[tuple[str, str, Inspected]], max_distance: int, min_similarity: float,
+           ) -> tuple[list[ManifestRow], dict[str, float], list[QualityRow], dict[str, Link], dict[str, int]]:
+    """Group exact and confirmed near copies; leave out the files that are one picture under several labels.
 
-    ``inspected`` is in path order. Returns the manifest rows, the grayscale spread per path, and a
-    report row per file left out (its ``detail`` is the rejected-files reason).
+    ``inspected`` is in path order. In a group under several labels, a file is left out when it is
+    alike, by both measures (or by its bytes), to a file of another label in the group; the rest
+    of the group stays, regrouped without them, so a chain through a look-alike of another label
+    does not take a whole group with it.
+
+    Returns the manifest rows, the grayscale spread per path, a report row per file left out (its
+    ``detail`` is the rejected-files reason: the other file and both measures), each kept row's
+    most alike confirmed near copy, and the counts of candidate and confirmed pairs.
     """
-    first = group_rows([info.sha256 for _, _, info in inspected], [info.phash for _, _, info in inspected],
-                       max_distance)
-    labels_of_group: dict[int, set[str]] = defaultdict(set)
-    labels_of_sha: dict[str, set[str]] = defaultdict(set)
-    members: dict[int, list[int]] = defaultdict(list)
-    for index, (_, label, info) in enumerate(inspected):
-        labels_of_group[int(first[index])].add(label)
-        labels_of_sha[info.sha256].add(label)
-        members[int(first[index])].append(index)
-    kept: list[ManifestRow] = []
-    conflicts: list[QualityRow] = []
-    for index, (path, label, info) in enumerate(inspected):
-        head = int(first[index])
-        group = inspected[head][2].sha256
-        labels = labels_of_group[head]
-        if len(labels) == 1:
-            kept.append(ManifestRow(path, label, info.sha256, info.width, info.height, info.channels, info.phash,
-                                    group))
-            continue
-        names = ", ".join(sorted(labels))
-        if len(labels_of_sha[info.sha256]) > 1:
-            reason = f"same picture under several labels ({names})"
-        else:
-            others = [other for other in members[head] if inspected[other][1] != label]
-            bits = hamming(hash_values([info.phash] * len(others)),
-                           hash_values([inspected[other][2].phash for other in others]))
-            nearest = others[int(bits.argmin())]
-            reason = (f"near copy of {inspected[nearest][0]} ({inspected[nearest][1]}), {int(bits.min())} bits "
-                      f"apart: one picture under several labels ({names})")
-        conflicts.append(QualityRow("label_conflict", path, label, group, reason))
+    paths = [path for path, _, _ in inspected]
+    labels = [label for _, label, _ in inspected]
+    sha = [info.sha256 for _, _, info in inspected]
+    phashes = [info.phash for _, _, info in inspected]
+    pixels = [info.pixels for _, _, info in inspected]
+    near = near_pairs(phashes, pixels, max_distance, min_similarity)
+    links = near.pairs[near.confirmed]
+    found = group_rows(sha, links)          # the groups before anything is left out: a conflict's id
+    reasons = _label_conflicts(found, paths, labels, sha, phashes, pixels, max_distance, min_similarity)
+    kept_rows = np.array([index for index, path in enumerate(paths) if path not in reasons], dtype=np.int64)
+    position = np.full(len(paths), -1, dtype=np.int64)
+    position[kept_rows] = np.arange(len(kept_rows))
+    both_kept = (position[links] >= 0).all(axis=1)
+    first = group_rows([sha[row] for row in kept_rows], position[links[both_kept]])
+    kept = []
+    for index, row in enumerate(kept_rows):
+        path, label, info = inspected[row]
+        kept.append(ManifestRow(path, label, info.sha256, info.width, info.height, info.channels, info.phash,
+                                sha[kept_rows[first[index]]]))
+    conflicts = [QualityRow("label_conflict", path, labels[index], sha[found[index]], reasons[path])
+                 for index, path in enumerate(paths) if path in reasons]
+    closest = _closest_links(near, np.flatnonzero(near.confirmed)[both_kept], paths, sha)
     spreads = {path: info.spread for path, _, info in inspected}
-    return kept, spreads, conflicts
+    counts = {"near_duplicate_candidates": int(len(near.pairs)), "near_duplicate_pairs": int(len(links))}
+    return kept, spreads, conflicts, closest, counts
 
 
-def _nearest_other_picture(rows: list[ManifestRow]) -> list[tuple[str, int]]:
-    """For each row of a group: the nearest member with other bytes, and the bits between their hashes."""
-    import numpy as np
+def _closest_links(near: NearPairs, kept_pairs: np.ndarray, paths: list[str], sha: list[str]) -> dict[str, Link]:
+    """For each path in a kept confirmed pair (and each file with its bytes), the most alike other file."""
+    rows_of_sha: dict[str, list[int]] = defaultdict(list)
+    for index, value in enumerate(sha):
+        rows_of_sha[value].append(index)
+    closest: dict[str, Link] = {}
+    for pair in sorted(kept_pairs, key=lambda k: -near.similarity[k]):
+        left, right = (int(row) for row in near.pairs[pair])
+        if sha[left] == sha[right]:
+            continue
+        for this, other in ((left, right), (right, left)):
+            for twin in rows_of_sha[sha[this]]:
+                closest.setdefault(paths[twin], Link(paths[other], int(near.bits[pair]), float(near.similarity[pair])))
+    return closest
 
-    hashes = hash_values([row.phash or "0" for row in rows])
-    distances = hamming(hashes[:, None], hashes[None, :]).astype(float)
-    _, picture = np.unique([row.sha256 for row in rows], return_inverse=True)
-    distances[picture[:, None] == picture[None, :]] = np.inf
-    found = []
-    for index, row in enumerate(rows):
-        other = int(distances[index].argmin())
-        found.append((rows[other].path, int(distances[index, other])))
-    return found
+
+def _label_conflicts(found: np.ndarray, paths: list[str], labels: list[str], sha: list[str], phashes: list[str],
+                     pixels: list[bytes], max_distance: int, min_similarity: float) -> dict[str, str]:
+    """The files to leave out, with the reason: in each group under several labels, every file that
+    is the same picture as a file of another label (the same bytes, or within ``max_distance`` bits
+    and at least ``min_similarity`` SSIM, measured on every such pair of the group). The reason
+    names the most alike file of another label."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, head in enumerate(found.tolist()):
+        members[head].append(index)
+    # Every pair across labels of a mixed group: such groups are few and small (a thousand blank frames
+    # under two labels would be 250,000 pairs, seconds of work), and the candidates alone miss pairs.
+    pairs = []
+    for rows in members.values():
+        if len({labels[row] for row in rows}) > 1:
+            pairs.extend((i, j) for i, j in itertools.combinations(rows, 2) if labels[i] != labels[j])
+    pairs_array = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    bits, scores = measure_pairs(phashes, pixels, pairs_array)
+    same_bytes = np.array([sha[i] == sha[j] for i, j in pairs], dtype=bool)
+    alike = same_bytes | ((max_distance > 0) & (bits <= max_distance) & (scores >= min_similarity))
+    reasons: dict[str, str] = {}
+    # Identical bytes first, then the most alike pair: each file's reason names its closest match.
+    for pair in sorted(np.flatnonzero(alike), key=lambda k: (not same_bytes[k], -scores[k])):
+        left, right = (int(row) for row in pairs_array[pair])
+        names = ", ".join(sorted({labels[left], labels[right]}))
+        for this, other in ((left, right), (right, left)):
+            if same_bytes[pair]:
+                reason = (f"same picture under several labels ({names}): identical bytes to {paths[other]} "
+                          f"({labels[other]})")
+            else:
+                reason = (f"near copy of {paths[other]} ({labels[other]}): hashes {int(bits[pair])} bits apart, "
+                          f"SSIM {scores[pair]:.2f}: one picture under several labels ({names})")
+            reasons.setdefault(paths[this], reason)
+    return reasons
+
+
+def largest_near_group(images: list[ManifestRow]) -> list[ManifestRow]:
+    """The members (in path order) of the largest group that holds more than one distinct file (the
+    first by group id on a tie); empty when there is none."""
+    members: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in sorted(images, key=lambda row: row.path):
+        members[row.group].append(row)
+    near = [rows for _, rows in sorted(members.items()) if len({row.sha256 for row in rows}) > 1]
+    return max(near, key=len, default=[])
+
+
+def draw_largest_group(images: list[ManifestRow], root: Path, target: Path) -> Path | None:
+    """Draw the members of the largest group of near copies (:func:`largest_near_group`) side by
+    side at ``target`` (PNG), each under its file name, so a user can see whether it is one scene.
+
+    Returns ``target``, or None (and no file) when no group holds near copies.
+    """
+    target.unlink(missing_ok=True)
+    members = largest_near_group(images)
+    if not members:
+        return None
+    from PIL import Image, ImageDraw
+
+    shown = members[:SHEET_MAX]
+    title, caption = 18, 14
+    rows = -(-len(shown) // SHEET_COLUMNS)
+    sheet = Image.new("RGB", (SHEET_COLUMNS * SHEET_TILE, title + rows * (SHEET_TILE + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    drawn = f", the first {len(shown)} drawn" if len(members) > len(shown) else ""
+    draw.text((4, 3), f"largest group of near copies: {len(members)} files{drawn} (group {members[0].group[:12]})",
+              fill="black")
+    for index, row in enumerate(shown):
+        tile = decode_file(root / row.path).image.convert("RGB")
+        tile.thumbnail((SHEET_TILE, SHEET_TILE))
+        left = (index % SHEET_COLUMNS) * SHEET_TILE
+        top = title + (index // SHEET_COLUMNS) * (SHEET_TILE + caption)
+        sheet.paste(tile, (left + (SHEET_TILE - tile.width) // 2, top + (SHEET_TILE - tile.height) // 2))
+        draw.text((left + 2, top + SHEET_TILE), row.path.rsplit("/", 1)[-1][-16:], fill="black")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(target)
+    return target
 
 
 def _sample_per_class(images: list[ManifestRow], max_per_class: int, seed: int) -> list[ManifestRow]:
@@ -486,8 +596,6 @@ def _sample_per_class(images: list[ManifestRow], max_per_class: int, seed: int) 
     one ``DataFrame.sample(frac=1, random_state=seed)`` makes, so a seed picks the same images as
     in earlier versions of the pipeline.
     """
-    import numpy as np
-
     by_path = sorted(images, key=lambda row: row.path)
     taken: Counter[str] = Counter()
     sample = []

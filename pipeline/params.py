@@ -57,6 +57,7 @@ class IngestParams:
     max_per_class: int | None
     max_image_pixels: int
     near_duplicate_distance: int
+    near_duplicate_similarity: float
 
     def check(self, where: str) -> None:
         _require(bool(self.source.strip()), f"{where}.source",
@@ -67,6 +68,9 @@ class IngestParams:
         _require(0 <= self.near_duplicate_distance <= MAX_NEAR_DUPLICATE_DISTANCE, f"{where}.near_duplicate_distance",
                  f"must be between 0 (off) and {MAX_NEAR_DUPLICATE_DISTANCE} bits of the 64-bit perceptual hash "
                  f"(beyond half the bits, hashes are as unlike as random ones), got {self.near_duplicate_distance}")
+        _require(0 <= self.near_duplicate_similarity <= 1, f"{where}.near_duplicate_similarity",
+                 "must be between 0 and 1 (the least SSIM of two thumbnails that confirms a pair of close hashes "
+                 f"as near copies; 1 = only identical thumbnails), got {self.near_duplicate_similarity}")
 
 
 @dataclass(frozen=True)

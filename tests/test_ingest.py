@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,11 @@ from tests.conftest import REPO_ROOT, make_image_folder
 
 MAX_PIXELS = 89_478_485
 CLASSES = ("circle", "square", "triangle")
+SIMILARITY = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["ingest"]["near_duplicate_similarity"]
 
 
 def _ingest(root: Path, **kwargs) -> IngestResult:
+    kwargs.setdefault("near_duplicate_similarity", SIMILARITY)
     return ingest_folder(root, MAX_PIXELS, workers=1, **kwargs)
 
 
@@ -114,6 +117,9 @@ def test_summarise_counts(image_folder: Path) -> None:
         "accepted_per_class": {"circle": 12, "square": 12, "triangle": 12},
         "rejected_per_class": {"(root)": 1, "square": 1},
         "near_duplicate_distance": 0,
+        "near_duplicate_similarity": SIMILARITY,
+        "near_duplicate_candidates": 0,
+        "near_duplicate_pairs": 0,
         "exact_duplicate_groups": 0,
         "near_duplicate_groups": 0,
         "images_in_duplicate_groups": 0,
@@ -197,8 +203,10 @@ def test_same_picture_in_two_classes_is_left_out_and_reported(image_folder: Path
     assert len(result.manifest) == 35
     reasons = _reasons(result)
     assert reasons == {
-        "circle/circle_000.png": "same picture under several labels (circle, square)",
-        "square/from_circle.png": "same picture under several labels (circle, square)",
+        "circle/circle_000.png": "same picture under several labels (circle, square): identical bytes to "
+                                 "square/from_circle.png (square)",
+        "square/from_circle.png": "same picture under several labels (circle, square): identical bytes to "
+                                  "circle/circle_000.png (circle)",
     }
     assert result.duplicate_files == 0
 
@@ -277,7 +285,9 @@ def test_near_copies_share_a_group_and_are_reported(tmp_path: Path) -> None:
     report = {(row.check, row.path): row for row in result.quality}
     assert set(report) == {("near_duplicate", "cat/c0.jpg"), ("near_duplicate", "cat/c0_q50.jpg"),
                            ("exact_duplicate", "dog/d1.jpg"), ("exact_duplicate", "dog/d1_copy.jpg")}
-    assert "nearest other picture cat/c0_q50.jpg" in report["near_duplicate", "cat/c0.jpg"].detail
+    assert re.fullmatch(r"group of 2 \(2 distinct files\); near copy of cat/c0_q50\.jpg: hashes \d+ bits apart, "
+                        r"SSIM (0\.9\d|1\.00)", report["near_duplicate", "cat/c0.jpg"].detail)
+    assert report["exact_duplicate", "dog/d1.jpg"].detail == "2 identical files"
 
 
 def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: Path) -> None:
@@ -287,12 +297,79 @@ def test_near_copy_under_another_label_is_left_out_with_its_original(tmp_path: P
     reasons = _reasons(result)
 
     assert set(reasons) == {"cat/c2.jpg", "dog/from_cat.jpg"}
-    assert reasons["dog/from_cat.jpg"].startswith("near copy of cat/c2.jpg (cat), ")
-    assert reasons["dog/from_cat.jpg"].endswith("bits apart: one picture under several labels (cat, dog)")
+    assert re.fullmatch(r"near copy of cat/c2\.jpg \(cat\): hashes \d+ bits apart, SSIM (0\.\d\d|1\.00): one "
+                        r"picture under several labels \(cat, dog\)", reasons["dog/from_cat.jpg"])
+    assert reasons["cat/c2.jpg"].startswith("near copy of dog/from_cat.jpg (dog): ")
     assert not {"cat/c2.jpg", "dog/from_cat.jpg"} & set(result.manifest["path"])
     conflicts = [row for row in result.quality if row.check == "label_conflict"]
     assert [row.path for row in conflicts] == ["cat/c2.jpg", "dog/from_cat.jpg"]
     assert summarise(result)["label_conflict_groups"] == 1 and summarise(result)["label_conflict_images"] == 2
+
+
+def test_a_chain_through_a_look_alike_of_another_label_leaves_out_only_the_two_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cat a-e-b and dog c-d are linked a-e, a-b, b-c, c-d: one group under two labels. Only b and c
+    are alike across the labels, so only they are left out; a-e and d stay, as two groups."""
+    from pipeline import ingest
+    from pipeline.near_duplicates import NearPairs
+
+    root = tmp_path / "photos"
+    names = ["cat/a.jpg", "cat/b.jpg", "cat/e.jpg", "dog/c.jpg", "dog/d.jpg"]    # rows in path order
+    for seed, name in enumerate(names):
+        _scene(root / name, seed=seed)
+    row = {name: index for index, name in enumerate(names)}
+    links = np.array(sorted(sorted((row[x], row[y])) for x, y in
+                            [("cat/a.jpg", "cat/e.jpg"), ("cat/a.jpg", "cat/b.jpg"), ("cat/b.jpg", "dog/c.jpg"),
+                             ("dog/c.jpg", "dog/d.jpg")]))
+    alike = {(row["cat/b.jpg"], row["dog/c.jpg"])}
+
+    def measured(phashes, pixels, pairs):
+        close = np.array([tuple(pair) in alike or tuple(pair) in {tuple(link) for link in links.tolist()}
+                          for pair in np.asarray(pairs).tolist()], dtype=bool)
+        return np.where(close, 6, 30), np.where(close, 0.9, 0.2)
+
+    monkeypatch.setattr(ingest, "near_pairs", lambda *args: NearPairs(links, np.full(4, 6), np.full(4, 0.9),
+                                                                       np.ones(4, dtype=bool)))
+    monkeypatch.setattr(ingest, "measure_pairs", measured)
+    result = _ingest(root, near_duplicate_distance=10)
+
+    assert _reasons(result) == {
+        "cat/b.jpg": "near copy of dog/c.jpg (dog): hashes 6 bits apart, SSIM 0.90: one picture under several "
+                     "labels (cat, dog)",
+        "dog/c.jpg": "near copy of cat/b.jpg (cat): hashes 6 bits apart, SSIM 0.90: one picture under several "
+                     "labels (cat, dog)"}
+    groups = result.manifest.set_index("path")["group"]
+    assert groups["cat/a.jpg"] == groups["cat/e.jpg"] != groups["dog/d.jpg"]
+    health = summarise(result)
+    assert (health["label_conflict_images"], health["label_conflict_groups"]) == (2, 1)
+    assert (health["near_duplicate_groups"], health["images_in_duplicate_groups"]) == (1, 2)
+
+
+def test_the_largest_group_of_near_copies_is_drawn(tmp_path: Path) -> None:
+    from pipeline.ingest import LARGEST_GROUP_FILE, SHEET_COLUMNS, SHEET_TILE, draw_largest_group, largest_near_group
+
+    root = _scene_folder(tmp_path / "photos")
+    for quality in (40, 60, 80):
+        _resaved(root / "cat" / "c0.jpg", root / "cat" / f"c0_q{quality}.jpg", quality)
+    _resaved(root / "dog" / "d3.jpg", root / "dog" / "d3_q50.jpg")
+    for copy in range(4):      # a larger group, but of identical files: nothing to look at
+        shutil.copyfile(root / "dog" / "d1.jpg", root / "dog" / f"d1_copy{copy}.jpg")
+    result = _ingest(root, near_duplicate_distance=10)
+    assert [row.path for row in largest_near_group(result.images)] == [
+        "cat/c0.jpg", "cat/c0_q40.jpg", "cat/c0_q60.jpg", "cat/c0_q80.jpg"]
+    target = tmp_path / "ingest" / LARGEST_GROUP_FILE
+    assert draw_largest_group(result.images, root, target) == target
+    with Image.open(target) as sheet:
+        assert sheet.size == (SHEET_COLUMNS * SHEET_TILE, 18 + SHEET_TILE + 14)
+        tile = np.asarray(sheet.convert("RGB"))[18:18 + SHEET_TILE, SHEET_TILE:2 * SHEET_TILE].astype(int)
+    # The second tile is cat/c0_q40.jpg itself, shrunk: not a blank square.
+    expected = Image.open(root / "cat" / "c0_q40.jpg").convert("RGB")
+    expected.thumbnail((SHEET_TILE, SHEET_TILE))
+    top = (SHEET_TILE - expected.height) // 2
+    assert np.abs(tile[top:top + expected.height, :expected.width] - np.asarray(expected, dtype=int)).mean() < 2
+    # Without near copies there is nothing to draw, and an old drawing goes.
+    plain = _ingest(_scene_folder(tmp_path / "plain"), near_duplicate_distance=10)
+    assert draw_largest_group(plain.images, tmp_path / "plain", target) is None and not target.exists()
 
 
 def test_distance_0_turns_the_near_search_off(tmp_path: Path) -> None:

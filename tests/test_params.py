@@ -197,6 +197,16 @@ def test_near_duplicate_distance_must_be_a_whole_number(raw_params: dict) -> Non
         params_from_dict(raw_params)
 
 
+@pytest.mark.parametrize(("similarity", "ok"), [(-0.1, False), (0, True), (0.6, True), (1, True), (1.5, False)])
+def test_near_duplicate_similarity_must_be_between_0_and_1(raw_params: dict, similarity: float, ok: bool) -> None:
+    raw_params["ingest"]["near_duplicate_similarity"] = similarity
+    if ok:
+        assert params_from_dict(raw_params).ingest.near_duplicate_similarity == similarity
+    else:
+        with pytest.raises(ParamsError, match=r"ingest\.near_duplicate_similarity: must be between 0 and 1"):
+            params_from_dict(raw_params)
+
+
 @pytest.mark.parametrize("key", ["min_train_score", "min_test_score", "max_regression"])
 @pytest.mark.parametrize("value", [-0.01, 1.5])
 def test_thresholds_outside_0_1_are_rejected(raw_params: dict, key: str, value: float) -> None:
