@@ -1,0 +1,166 @@
+"""Two real worker processes on 127.0.0.1 training the custom CNN with MultiWorkerMirroredStrategy.
+
+Each worker has its own copy of the project (as two machines would); the chief records, the other
+writes nothing. A one-worker TF_CONFIG would not count: Keras's broken code path only runs with two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bench.project import free_port, tiny_params
+from tests.conftest import REPO_ROOT, make_image_folder
+from tests.stage_runner import prepare_split, stage_env, train_arguments
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 2
+# Plain float32 kernels (no oneDNN) and SGD: the two runs below agree to rounding only.
+QUIET = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+# The same global batches in one process, through model.fit: worker 0's batch, then worker 1's, read
+# as each worker reads its share (pipeline.training.make_fit_data with that worker's placement), epoch
+# after epoch. They are taken out first because fit opens a new iterator between epochs (Keras's
+# EpochIterator), so a reshuffled dataset would give it other batches than the workers saw.
+REFERENCE_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from pipeline.devices import Placement
+    from pipeline.manifest import read_split
+    from pipeline.models import build_custom_cnn
+    from pipeline.params import load_params
+    from pipeline.seeding import seed_everything
+    from pipeline.training import compile_for_fit, make_fit_data
+
+    work, out = Path(sys.argv[1]), sys.argv[2]
+    params = load_params(work / "params.yaml")
+    section = params.train_custom
+    seed_everything(params.base.seed, tensorflow=True)
+    data = read_split(work / "data/ingest", work / "data/split.csv")
+    shares = [make_fit_data(data, params.base, section.batch_size,
+                            Placement(tf.distribute.get_strategy(), "multi_worker", 2, 2, index)) for index in (0, 1)]
+    steps = shares[0].iterations_per_epoch
+    zipped = tf.data.Dataset.zip(tuple(share.train.take(steps) for share in shares))
+    batches = [(tf.concat([first[0], second[0]], 0), tf.concat([first[1], second[1]], 0))
+               for _ in range(section.epochs) for first, second in zipped]
+    train = tf.data.Dataset.from_tensor_slices(tuple(tf.stack(parts) for parts in zip(*batches)))
+    model = build_custom_cnn(shares[0].input_shape, shares[0].num_classes, section.blocks, section.dense_units,
+                             section.dropout, batch_norm=section.batch_norm, pooling=section.pooling)
+    compile_for_fit(model, shares[0], section, section.learning_rate, section.epochs)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience, restore_best_weights=True)
+    model.fit(train, steps_per_epoch=steps, epochs=section.epochs, callbacks=[stopper], verbose=2,
+              validation_data=make_fit_data(data, params.base, section.batch_size).validation)
+    np.savez(out, *model.get_weights())
+""")
+
+
+def project(root: Path, images: Path, raw_params: dict, **train_custom) -> Path:
+    """One machine's copy of a tiny project (params, manifest, split) training with multi_worker."""
+    params = tiny_params(raw_params, str(images))
+    params["base"]["distribution"] = "multi_worker"
+    params["split"]["ratios"] = [0.6, 0.2, 0.2]
+    params["train_custom"].update(optimizer="sgd", learning_rate=0.05, batch_size=4, dropout=0.0, precision="float32",
+                                  patience=5, **train_custom)
+    root.mkdir(parents=True)
+    prepare_split(root, images, params)
+    return root
+
+
+def start_workers(roots: list[Path], logs: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    """The stage on every machine at once, each with its TF_CONFIG; their pids are ours to stop."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in roots]
+    processes = []
+    for index, root in enumerate(roots):
+        config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        log_file = (logs / f"worker{index}.log").open("w")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train_custom", *train_arguments("custom", "train_custom")], cwd=root,
+            env=stage_env(TF_CONFIG=json.dumps(config), **QUIET), stdout=log_file, stderr=subprocess.STDOUT,
+            text=True))
+    return processes, addresses
+
+
+def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    return [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+
+
+def digest(log: str) -> str:
+    return re.search(r"final weights sha256 (\w+)", log).group(1)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", {"red": 14, "green": 14, "blue": 14}, size=16, seed=1)
+
+
+def test_two_workers_train_as_one_process_would(tmp_path: Path, images: Path, raw_params: dict) -> None:
+    roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=2) for index in range(WORKERS)]
+    before = {path.relative_to(roots[1]) for path in roots[1].rglob("*")}
+    processes, _ = start_workers(roots, tmp_path)
+    reference = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT, str(tmp_path / "machine0"),
+                                str(tmp_path / "reference.npz")], cwd=REPO_ROOT, env=stage_env(**QUIET),
+                               capture_output=True, text=True, timeout=300)
+    codes = wait_all(processes, timeout=300)
+    logs = [(tmp_path / f"worker{index}.log").read_text() for index in range(WORKERS)]
+    assert codes == [0, 0], logs
+    assert reference.returncode == 0, reference.stderr
+
+    # Both workers hold the same weights; the chief's saved model is them, and loads safely.
+    assert digest(logs[0]) == digest(logs[1])
+    chief = roots[0]
+    model = keras.models.load_model(chief / "models/custom/model.keras", safe_mode=True)
+    assert model.predict(np.zeros((2, 32, 32, 1), np.uint8), verbose=0).shape == (2, 3)
+    expected = np.load(tmp_path / "reference.npz")
+    for index, weights in enumerate(model.get_weights()):
+        np.testing.assert_allclose(weights, expected[f"arr_{index}"], rtol=0, atol=1e-5)
+
+    # One record: the chief's one FINISHED run with its curves; nothing new on the other machine.
+    client = MlflowClient(f"sqlite:///{chief / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id],
+                              "tags.`dvc.stage` = 'train_custom'")
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    assert runs[0].data.params["distribution.strategy"] == "multi_worker"
+    assert runs[0].data.params["distribution.replicas"] == "2"
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_loss")) == 2
+    summary = json.loads((chief / "metrics/train_custom.json").read_text())
+    assert summary["replicas"] == 2 and summary["batch_size"] == 8
+    assert {path.relative_to(roots[1]) for path in roots[1].rglob("*")} == before
+
+
+def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images: Path, raw_params: dict) -> None:
+    roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=500, patience=500)
+             for index in range(WORKERS)]
+    processes, addresses = start_workers(roots, tmp_path)
+    chief_log = tmp_path / "worker0.log"
+    deadline = time.monotonic() + 180
+    while "epoch 2/500" not in chief_log.read_text():
+        assert time.monotonic() < deadline and processes[0].poll() is None, chief_log.read_text()
+        time.sleep(0.2)
+    os.kill(processes[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code = processes[0].wait(timeout=90)
+    waited = time.monotonic() - killed
+    log = chief_log.read_text()
+    assert code == 2 and waited < 60, (waited, log)
+    assert f"multi-worker training stopped: worker 1 ({addresses[1]}) stopped answering" in log
+    assert "Traceback" not in log
+    client = MlflowClient(f"sqlite:///{roots[0] / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    assert "RUNNING" not in {run.info.status for run in runs if run.data.tags.get("dvc.stage") == "train_custom"}
