@@ -197,17 +197,9 @@ def all_reduce_sums(strategy: tf.distribute.Strategy, local: dict[str, tf.Tensor
     local_replicas = len(strategy.extended.worker_devices)
     stacked = tf.stack([tf.cast(local[name], tf.float32) for name in _SUMS]) / local_replicas
 
-    def reduce(values: tf.Tensor) -> tf.Tensor:
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-    # In a tf.function: run eagerly, a collective strategy warns of its overhead on every call.
-    reduced = strategy.experimental_local_results(_run_in_function(strategy, reduce, stacked))[0].numpy()
+    values = strategy.experimental_distribute_values_from_function(lambda _context: stacked)
+    reduced = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
     return {name: float(value) for name, value in zip(_SUMS, reduced)}
-
-
-@tf.function
-def _run_in_function(strategy: tf.distribute.Strategy, function, value: tf.Tensor):
-    return strategy.run(function, args=(value,))
 
 
 def peer_failure(error: BaseException, cluster: dict) -> PipelineError | None:
@@ -226,12 +218,17 @@ def peer_failure(error: BaseException, cluster: dict) -> PipelineError | None:
         addresses = cluster.get("cluster", {}).get(job, [])
         where = f" ({addresses[index]})" if index < len(addresses) else ""
         who = f"{job} {index}{where}"
-    return PipelineError(f"multi-worker training stopped: {who} stopped answering ({_short(text)}); "
+    return PipelineError(f"multi-worker training stopped: {who} stopped answering ({_reason(text)}); "
                          "every worker must be restarted together")
 
 
-def _short(text: str) -> str:
-    line = first_line(Exception(text))
+def _reason(text: str) -> str:
+    """What TensorFlow's abort says, in a few words."""
+    if "stopped sending heartbeats" in text:
+        return "no heartbeat from it"
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.startswith(("Graph execution error", "Detected at node"))]
+    line = lines[0] if lines else first_line(Exception(text))
     return line if len(line) <= 160 else line[:157] + "..."
 
 

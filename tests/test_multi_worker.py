@@ -75,8 +75,8 @@ def project(root: Path, images: Path, raw_params: dict, **train_custom) -> Path:
     params = tiny_params(raw_params, str(images))
     params["base"]["distribution"] = "multi_worker"
     params["split"]["ratios"] = [0.6, 0.2, 0.2]
-    params["train_custom"].update(optimizer="sgd", learning_rate=0.05, batch_size=4, dropout=0.0, precision="float32",
-                                  patience=5, **train_custom)
+    params["train_custom"].update({"optimizer": "sgd", "learning_rate": 0.05, "batch_size": 4, "dropout": 0.0,
+                                   "precision": "float32", "patience": 5, **train_custom})
     root.mkdir(parents=True)
     prepare_split(root, images, params)
     return root
