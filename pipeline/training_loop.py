@@ -136,8 +136,13 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
         return _batch_sums(per_example, targets, predictions, num_classes)
 
     @tf.function
-    def train_step(iterator) -> dict[str, tf.Tensor]:
-        return strategy.run(replica_step, args=next(iterator))
+    def train_epoch(iterator, steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        # All of an epoch's steps in one graph: no Python between steps (fit's steps_per_execution).
+        totals = {name: tf.constant(0.0) for name in _SUMS}
+        for _ in tf.range(steps):
+            sums = strategy.run(replica_step, args=next(iterator))
+            totals = {name: totals[name] + _local_total(strategy, sums[name]) for name in _SUMS}
+        return totals
 
     @tf.function
     def validation_sums() -> dict[str, tf.Tensor]:
@@ -153,12 +158,7 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
     reducer = Plateau(max(1, patience // 2)) if plateau else None
     result = LoopResult()
     for epoch in range(epochs):
-        iterator = iter(distributed)
-        local = {name: tf.constant(0.0) for name in _SUMS}
-        for _ in range(steps_per_epoch):
-            sums = train_step(iterator)
-            local = {name: local[name] + _local_total(strategy, sums[name]) for name in _SUMS}
-        train_totals = all_reduce_sums(strategy, local)
+        train_totals = all_reduce_sums(strategy, train_epoch(iter(distributed), tf.constant(steps_per_epoch)))
         val_totals = all_reduce_sums(strategy, validation_sums())
         logs = {**_figures(train_totals, ""), **_figures(val_totals, "val_")}
         result.add(logs)
@@ -194,6 +194,8 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 def all_reduce_sums(strategy: tf.distribute.Strategy, local: dict[str, tf.Tensor]) -> dict[str, float]:
     """Each worker's figures summed over all workers (one all-reduce), as Python floats."""
+    if strategy.num_replicas_in_sync == 1:
+        return {name: float(local[name]) for name in _SUMS}
     local_replicas = len(strategy.extended.worker_devices)
     stacked = tf.stack([tf.cast(local[name], tf.float32) for name in _SUMS]) / local_replicas
 
