@@ -164,3 +164,47 @@ def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images
     client = MlflowClient(f"sqlite:///{roots[0] / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
     assert "RUNNING" not in {run.info.status for run in runs if run.data.tags.get("dvc.stage") == "train_custom"}
+
+
+def test_one_process_loop_takes_the_same_steps_as_fit() -> None:
+    """The loop's step is fit's step: the compiled SGD with EMA, label smoothing in the compiled
+    loss, balanced class weights per example, early stopping with the best weights kept; in one
+    process, on the same batches, the weights agree to rounding."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from pipeline.models import build_custom_cnn
+    from pipeline.params import load_params
+    from pipeline.training import FitData, History, compile_for_fit, fit
+    from pipeline.training_loop import train_loop
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 12 + [1] * 8 + [2] * 4)
+    images = (rng.integers(0, 60, (24, 12, 12, 1)) + 60 * labels[:, None, None, None]).astype(np.uint8)
+    targets = np.eye(3, dtype=np.float32)[labels]
+    order = rng.permutation(24)
+    train = tf.data.Dataset.from_tensor_slices((images[order], targets[order])).batch(8)
+    validation = tf.data.Dataset.from_tensor_slices((images, targets)).batch(8)
+    data = FitData(train, validation, 24, 8, 3, (12, 12, 1), train_label_counts=(12, 8, 4))
+    section = dataclasses.replace(load_params(REPO_ROOT / "params.yaml").train_custom, optimizer="sgd",
+                                  learning_rate=0.05, lr_schedule="constant", label_smoothing=0.1,
+                                  class_weight="balanced", patience=2, dropout=0.0, epochs=4)
+
+    def compiled() -> keras.Model:
+        keras.utils.set_random_seed(5)
+        model = build_custom_cnn(data.input_shape, 3, (4,), (8,), 0.0)
+        compile_for_fit(model, data, section, section.learning_rate, section.epochs)
+        optimizer = keras.optimizers.SGD(float(model.optimizer.learning_rate), use_ema=True, ema_momentum=0.5)
+        model.compile(optimizer=optimizer, loss=model.loss, metrics=["accuracy"])
+        return model
+
+    with_fit, with_loop = compiled(), compiled()
+    history = History()
+    fit(with_fit, data, section, history, phase="train", epochs=section.epochs)
+    result = train_loop(with_loop, train, validation, epochs=section.epochs, steps_per_epoch=3, global_batch_size=8,
+                        patience=section.patience, class_weights=data.balanced_class_weights(), num_classes=3)
+    for from_fit, from_loop in zip(with_fit.get_weights(), with_loop.get_weights()):
+        np.testing.assert_allclose(from_loop, from_fit, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.history["val_loss"], [row["val_loss"] for row in history.rows], rtol=1e-5)
+    np.testing.assert_allclose(result.history["loss"], [row["loss"] for row in history.rows], rtol=1e-5)
