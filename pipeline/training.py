@@ -32,7 +32,7 @@ from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
 from pipeline.models import compile_model, for_inference
-from pipeline.params import AugmentParams, BaseParams, FitParams, SplitParams, load_params, to_flat_dict
+from pipeline.params import AugmentParams, BaseParams, FitParams, Params, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger("pipeline.training")
@@ -248,6 +248,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,
              setup.replicas)
     trained_section = dataclasses.replace(section, jit_compile=setup.jit_compile)
+    if placement.num_workers > 1:
+        check_same_inputs(placement, params, spec, Path(args.split))
     if placement.worker_index > 0:
         train_as_worker(fit_function, fit_data, trained_section, params.augment, placement, spec.stage)
         return
@@ -272,6 +274,18 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
                   params.base.channels, parent_id).write(Path(args.out))
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
              summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
+
+
+def check_same_inputs(placement: Placement, params: Params, spec: ModelSpec, split_file: Path) -> None:
+    """Every worker must train with the same settings on the same split: one all-reduce compares them
+    (a worker with other params would build another model, or read another share of the images)."""
+    settings = {**to_flat_dict(params.base), **to_flat_dict(params.augment, "augment"),
+                **to_flat_dict(getattr(params, spec.params_section))}
+    text = f"{sorted(settings.items())}\n{split_file.read_text()}"
+    if not training_loop.same_on_every_worker(placement.strategy, text):
+        raise PipelineError(f"the {placement.num_workers} workers do not have the same params ({spec.params_section}, "
+                            "base, augment) and data/split.csv: make them the same on every machine "
+                            "(docs/multi-worker.md)")
 
 
 def train_as_worker(fit_function: FitFunction, fit_data: FitData, section: FitParams, augment: AugmentParams,

@@ -169,7 +169,7 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
         if stopper.update(epoch, logs["val_loss"], model.get_weights):
             break
         if reducer is not None:
-            rate = reducer.update(logs["val_loss"], float(optimizer.learning_rate))
+            rate = reducer.update(logs["val_loss"], float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
             if rate is not None:
                 optimizer.learning_rate = rate
                 log.info("epoch %d: validation loss stalled, learning rate halved to %g", epoch + 1, rate)
@@ -194,14 +194,28 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 def all_reduce_sums(strategy: tf.distribute.Strategy, local: dict[str, tf.Tensor]) -> dict[str, float]:
     """Each worker's figures summed over all workers (one all-reduce), as Python floats."""
-    if strategy.num_replicas_in_sync == 1:
-        return {name: float(local[name]) for name in _SUMS}
-    local_replicas = len(strategy.extended.worker_devices)
-    stacked = tf.stack([tf.cast(local[name], tf.float32) for name in _SUMS]) / local_replicas
+    reduced = _sum_over_workers(strategy, [local[name] for name in _SUMS], tf.float32)
+    return dict(zip(_SUMS, reduced))
 
-    values = strategy.experimental_distribute_values_from_function(lambda _context: stacked)
-    reduced = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
-    return {name: float(value) for name, value in zip(_SUMS, reduced)}
+
+def same_on_every_worker(strategy: tf.distribute.Strategy, text: str) -> bool:
+    """Whether every worker passed the same ``text`` (one all-reduce of a 20-bit digest and its
+    square: n * sum(d^2) == sum(d)^2 only when all are equal). Every worker gets the same answer."""
+    digest = int(hashlib.sha256(text.encode()).hexdigest(), 16) % (1 << 20)
+    total, squares = _sum_over_workers(strategy, [digest, digest * digest], tf.float64)
+    workers = 1 if strategy.num_replicas_in_sync == 1 else \
+        strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+    return workers * squares == total * total
+
+
+def _sum_over_workers(strategy: tf.distribute.Strategy, values: Sequence, dtype: tf.DType) -> list[float]:
+    """This worker's ``values`` summed over all workers (each worker's local replicas count once)."""
+    if strategy.num_replicas_in_sync == 1:
+        return [float(value) for value in values]
+    local_replicas = len(strategy.extended.worker_devices)
+    stacked = tf.stack([tf.cast(value, dtype) for value in values]) / local_replicas
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _context: stacked)
+    return [float(value) for value in strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()]
 
 
 def peer_failure(error: BaseException, cluster: dict) -> PipelineError | None:

@@ -145,7 +145,11 @@ def test_two_workers_train_as_one_process_would(tmp_path: Path, images: Path, ra
 
 
 def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images: Path, raw_params: dict) -> None:
-    roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=500, patience=500)
+    # With the options fit's callbacks and compile provide (on this CPU precision auto may be mixed
+    # bfloat16): the loop runs them on two workers until one dies.
+    options = {"precision": "auto", "class_weight": "balanced", "lr_schedule": "plateau", "batch_norm": True,
+               "label_smoothing": 0.1, "optimizer": "adam"}
+    roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=500, patience=500, **options)
              for index in range(WORKERS)]
     processes, addresses = start_workers(roots, tmp_path)
     chief_log = tmp_path / "worker0.log"
