@@ -25,9 +25,9 @@ import tensorflow as tf
 from pipeline import cli, figures, parent_run, stage_runs, tracking, training_loop
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
-from pipeline.errors import PipelineError
 from pipeline.devices import (Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision,
                               tf_config)
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec

@@ -143,3 +143,14 @@ def test_a_worker_share_smaller_than_one_batch_is_refused(tmp_path: Path, raw_pa
     data, params = _split_of(tmp_path, raw_params, 4)
     with pytest.raises(PipelineError, match="each worker's share of the 4 training images is smaller than one batch"):
         make_fit_data(data, params.base, 8, Placement(tf.distribute.get_strategy(), "multi_worker", 2, 2, 0))
+
+
+def test_auto_trains_on_several_machines_only_when_tf_config_names_two(monkeypatch) -> None:
+    from pipeline.devices import choose_placement, worker_share
+
+    one = {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(one))
+    assert choose_placement("auto").name == "none"
+    # A chief trains too: it is worker 0, the workers follow it.
+    two = {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}
+    assert worker_share(two) == (2, 1)
