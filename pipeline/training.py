@@ -8,10 +8,11 @@ run, and the files DVC tracks. :func:`fit` knows nothing of MLflow: the stage pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import (Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision,
                               tf_config)
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
@@ -272,8 +273,19 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
                   params.base.channels, parent_id).write(Path(args.out))
+    if placement.num_workers > 1:
+        _end_with_the_workers(placement, spec.stage)
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
              summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
+
+
+def _end_with_the_workers(placement: Placement, stage: str) -> None:
+    """The chief, its record written, lets the workers go; one that already went only costs a warning."""
+    try:
+        training_loop.wait_for_every_worker(placement.strategy)
+    except tf.errors.OpError as error:
+        log.warning("%s: the model and its run are complete; a worker left before the chief had saved them (%s)",
+                    stage, first_line(error))
 
 
 def check_same_inputs(placement: Placement, params: Params, spec: ModelSpec, split_file: Path) -> None:
@@ -282,7 +294,9 @@ def check_same_inputs(placement: Placement, params: Params, spec: ModelSpec, spl
     settings = {**to_flat_dict(params.base), **to_flat_dict(params.augment, "augment"),
                 **to_flat_dict(getattr(params, spec.params_section))}
     text = f"{sorted(settings.items())}\n{split_file.read_text()}"
-    if not training_loop.same_on_every_worker(placement.strategy, text):
+    with naming_a_lost_worker():
+        same = training_loop.same_on_every_worker(placement.strategy, text)
+    if not same:
         raise PipelineError(f"the {placement.num_workers} workers do not have the same params ({spec.params_section}, "
                             "base, augment) and data/split.csv: make them the same on every machine "
                             "(docs/multi-worker.md)")
@@ -295,17 +309,29 @@ def train_as_worker(fit_function: FitFunction, fit_data: FitData, section: FitPa
     log.info("%s: worker %d of %d, training with the chief, which records the run", stage,
              placement.worker_index, placement.num_workers)
     _train(fit_function, fit_data, section, augment, History(), [], placement)
-    log.info("%s: worker %d finished; the chief saves the model", stage, placement.worker_index)
+    log.info("%s: worker %d finished training; waiting while the chief saves the model", stage,
+             placement.worker_index)
+    with naming_a_lost_worker():
+        training_loop.wait_for_every_worker(placement.strategy)
 
 
 def _train(fit_function: FitFunction, fit_data: FitData, section: FitParams, augment: AugmentParams,
            history: History, callbacks: Sequence[keras.callbacks.Callback], placement: Placement) -> keras.Model:
-    """The trainer under the placement's strategy; a worker that went away becomes one line naming it."""
-    try:
-        with placement.strategy.scope():
+    """The trainer under the placement's strategy."""
+    with placement.strategy.scope():
+        if placement.num_workers == 1:
             return fit_function(fit_data, section, augment, history, callbacks)
+        with naming_a_lost_worker():
+            return fit_function(fit_data, section, augment, history, callbacks)
+
+
+@contextlib.contextmanager
+def naming_a_lost_worker() -> Iterator[None]:
+    """TensorFlow's error for a collective aborted because a worker went away, as one line naming it."""
+    try:
+        yield
     except tf.errors.OpError as error:
-        failure = training_loop.peer_failure(error, tf_config()) if placement.num_workers > 1 else None
+        failure = training_loop.peer_failure(error, tf_config())
         if failure is None:
             raise
         raise failure from None

@@ -198,6 +198,12 @@ def all_reduce_sums(strategy: tf.distribute.Strategy, local: dict[str, tf.Tensor
     return dict(zip(_SUMS, reduced))
 
 
+def wait_for_every_worker(strategy: tf.distribute.Strategy) -> None:
+    """Return when every worker has called this (one all-reduce). The workers end together: one
+    that leaves while the chief still saves makes the chief's TensorFlow report it as failed."""
+    _sum_over_workers(strategy, [1.0], tf.float32)
+
+
 def same_on_every_worker(strategy: tf.distribute.Strategy, text: str) -> bool:
     """Whether every worker passed the same ``text`` (one all-reduce of a 20-bit digest and its
     square: n * sum(d^2) == sum(d)^2 only when all are equal). Every worker gets the same answer."""
