@@ -154,7 +154,7 @@ def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images
     processes, addresses = start_workers(roots, tmp_path)
     chief_log = tmp_path / "worker0.log"
     deadline = time.monotonic() + 180
-    while "epoch 2/500" not in chief_log.read_text():
+    while "epoch 1/500" not in chief_log.read_text():   # killed during epoch 2
         assert time.monotonic() < deadline and processes[0].poll() is None, chief_log.read_text()
         time.sleep(0.2)
     os.kill(processes[1].pid, signal.SIGKILL)
@@ -170,10 +170,12 @@ def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images
     assert "RUNNING" not in {run.info.status for run in runs if run.data.tags.get("dvc.stage") == "train_custom"}
 
 
-def test_one_process_loop_takes_the_same_steps_as_fit() -> None:
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
     """The loop's step is fit's step: the compiled SGD with EMA, label smoothing in the compiled
-    loss, balanced class weights per example, early stopping with the best weights kept; in one
-    process, on the same batches, the weights agree to rounding."""
+    loss, balanced class weights per example, early stopping with the best weights kept, and under
+    mixed_float16 the loss scaling compile adds; in one process, on the same batches, the weights
+    agree to rounding."""
     import dataclasses
 
     import tensorflow as tf
@@ -203,11 +205,17 @@ def test_one_process_loop_takes_the_same_steps_as_fit() -> None:
         model.compile(optimizer=optimizer, loss=model.loss, metrics=["accuracy"])
         return model
 
-    with_fit, with_loop = compiled(), compiled()
-    history = History()
-    fit(with_fit, data, section, history, phase="train", epochs=section.epochs)
-    result = train_loop(with_loop, train, validation, epochs=section.epochs, steps_per_epoch=3, global_batch_size=8,
-                        patience=section.patience, class_weights=data.balanced_class_weights(), num_classes=3)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        with_fit, with_loop = compiled(), compiled()
+        history = History()
+        fit(with_fit, data, section, history, phase="train", epochs=section.epochs)
+        result = train_loop(with_loop, train, validation, epochs=section.epochs, steps_per_epoch=3,
+                            global_batch_size=8, patience=section.patience,
+                            class_weights=data.balanced_class_weights(), num_classes=3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(with_loop.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
     for from_fit, from_loop in zip(with_fit.get_weights(), with_loop.get_weights()):
         np.testing.assert_allclose(from_loop, from_fit, rtol=0, atol=1e-5)
     np.testing.assert_allclose(result.history["val_loss"], [row["val_loss"] for row in history.rows], rtol=1e-5)
