@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.training_loop")
 
@@ -226,32 +226,39 @@ def _sum_over_workers(strategy: tf.distribute.Strategy, values: Sequence, dtype:
 
 def peer_failure(error: BaseException, cluster: dict) -> PipelineError | None:
     """One line naming the worker that stopped answering, when ``error`` is TensorFlow saying a
-    collective was aborted because a peer went away; None for any other error."""
+    collective was aborted because a peer went away; None for any other error. ``cluster`` is
+    ``TF_CONFIG``: it gives the worker's address, and which task is this one (never the one named)."""
     if not isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                               tf.errors.CancelledError, tf.errors.InternalError, tf.errors.AbortedError)):
         return None
     text = str(error)
-    found = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", text)
-    if found is None and "ollective" not in text and "peer" not in text.lower():
+    own = (cluster.get("task", {}).get("type", "worker"), int(cluster.get("task", {}).get("index", 0)))
+    peers = [(job, int(index)) for job, index in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)
+             if (job, int(index)) != own]
+    reason = _reason(text)
+    if not peers and reason is None:
         return None
     who = "a worker"
-    if found:
-        job, index = found.group(1), int(found.group(2))
+    if peers:
+        job, index = peers[0]
         addresses = cluster.get("cluster", {}).get(job, [])
-        where = f" ({addresses[index]})" if index < len(addresses) else ""
-        who = f"{job} {index}{where}"
-    return PipelineError(f"multi-worker training stopped: {who} stopped answering ({_reason(text)}); "
-                         "every worker must be restarted together")
+        who = f"{job} {index}" + (f" ({addresses[index]})" if index < len(addresses) else "")
+    return PipelineError(f"multi-worker training stopped: {who} stopped answering "
+                         f"({reason or 'a collective operation was aborted'}); every worker must be restarted together")
 
 
-def _reason(text: str) -> str:
-    """What TensorFlow's abort says, in a few words."""
-    if "stopped sending heartbeats" in text:
-        return "no heartbeat from it"
-    lines = [line.strip() for line in text.splitlines()
-             if line.strip() and not line.startswith(("Graph execution error", "Detected at node"))]
-    line = lines[0] if lines else first_line(Exception(text))
-    return line if len(line) <= 160 else line[:157] + "..."
+# What TensorFlow and gRPC say when a peer is gone, and how the one line says it.
+_PEER_GONE = (("stopped sending heartbeats", "no heartbeat from it"), ("Connection reset", "connection reset"),
+              ("Connection refused", "connection refused"), ("Socket closed", "connection closed"),
+              ("failed to connect", "connection refused"), ("Deadline Exceeded", "no answer in time"))
+
+
+def _reason(text: str) -> str | None:
+    """What TensorFlow's abort says, in a few words; None when it does not speak of a lost peer."""
+    for hint, reason in _PEER_GONE:
+        if hint.lower() in text.lower():
+            return reason
+    return None
 
 
 def _per_example_loss(loss_object: keras.losses.Loss, targets: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:

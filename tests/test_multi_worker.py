@@ -220,3 +220,22 @@ def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
         np.testing.assert_allclose(from_loop, from_fit, rtol=0, atol=1e-5)
     np.testing.assert_allclose(result.history["val_loss"], [row["val_loss"] for row in history.rows], rtol=1e-5)
     np.testing.assert_allclose(result.history["loss"], [row["loss"] for row in history.rows], rtol=1e-5)
+
+
+def test_the_lost_worker_is_named_from_tensorflows_error_never_this_one() -> None:
+    import tensorflow as tf
+
+    from pipeline.training_loop import peer_failure
+
+    cluster = {"cluster": {"worker": ["10.0.0.1:2222", "10.0.0.2:2222"]}, "task": {"type": "worker", "index": 1}}
+    # What the second worker saw when the chief was killed (the abort names both ends of the link).
+    reset = tf.errors.UnavailableError(None, None, "Graph execution error:\n\nDetected at node x:\nCollective ops is "
+                                       "aborted by: recvmsg:Connection reset by peer /job:worker/replica:0/task:1 "
+                                       "/job:worker/replica:0/task:0")
+    assert str(peer_failure(reset, cluster)) == ("multi-worker training stopped: worker 0 (10.0.0.1:2222) stopped "
+                                                 "answering (connection reset); every worker must be restarted together")
+    heartbeats = tf.errors.UnavailableError(None, None, "The following tasks are unhealthy (stopped sending "
+                                            "heartbeats):\n/job:worker/replica:0/task:0")
+    assert "worker 0 (10.0.0.1:2222) stopped answering (no heartbeat from it)" in str(peer_failure(heartbeats, cluster))
+    assert peer_failure(tf.errors.InternalError(None, None, "a kernel failed"), cluster) is None
+    assert peer_failure(ValueError("Connection reset"), cluster) is None
