@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -82,18 +84,28 @@ def project(root: Path, images: Path, raw_params: dict, **train_custom) -> Path:
     return root
 
 
-def start_workers(roots: list[Path], logs: Path) -> tuple[list[subprocess.Popen], list[str]]:
-    """The stage on every machine at once, each with its TF_CONFIG; their pids are ours to stop."""
+@pytest.fixture
+def launched() -> Iterator[list[subprocess.Popen]]:
+    """The worker processes a test starts; any still running at its end are killed (by their pid)."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def start_workers(roots: list[Path], logs: Path, launched: list[subprocess.Popen], env: dict[str, str]) -> list[str]:
+    """The stage on every machine at once, each with its TF_CONFIG and log file; returns the addresses."""
     addresses = [f"127.0.0.1:{free_port()}" for _ in roots]
-    processes = []
     for index, root in enumerate(roots):
         config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        log_file = (logs / f"worker{index}.log").open("w")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train_custom", *train_arguments("custom", "train_custom")], cwd=root,
-            env=stage_env(TF_CONFIG=json.dumps(config), **QUIET), stdout=log_file, stderr=subprocess.STDOUT,
-            text=True))
-    return processes, addresses
+        with (logs / f"worker{index}.log").open("w") as log_file:
+            launched.append(subprocess.Popen(
+                [sys.executable, "-m", "pipeline.train_custom", *train_arguments("custom", "train_custom")],
+                cwd=root, env=stage_env(TF_CONFIG=json.dumps(config), **env), stdout=log_file,
+                stderr=subprocess.STDOUT))
+    return addresses
 
 
 def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int]:
@@ -110,14 +122,15 @@ def images(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", {"red": 14, "green": 14, "blue": 14}, size=16, seed=1)
 
 
-def test_two_workers_train_as_one_process_would(tmp_path: Path, images: Path, raw_params: dict) -> None:
+def test_two_workers_train_as_one_process_would(tmp_path: Path, images: Path, raw_params: dict,
+                                                launched: list[subprocess.Popen]) -> None:
     roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=2) for index in range(WORKERS)]
     before = {path.relative_to(roots[1]) for path in roots[1].rglob("*")}
-    processes, _ = start_workers(roots, tmp_path)
+    start_workers(roots, tmp_path, launched, QUIET)
     reference = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT, str(tmp_path / "machine0"),
                                 str(tmp_path / "reference.npz")], cwd=REPO_ROOT, env=stage_env(**QUIET),
                                capture_output=True, text=True, timeout=300)
-    codes = wait_all(processes, timeout=300)
+    codes = wait_all(launched, timeout=300)
     logs = [(tmp_path / f"worker{index}.log").read_text() for index in range(WORKERS)]
     assert codes == [0, 0], logs
     assert reference.returncode == 0, reference.stderr
@@ -140,26 +153,29 @@ def test_two_workers_train_as_one_process_would(tmp_path: Path, images: Path, ra
     assert runs[0].data.params["distribution.replicas"] == "2"
     assert len(client.get_metric_history(runs[0].info.run_id, "val_loss")) == 2
     summary = json.loads((chief / "metrics/train_custom.json").read_text())
+    assert len(pd.read_csv(chief / "metrics/train_custom_history.csv")) == 2 == summary["epochs_run"]
     assert summary["replicas"] == 2 and summary["batch_size"] == 8
     assert {path.relative_to(roots[1]) for path in roots[1].rglob("*")} == before
 
 
-def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images: Path, raw_params: dict) -> None:
-    # With the options fit's callbacks and compile provide (on this CPU precision auto may be mixed
-    # bfloat16): the loop runs them on two workers until one dies.
+def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images: Path, raw_params: dict,
+                                                          launched: list[subprocess.Popen]) -> None:
+    # With the options fit's callbacks and compile provide, and oneDNN on (precision auto is mixed
+    # bfloat16 on a CPU with bfloat16 instructions): the loop runs them on two workers until one dies.
     options = {"precision": "auto", "class_weight": "balanced", "lr_schedule": "plateau", "batch_norm": True,
-               "label_smoothing": 0.1, "optimizer": "adam"}
+               "label_smoothing": 0.1, "optimizer": "adam", "learning_rate": 0.001}
     roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=500, patience=500, **options)
              for index in range(WORKERS)]
-    processes, addresses = start_workers(roots, tmp_path)
+    addresses = start_workers(roots, tmp_path, launched, {"TF_CPP_MIN_LOG_LEVEL": "2"})
+    chief, other = launched
     chief_log = tmp_path / "worker0.log"
     deadline = time.monotonic() + 180
     while "epoch 1/500" not in chief_log.read_text():   # killed during epoch 2
-        assert time.monotonic() < deadline and processes[0].poll() is None, chief_log.read_text()
+        assert time.monotonic() < deadline and chief.poll() is None, chief_log.read_text()
         time.sleep(0.2)
-    os.kill(processes[1].pid, signal.SIGKILL)
+    os.kill(other.pid, signal.SIGKILL)
     killed = time.monotonic()
-    code = processes[0].wait(timeout=90)
+    code = chief.wait(timeout=90)
     waited = time.monotonic() - killed
     log = chief_log.read_text()
     assert code == 2 and waited < 60, (waited, log)
