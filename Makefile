@@ -29,7 +29,7 @@ export UV
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock upgrade repro test test-fast bench check-deploy ui plots plots-diff clean-venv
+.PHONY: setup lock upgrade repro test test-fast bench check-deploy ui docs plots plots-diff clean-venv
 
 setup: $(STAMP)
 
@@ -66,8 +66,14 @@ bench: setup  ## the benchmark suite: one table, figures in bench/results.json (
 check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
 	python -m pipeline.gate --check --out metrics/gate.json
 
-ui: setup  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
+ui: setup  ## the MLflow UI for this project's runs; prints the address of the training runs view first
+	@python -m pipeline.ui --store mlflow.db --url http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+docs: setup  ## the documentation site: regenerate the params reference and the benchmark tables, then mkdocs build --strict into site/
+	python -m docs.params_reference
+	python -m docs.bench_tables
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict   # without it, Material prints a banner about its successor
 
 # DVC's page loads Vega from a CDN; this template has it inline, so the page renders offline too.
 PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, info, args.mode, started)
     print(table)
     results = {
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         "mode": args.mode,
         "started": started,
         "machine": info,

@@ -1,5 +1,6 @@
-"""The README's MLflow screenshots: the runs table, the compare view and the registered model, taken
-with headless Chromium from the MLflow UI over a project's store (what ``make ui`` serves).
+"""The MLflow screenshots of the README and docs/walkthrough.md: the runs table (at the address
+``make ui`` prints), the compare view and the registered model, taken with headless Chromium from
+the MLflow UI over a project's store (what ``make ui`` serves).
 
     python -m docs.screenshots --store mlflow.db --out docs/images
 
@@ -20,6 +21,7 @@ from io import BytesIO
 from pathlib import Path
 
 from bench.project import free_port
+from pipeline.ui import runs_address
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 EXPERIMENT = "image-classification"
@@ -71,7 +73,7 @@ def pages(port: int) -> dict[str, str]:
     pair = next(ids for ids in children.values() if len(ids) >= 2)
     base = f"http://127.0.0.1:{port}/#"
     compare = urllib.parse.urlencode({"runs": json.dumps(pair), "experiments": json.dumps([experiment_id])})
-    return {"mlflow-runs": f"{base}/experiments/{experiment_id}/runs",
+    return {"mlflow-runs": runs_address(f"http://127.0.0.1:{port}", experiment_id),
             "mlflow-compare": f"{base}/compare-runs?{compare}",
             "mlflow-model": f"{base}/models/{REGISTERED_MODEL}"}
 

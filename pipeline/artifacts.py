@@ -33,6 +33,7 @@ class RunRecord:
     image_size: int
     channels: int
     parent_run_id: str = ""   # the pipeline execution's parent run ("" in files from before there were any)
+    temperature: float = 1.0  # built into the model's output layer by temperature scaling (1 = none)
 
     def write(self, model_dir: Path) -> None:
         write_json(Path(model_dir) / RUN_FILE, asdict(self))
@@ -41,7 +42,8 @@ class RunRecord:
     def read(cls, model_dir: Path) -> RunRecord:
         data = _read(Path(model_dir) / RUN_FILE, "run the training stages first (dvc repro)")
         return cls(str(data["run_id"]), str(data["model_uri"]), list(data["class_names"]),
-                   int(data["image_size"]), int(data["channels"]), str(data.get("parent_run_id") or ""))
+                   int(data["image_size"]), int(data["channels"]), str(data.get("parent_run_id") or ""),
+                   float(data.get("temperature", 1.0)))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ For each model, in ``gate.metric`` (accuracy by default): the score on the train
 ``min_train_score`` -> ``underfit`` (it has not learned; go back to the loss and optimizer). Train
 passes but test below ``min_test_score`` -> ``overfit`` (it memorised the training data). Both pass
 -> ``deploy``. With ``gate.confidence`` set, a threshold passes only if the lower end of the
-score's confidence interval clears it.
+score's confidence interval clears it. With ``gate.max_calibration_error`` set, a model that passes
+both but whose expected calibration error on the test set is above it -> ``miscalibrated``.
 
 Among the models that pass, the best test score is the challenger. When the registry already holds
 a ``champion``, the challenger replaces it only if it is worse on the same test images by at most
@@ -29,6 +30,7 @@ from pipeline.params import GateParams
 from pipeline.statistics import Interval, PairedComparison
 
 UNDERFIT, OVERFIT, DEPLOY = "underfit", "overfit", "deploy"
+MISCALIBRATED = "miscalibrated"     # only with gate.max_calibration_error set
 
 # What became of the registered champion.
 NO_CHAMPION = "none"                # the first promotion: nothing to compare with
@@ -54,6 +56,24 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class CalibrationNote:
+    """How sure a model is against how often it is right, on the test set (from the evaluate stage)."""
+
+    ece: float                  # expected calibration error
+    brier: float
+    temperature: float = 1.0    # built into the model by temperature scaling (1 = none)
+    gradcam: str = ""           # the picture of its surest mistakes, with Grad-CAM heatmaps
+
+    def words(self) -> str:
+        scaled = f"temperature {self.temperature:.2f}" if self.temperature != 1.0 else "no temperature scaling"
+        pictured = f"; surest mistakes pictured in {self.gradcam}" if self.gradcam else ""
+        return f"test ECE {self.ece:.4f}, Brier {self.brier:.4f} ({scaled}){pictured}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Verdict:
     """One model's scores, its verdict and the reasons for it."""
 
@@ -62,13 +82,14 @@ class Verdict:
     verdict: str
     reasons: list[str]
     validation: Estimate | None = None     # what chooses among the passing models
+    calibration: CalibrationNote | None = None
 
     def to_json(self) -> dict:
         return {"train_score": self.train.score,
                 "validation_score": self.validation.score if self.validation else None, "test_score": self.test.score,
                 "train_interval": _interval_json(self.train.interval),
                 "test_interval": _interval_json(self.test.interval), "verdict": self.verdict,
-                "reasons": self.reasons}
+                "reasons": self.reasons, "calibration": self.calibration.to_json() if self.calibration else None}
 
 
 @dataclass(frozen=True)
@@ -114,7 +135,7 @@ class SplitReuse:
                 f"(gate.max_test_reuse {self.limit})")
         if self.exceeded:
             text += (": warning, decisions repeated on one test set overfit it; draw a new test split "
-                     "(another split.seed, or new images) and judge the champion on it again")
+                     "(another base.seed or split.ratios, or new images) and judge the champion on it again")
         return text
 
     def to_json(self) -> dict:
@@ -173,18 +194,38 @@ def judge(train: Estimate, test: Estimate, gate: GateParams) -> Verdict:
     return Verdict(train, test, DEPLOY, [train_reason, test_reason])
 
 
-def judge_all(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
-              seed: int) -> dict[str, Verdict]:
-    """Every model's verdict, with its validation score where it has one. The test score always
-    carries an interval (at ``gate.confidence``, or the reporting level); the train score only when
-    the thresholds are judged at a confidence."""
+def judge_calibration(verdict: Verdict, note: CalibrationNote | None, gate: GateParams) -> Verdict:
+    """With ``gate.max_calibration_error`` set, a model that passed the thresholds but whose test ECE
+    is above it is ``miscalibrated`` (as is one without calibration figures); unset, the verdict stands."""
+    if gate.max_calibration_error is None or verdict.verdict != DEPLOY:
+        return verdict
+    limit = gate.max_calibration_error
+    if note is None:
+        return replace(verdict, verdict=MISCALIBRATED, reasons=[
+            *verdict.reasons, f"no calibration figures to hold against max_calibration_error {limit} "
+                              "(rerun the evaluate stage: dvc repro -f evaluate)"])
+    if note.ece <= limit:
+        return replace(verdict, reasons=[*verdict.reasons,
+                                         f"test ECE {note.ece:.4f} <= max_calibration_error {limit}"])
+    return replace(verdict, verdict=MISCALIBRATED, reasons=[
+        *verdict.reasons, f"test ECE {note.ece:.4f} > max_calibration_error {limit}: its probabilities do not "
+                          "mean what they say (switch on temperature_scaling in its training section; "
+                          "docs/calibration.md)"])
+
+
+def judge_all(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams, seed: int,
+              calibration: dict[str, CalibrationNote] | None = None) -> dict[str, Verdict]:
+    """Every model's verdict, with its validation score where it has one and its calibration where
+    the evaluate stage measured it. The test score always carries an interval (at ``gate.confidence``,
+    or the reporting level); the train score only when the thresholds are judged at a confidence."""
     test_level = _level(gate)
     verdicts = {}
     for name, splits in predictions.items():
         verdict = judge(estimate(gate.metric, splits["train"], gate.confidence, seed),
                         estimate(gate.metric, splits["test"], test_level, seed), gate)
         validation = estimate(gate.metric, splits["validation"], None, seed) if "validation" in splits else None
-        verdicts[name] = replace(verdict, validation=validation)
+        note = (calibration or {}).get(name)
+        verdicts[name] = judge_calibration(replace(verdict, validation=validation, calibration=note), note, gate)
     return verdicts
 
 
@@ -289,6 +330,8 @@ def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], 
     deploy = chosen is not None and (champion.challenger_deploys or opted_in)
     thresholds = {"min_train_score": gate.min_train_score, "min_test_score": gate.min_test_score,
                   "max_regression": gate.max_regression}
+    if gate.max_calibration_error is not None:
+        thresholds["max_calibration_error"] = gate.max_calibration_error
     return Decision(deploy, chosen if deploy else None, gate.metric, gate.confidence, thresholds, candidates,
                     comparisons, champion, test_reuse)
 
@@ -303,6 +346,9 @@ def summary_lines(decision: Decision) -> list[str]:
         shown = f"{verdict.validation.score:>11.4f}" if verdict.validation else f"{'-':>11}"
         lines.append(f"{name:<10} {verdict.train.score:>8.4f} {shown} {verdict.test.text():>26}  {verdict.verdict}")
         lines.extend(f"{'':<10}   - {reason}" for reason in verdict.reasons)
+    for name, verdict in decision.candidates.items():
+        if verdict.calibration:
+            lines.append(f"calibration: {name} {verdict.calibration.words()}")
     for comparison in decision.comparisons:
         lines.append(f"compared: {comparison_words(comparison)}")
     lines.append(rule)
@@ -328,6 +374,8 @@ def _deployed_line(decision: Decision) -> str:
         return "deployed: nothing (the champion could not be checked; deploy/ unchanged)"
     if champion.outcome == NOT_COMPARABLE and champion.version:
         return f"deployed: no, champion v{champion.version} stays: it cannot be compared (deploy/ unchanged)"
+    if any(verdict.verdict == MISCALIBRATED for verdict in decision.candidates.values()):
+        return "deployed: nothing (no model passed both thresholds and max_calibration_error)"
     return "deployed: nothing (no model passed both thresholds)"
 
 

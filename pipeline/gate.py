@@ -38,6 +38,7 @@ from pipeline.decision import (
     SAME_MODEL,
     STAYS,
     UNKNOWN,
+    CalibrationNote,
     ChampionCheck,
     Decision,
     SplitReuse,
@@ -107,6 +108,21 @@ def deployed_run_id(deploy_dir: Path) -> str:
         return ""
 
 
+def read_calibration(report_file: Path) -> dict[str, CalibrationNote]:
+    """Each model's test calibration and Grad-CAM picture from the evaluate stage's report (none for a
+    report written before there were any)."""
+    if not report_file.exists():
+        return {}
+    report, notes = read_json(report_file), {}
+    for spec in MODELS:
+        measured = (report.get(spec.name) or {}).get("calibration")
+        if measured:
+            notes[spec.name] = CalibrationNote(float(measured["test"]["ece"]), float(measured["test"]["brier"]),
+                                               float(measured.get("temperature", 1.0)),
+                                               str(measured.get("pictures", {}).get("gradcam", "")))
+    return notes
+
+
 def check(gate_file: Path) -> int:
     """Exit status for CI: 0 if the gate allowed deployment, 1 if not."""
     if not gate_file.exists():
@@ -128,7 +144,7 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     gate, seed = params.gate, params.base.seed
     predictions = {spec.name: read_predictions(Path(args.predictions) / f"{spec.name}.csv") for spec in MODELS}
-    candidates = judge_all(predictions, gate, seed)
+    candidates = judge_all(predictions, gate, seed, read_calibration(Path(args.report)))
     comparisons = compare_models(predictions, gate, seed)
     model_dirs = {spec.name: Path(args.models) / spec.folder for spec in MODELS}
     run_records = {name: RunRecord.read(path) for name, path in model_dirs.items()}
@@ -149,7 +165,8 @@ def main(args: argparse.Namespace) -> None:
         _record_in_mlflow(gate, decision, run_records)
     for line in summary_lines(decision):
         log.info("%s", line)
-    log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes); "
+    log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes, "
+             "Grad-CAM, reliability); "
              "the decision is in %s", args.out)
 
 
@@ -414,6 +431,8 @@ if __name__ == "__main__":
         _check_main()
     parser = cli.stage_parser("gate", __doc__.splitlines()[0])
     parser.add_argument("--predictions", default="data/predictions", help="evaluate's answers, <model>.csv each")
+    parser.add_argument("--report", default="metrics/evaluate_report.json",
+                        help="evaluate's report: each model's calibration and Grad-CAM picture")
     parser.add_argument("--ingest", default="data/ingest", help="ingest output folder (where the images are)")
     parser.add_argument("--models", default="models", help="folder holding one folder per trained model")
     parser.add_argument("--deploy", default="deploy", help="where the deployed model goes")

@@ -21,6 +21,9 @@ log = logging.getLogger("pipeline.models")
 # keras.applications.resnet50.preprocess_input ("caffe" mode): RGB -> BGR, minus the ImageNet
 # channel means. Written as a fixed Dense layer so the saved model needs no custom code.
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+# Weight decay applies to kernels only: variables named so (biases, BatchNormalization's scale and
+# offset) are left out, as in the AdamW paper and keras-io's recipes.
+NOT_DECAYED = ("bias", "gamma", "beta")
 
 
 def augmentation_layers(augment: AugmentParams | None) -> list[keras.layers.Layer]:
@@ -139,10 +142,15 @@ def unfreeze_top_layers(base: keras.Model, count: int) -> int:
 
 
 def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int,
-                  jit_compile: bool = False, *, label_smoothing: float = 0.0, cosine_decay_steps: int = 0) -> None:
+                  jit_compile: bool = False, *, label_smoothing: float = 0.0, cosine_decay_steps: int = 0,
+                  weight_decay: float = 0.0, ema: bool = False) -> None:
     """Compile with the params' optimizer and loss; the loss matches the output layer's shape.
 
     ``cosine_decay_steps`` > 0 decays the learning rate along a cosine to 0 over that many steps.
+    ``weight_decay`` > 0 shrinks every kernel by that fraction per unit of learning rate at each step,
+    apart from the gradient (Keras optimizers' decoupled decay: Adam becomes AdamW); biases and
+    BatchNormalization's scale and offset are left out, as usual. ``ema`` keeps a moving average of
+    the weights in the optimizer (momentum 0.99); :func:`pipeline.training.fit` swaps it in.
     """
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     if loss == "mse":
@@ -153,8 +161,11 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
         loss_function = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, cosine_decay_steps) if cosine_decay_steps > 0 \
         else learning_rate
-    model.compile(optimizer=optimizers[optimizer](learning_rate=rate), loss=loss_function,
-                  metrics=["accuracy"], jit_compile=jit_compile)
+    options = {"weight_decay": weight_decay} if weight_decay > 0 else {}
+    chosen = optimizers[optimizer](learning_rate=rate, use_ema=ema, **options)
+    if weight_decay > 0:
+        chosen.exclude_from_weight_decay(var_names=list(NOT_DECAYED))
+    model.compile(optimizer=chosen, loss=loss_function, metrics=["accuracy"], jit_compile=jit_compile)
 
 
 def for_inference(model: keras.Model) -> keras.Model:
@@ -174,6 +185,23 @@ def for_inference(model: keras.Model) -> keras.Model:
     copy = model.__class__.from_config(_float32_policies(model.get_config()))
     copy.set_weights(model.get_weights())
     return copy
+
+
+def with_flip_averaging(model: keras.Model) -> keras.Model:
+    """A model that answers with the mean of ``model``'s answers for the image and its mirror.
+
+    The mirror is made by built-in layers only (a fixed 0/1 matrix on the width axis), so the saved
+    model still loads in safe mode and takes raw pixels. ``model`` is kept whole, as a nested layer.
+    """
+    height, width, channels = model.input_shape[1:]
+    inputs = keras.Input(shape=(height, width, channels), name="image")
+    x = keras.layers.Permute((1, 3, 2), name="mirror_width_last")(inputs)
+    reverse = keras.layers.Dense(width, use_bias=False, trainable=False, name="mirror_reverse")
+    reverse.build((None, width))
+    reverse.set_weights([np.eye(width, dtype=np.float32)[::-1]])
+    mirrored = keras.layers.Permute((1, 3, 2), name="mirror_width_back")(reverse(x))
+    averaged = keras.layers.Average(name="flip_average", dtype="float32")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, averaged, name=f"{model.name}_flip_averaged")
 
 
 def _float32_policies(config):

@@ -89,7 +89,8 @@ class SplitParams:
 @dataclass(frozen=True)
 class AugmentParams:
     """Random changes to each training image (Keras preprocessing layers inside both models, active
-    only while training). Every factor 0 / false turns that change off."""
+    only while training). Every factor 0 / false turns that change off. ``flip_average`` is the one
+    change at prediction time: the saved model averages its answers for the image and its mirror."""
 
     horizontal_flip: bool
     rotation: float
@@ -97,6 +98,7 @@ class AugmentParams:
     translation: float
     contrast: float
     hue: float
+    flip_average: bool
 
     FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
 
@@ -120,7 +122,8 @@ class AugmentParams:
 @dataclass(frozen=True)
 class FitParams:
     """What both trainers share: the deck's batch, epoch, loss and optimizer, and the training options
-    of the from-scratch recipes (learning-rate schedule, label smoothing, class weights)."""
+    of the from-scratch recipes (learning-rate schedule, label smoothing, class weights, decoupled
+    weight decay, a moving average of the weights)."""
 
     epochs: int
     batch_size: int
@@ -135,8 +138,14 @@ class FitParams:
     dropout: float
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     jit_compile: Literal["auto", True, False]
+    weight_decay: float
+    ema: bool
+    temperature_scaling: bool    # fit one temperature on validation, inside the saved model (calibration.py)
 
     def check(self, where: str) -> None:
+        _require(0 <= self.weight_decay < 1, f"{where}.weight_decay",
+                 f"must be in [0, 1) (0 = off; a fraction of each weight taken off per unit of learning rate), "
+                 f"got {self.weight_decay}")
         _require(0 <= self.label_smoothing < 1, f"{where}.label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
         _require(self.label_smoothing == 0 or self.loss == "crossentropy", f"{where}.label_smoothing",
@@ -214,6 +223,7 @@ class GateParams:
     registered_model_name: str
     replace_incomparable: bool = False
     max_test_reuse: int = 20
+    max_calibration_error: float | None = None
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",
@@ -229,6 +239,10 @@ class GateParams:
         _require(isinstance(self.max_test_reuse, int) and not isinstance(self.max_test_reuse, bool)
                  and self.max_test_reuse >= 1, f"{where}.max_test_reuse",
                  f"must be a whole number of models, 1 or more, got {self.max_test_reuse!r}")
+        _require(self.max_calibration_error is None or 0 < self.max_calibration_error <= 1,
+                 f"{where}.max_calibration_error",
+                 f"must be null (off) or an expected calibration error above 0 and at most 1, such as 0.05; "
+                 f"got {self.max_calibration_error}")
 
 
 @dataclass(frozen=True)

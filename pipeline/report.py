@@ -2,7 +2,8 @@
 
 The gate's decision on one screen, ``dvc metrics diff`` against a base revision, the test-set
 confusion matrices as tables, and the pictures (training curves, confusion matrices, misclassified
-images) inline. The GitHub workflow appends it to ``$GITHUB_STEP_SUMMARY``; locally::
+images, Grad-CAM of the surest mistakes, reliability diagrams) inline. The GitHub workflow appends
+it to ``$GITHUB_STEP_SUMMARY``; locally::
 
     python -m pipeline.report --base main > report.md
 """
@@ -20,7 +21,8 @@ from pipeline.files import read_json
 
 # What the report shows, in this order: the pictures the stages write (see dvc.yaml).
 PICTURES = ("train_custom_curves", "train_resnet50_curves", "confusion_custom", "confusion_resnet50",
-            "misclassified_custom", "misclassified_resnet50")
+            "misclassified_custom", "misclassified_resnet50", "gradcam_custom", "gradcam_resnet50",
+            "reliability_custom", "reliability_resnet50")
 IMAGE_WIDTH = 420   # pixels in the page; the files themselves are small (figures.PNG_DPI)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, figures, parent_run, stage_runs, tracking, training_loop
+from pipeline import calibration, cli, figures, parent_run, stage_runs, tracking, training_loop
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
 from pipeline.devices import (Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision,
@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
-from pipeline.models import compile_model, for_inference
+from pipeline.models import compile_model, for_inference, with_flip_averaging
 from pipeline.params import AugmentParams, BaseParams, FitParams, Params, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
@@ -168,7 +168,8 @@ def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learn
     for a phase of ``epochs`` epochs; the rate is scaled to the number of replicas."""
     decay_steps = epochs * data.iterations_per_epoch if section.lr_schedule == "cosine" else 0
     compile_model(model, section.optimizer, data.scaled_learning_rate(learning_rate), section.loss, data.num_classes,
-                  section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps)
+                  section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps,
+                  weight_decay=section.weight_decay, ema=section.ema)
 
 
 def fit(model: keras.Model, data: FitData, section: FitParams, history: History, *, phase: str, epochs: int,
@@ -195,7 +196,11 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
     else:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
                                                 restore_best_weights=True)
+        # With ``ema`` the averaged weights are swapped in before each validation and at each epoch's
+        # end, ahead of the stopper, so early stopping judges, keeps and restores the averaged weights.
         own: list[keras.callbacks.Callback] = [stopper]
+        if section.ema:
+            own.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
         if section.lr_schedule == "plateau":
             own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                          patience=max(1, section.patience // 2), verbose=1))
@@ -269,10 +274,16 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         trained = _train(fit_function, fit_data, trained_section, params.augment, history, [MlflowEpochLogger()],
                          placement)
         model = for_inference(trained)
-        summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage)
+        if params.augment.flip_average:
+            model = with_flip_averaging(model)
+        scaling = (calibrate(model, data, params.base, section.batch_size, params.augment.flip_average)
+                   if section.temperature_scaling else {"temperature": 1.0})
+        mlflow.log_metrics(scaling)
+        summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage,
+                                          scaling)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
-                  params.base.channels, parent_id).write(Path(args.out))
+                  params.base.channels, parent_id, scaling["temperature"]).write(Path(args.out))
     if placement.num_workers > 1:
         _end_with_the_workers(placement, spec.stage)
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
@@ -337,6 +348,27 @@ def naming_a_lost_worker() -> Iterator[None]:
         raise failure from None
 
 
+def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_size: int,
+              flip_averaged: bool = False) -> dict[str, float]:
+    """Fit the temperature on the validation split and build it into ``model``'s output layer.
+
+    For a flip-averaged model the temperature is fitted to the mean of both views' answers, which
+    is what the saved model serves. Returns the temperature and the validation log loss before and
+    after it.
+    """
+    images = load_images(data.paths("validation"), base.image_size, base.channels)
+    views = [images, images[:, :, ::-1]] if flip_averaged else [images]
+    logits = [calibration.output_logits(model, view, batch_size) for view in views]
+    labels = np.asarray(data.label_indices("validation"))
+    temperature = calibration.fit_temperature(logits, labels)
+    before = calibration.negative_log_likelihood(logits, labels)
+    after = calibration.negative_log_likelihood(logits / temperature, labels)
+    calibration.apply_temperature(model, temperature)
+    log.info("temperature scaling: T = %.3f fitted on %d validation images (their log loss %.4f -> %.4f)",
+             temperature, len(labels), before, after)
+    return {"temperature": temperature, "val_loss_before_temperature": before, "val_loss_after_temperature": after}
+
+
 def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
     """Choose the devices, the dtype policy (and set it) and XLA, and record what was chosen.
     Several workers train without XLA (the multi-worker loop's step is not compiled with it)."""
@@ -368,13 +400,13 @@ def run_params(base: BaseParams, augment: AugmentParams, split: SplitParams, sec
 
 
 def _write_training_outputs(args: argparse.Namespace, model: keras.Model, history: History, fit_data: FitData,
-                            class_names: list[str], setup: RunSetup, stage: str) -> dict:
+                            class_names: list[str], setup: RunSetup, stage: str, scaling: dict[str, float]) -> dict:
     """The model, the curves (CSV and MLflow figure) and the summary DVC shows as metrics."""
     save_model(model, Path(args.out) / MODEL_FILE)
     frame = history.frame()
     write_frame_csv(Path(args.history), frame)
     summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
-               "jit_compile": setup.jit_compile,
+               "jit_compile": setup.jit_compile, **scaling,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
     curves = figures.training_curves(frame, title=stage)

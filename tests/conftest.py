@@ -81,13 +81,17 @@ def reproduced_project(tmp_path_factory, worker_id: str) -> ReproducedProject:
     from filelock import FileLock
 
     from bench.common import git_commit_all
-    from bench.project import copy_project, run
+    from bench.project import copy_project, read_params, run, write_params
 
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     root, output_file = shared / "reproduced" / "project", shared / "reproduced" / "repro.out"
     with FileLock(str(shared / "reproduced.lock")):
         if not output_file.exists():
             copy_project(root)
+            # One model with a temperature built in and one without: evaluate's figures of both kinds.
+            params = read_params(root)
+            params["train_resnet50"]["temperature_scaling"] = True
+            write_params(root, params)
             output = run(root, "dvc", "repro").stdout
             # As a user would: commit dvc.lock and the metrics, so experiments start from a clean workspace.
             git_commit_all(root, "dvc repro")

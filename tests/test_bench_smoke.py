@@ -37,6 +37,7 @@ def _check_report(result: subprocess.CompletedProcess, out: Path, rows: list[str
 
     data = json.loads(out.read_text())
     assert data["mode"] == "tiny"
+    assert data["command"].startswith("python -m bench --tiny --rows "), data["command"]  # docs/performance.md shows it
     assert list(data["rows"]) == rows
     machine = data["machine"]
     assert {"cpu_model", "cores", "avx512_bf16", "amx_bf16", "amx_tile", "gpu", "versions"} <= set(machine)

@@ -12,6 +12,7 @@ import pytest
 from pipeline.artifacts import SplitPredictions
 from pipeline.decision import (
     DEPLOY,
+    MISCALIBRATED,
     NO_CHAMPION,
     NOT_COMPARABLE,
     OVERFIT,
@@ -20,6 +21,7 @@ from pipeline.decision import (
     STAYS,
     UNDERFIT,
     UNKNOWN,
+    CalibrationNote,
     ChampionCheck,
     Decision,
     Estimate,
@@ -195,6 +197,50 @@ def test_the_two_models_are_compared_on_the_same_test_images() -> None:
     assert "compared: custom 0.900 vs resnet50 0.950: -5.0 points" in "\n".join(summary_lines(decision))
 
 
+# --- calibration ---------------------------------------------------------------------------------
+
+NOTES = {"custom": CalibrationNote(0.12, 0.09, 1.0, "metrics/plots/gradcam_custom.png"),
+         "resnet50": CalibrationNote(0.03, 0.07, 1.8, "metrics/plots/gradcam_resnet50.png")}
+
+
+def test_calibration_decides_nothing_unless_max_calibration_error_is_set() -> None:
+    predictions = {"custom": model(0.99, 0.95, validation=0.97), "resnet50": model(0.99, 0.95)}
+    decision = decide(judge_all(predictions, GATE, 0, NOTES), compare_models(predictions, GATE, 0), FIRST_RUN, GATE)
+    assert {name: verdict.verdict for name, verdict in decision.candidates.items()} == {"custom": DEPLOY,
+                                                                                      "resnet50": DEPLOY}
+    assert decision.model == "custom" and "max_calibration_error" not in decision.thresholds
+    # The summary says each model's calibration and where its surest mistakes are pictured, one line each.
+    lines = summary_lines(decision)
+    assert ("calibration: custom test ECE 0.1200, Brier 0.0900 (no temperature scaling); surest mistakes "
+            "pictured in metrics/plots/gradcam_custom.png") in lines
+    assert ("calibration: resnet50 test ECE 0.0300, Brier 0.0700 (temperature 1.80); surest mistakes "
+            "pictured in metrics/plots/gradcam_resnet50.png") in lines
+    assert decision.to_json()["candidates"]["custom"]["calibration"]["ece"] == 0.12
+
+
+def test_with_max_calibration_error_a_model_above_it_does_not_deploy() -> None:
+    strict = replace(GATE, max_calibration_error=0.05)
+    predictions = {"custom": model(0.99, 0.95, validation=0.97), "resnet50": model(0.99, 0.95)}
+    decision = decide(judge_all(predictions, strict, 0, NOTES), compare_models(predictions, strict, 0), FIRST_RUN,
+                      strict)
+    custom, resnet50 = decision.candidates["custom"], decision.candidates["resnet50"]
+    assert custom.verdict == MISCALIBRATED and resnet50.verdict == DEPLOY
+    assert "test ECE 0.1200 > max_calibration_error 0.05" in custom.reasons[-1]
+    assert resnet50.reasons[-1] == "test ECE 0.0300 <= max_calibration_error 0.05"
+    assert decision.model == "resnet50" and decision.thresholds["max_calibration_error"] == 0.05
+    # Exactly at the bound passes; a model with no figures (an old report) fails closed.
+    at_bound = {**NOTES, "custom": replace(NOTES["custom"], ece=0.05)}
+    assert judge_all(predictions, strict, 0, at_bound)["custom"].verdict == DEPLOY
+    unmeasured = judge_all(predictions, strict, 0, {})
+    assert {verdict.verdict for verdict in unmeasured.values()} == {MISCALIBRATED}
+    assert "no calibration figures" in unmeasured["custom"].reasons[-1]
+    nothing = decide(unmeasured, compare_models(predictions, strict, 0), FIRST_RUN, strict)
+    assert summary_lines(nothing)[-1] == ("deployed: nothing (no model passed both thresholds and "
+                                          "max_calibration_error)")
+    # An underfit model stays underfit: calibration is judged on the models that pass the thresholds.
+    assert judge_all({"custom": model(0.5, 0.5)}, strict, 0, NOTES)["custom"].verdict == UNDERFIT
+
+
 def test_predictions_for_different_images_are_refused() -> None:
     from pipeline.errors import PipelineError
 
@@ -340,7 +386,7 @@ def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None
     assert data["thresholds"] == {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0}
     custom = data["candidates"]["custom"]
     assert set(custom) == {"train_score", "validation_score", "test_score", "train_interval", "test_interval",
-                           "verdict", "reasons"}
+                           "verdict", "reasons", "calibration"}
     assert custom["test_score"] == 0.9 and custom["train_interval"] is None
     assert custom["test_interval"]["method"] == "wilson" and custom["test_interval"]["confidence"] == 0.95
     assert custom["test_interval"]["low"] < 0.9 < custom["test_interval"]["high"]

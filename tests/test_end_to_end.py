@@ -105,12 +105,44 @@ def test_dvc_repro_end_to_end(reproduced_project: ReproducedProject) -> None:
         assert logged.data.params["machine.isa_in_use"] == summary["machine"]["isa_in_use"]
         assert logged.data.params["machine.onednn"] == str(summary["machine"]["onednn"])
 
+    check_calibration_and_gradcam(project, runs, gate)
+
+
+def check_calibration_and_gradcam(project: Path, runs: list, gate: dict) -> None:
+    """Each model's ECE and Brier score in evaluate.json and its run; its Grad-CAM picture and reliability
+    diagram as DVC plots and MLflow figures; the temperature the tiny project's ResNet50 was given (and
+    not the custom CNN) carried from training to evaluate, with the test figures without it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    scores = json.loads((project / "metrics/evaluate.json").read_text())
+    for r in runs:
+        name = r.data.tags["dvc.stage"].removeprefix("train_")
+        test = scores[name]["test"]
+        assert 0.0 <= test["ece"] <= 1.0 and 0.0 <= test["brier"] <= 1.0
+        assert r.data.metrics["test_ece"] == pytest.approx(test["ece"])
+        assert {"plots/gradcam_test.png", "plots/reliability_test.png"} <= {
+            a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+        for picture in (f"gradcam_{name}", f"reliability_{name}"):
+            assert (project / f"metrics/plots/{picture}.png").read_bytes().startswith(b"\x89PNG")
+        temperature = json.loads((project / f"models/{name}/run.json").read_text())["temperature"]
+        assert json.loads((project / f"metrics/train_{name}.json").read_text())["temperature"] == temperature
+        assert scores[name]["temperature"] == temperature == r.data.metrics["temperature"]
+        # The gate read them (its summary says them, one line per model).
+        assert gate["candidates"][name]["calibration"] == {"ece": test["ece"], "brier": test["brier"],
+                                                           "temperature": temperature,
+                                                           "gradcam": f"metrics/plots/gradcam_{name}.png"}
+    assert scores["custom"]["temperature"] == 1.0 and "test_without_temperature" not in scores["custom"]
+    assert scores["resnet50"]["temperature"] != 1.0
+    assert 0.0 <= scores["resnet50"]["test_without_temperature"]["ece"] <= 1.0
+
 
 # The hyperparameters both models have, under one name in both runs (MLflow's compare view lines them up).
 SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule", "optimizer", "loss", "label_smoothing",
-                 "class_weight", "patience", "dense_units", "dropout", "precision", "jit_compile", "image_size",
-                 "channels", "seed", "deterministic", "distribution", "split.ratios", "augment.rotation",
-                 "train_size", "iterations_per_epoch", "classes", "precision.policy"}
+                 "class_weight", "patience", "dense_units", "dropout", "precision", "jit_compile", "weight_decay",
+                 "ema", "image_size", "channels", "seed", "deterministic", "distribution", "split.ratios",
+                 "augment.rotation", "augment.flip_average", "train_size", "iterations_per_epoch", "classes",
+                 "precision.policy"}
 OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "pooling"},
               "train_resnet50": {"weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"}}
 

@@ -11,10 +11,23 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel, RunRecord
-from pipeline.decision import STAYS, ChampionCheck, Decision
-from pipeline.gate import check, deploy_model
+from pipeline.decision import STAYS, CalibrationNote, ChampionCheck, Decision
+from pipeline.gate import check, deploy_model, read_calibration
 from tests.conftest import REPO_ROOT
 from tests.test_decision import decision_of
+
+# --- the evaluate stage's calibration figures ----------------------------------------------------
+
+def test_the_calibration_of_each_model_comes_from_evaluates_report(tmp_path: Path) -> None:
+    report = tmp_path / "evaluate_report.json"
+    assert read_calibration(report) == {}      # no report yet: nothing to say, nothing to hold against
+    measured = {"temperature": 1.5, "test": {"ece": 0.04, "brier": 0.06, "bins": []},
+                "pictures": {"gradcam": "metrics/plots/gradcam_custom.png"}}
+    report.write_text(json.dumps({"class_names": ["cat", "dog"], "custom": {"test": {}, "calibration": measured},
+                                  "resnet50": {"test": {}}}))   # resnet50: a report from before calibration
+    (custom,) = read_calibration(report).items()
+    assert custom == ("custom", CalibrationNote(0.04, 0.06, 1.5, "metrics/plots/gradcam_custom.png"))
+
 
 # --- check (the CI exit code) --------------------------------------------------------------------
 

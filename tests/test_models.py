@@ -24,6 +24,7 @@ from pipeline.models import (
     for_inference,
     imagenet_preprocessing_layer,
     unfreeze_top_layers,
+    with_flip_averaging,
 )
 from pipeline.params import AugmentParams
 
@@ -309,7 +310,8 @@ def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> No
 
 # --- augmentation and the photo recipe -----------------------------------------------------------
 
-PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05)
+PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05,
+                              flip_average=False)
 
 
 def _photo_cnn(augment: AugmentParams | None = PHOTO_AUGMENT) -> keras.Model:
@@ -331,7 +333,8 @@ def test_augmentation_changes_images_in_training_only() -> None:
 
 
 def test_no_augmentation_layer_unless_switched_on() -> None:
-    off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0)
+    off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0,
+                         flip_average=False)
     assert augmentation_layers(off) == [] and augmentation_layers(None) == []
     names = [layer.name for layer in augmentation_layers(PHOTO_AUGMENT)]
     assert names == ["augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast",
@@ -360,6 +363,39 @@ def test_cosine_schedule_and_label_smoothing_reach_the_optimizer_and_loss() -> N
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
     assert float(schedule(0)) == pytest.approx(0.002) and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
     assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+
+
+def test_flip_averaging_answers_the_mean_for_image_and_mirror_and_loads_in_safe_mode(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(1)
+    model = _photo_cnn(augment=None)
+    averaged = with_flip_averaging(model)
+    images = _raw_images(6, (24, 24, 3), seed=2)
+    mirrors = images[:, :, ::-1, :].copy()
+    plain, flipped = model.predict(images, verbose=0), model.predict(mirrors, verbose=0)
+    assert not np.allclose(plain, flipped, atol=1e-4)          # the model alone tells them apart
+    np.testing.assert_allclose(averaged.predict(images, verbose=0), (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(averaged.predict(mirrors, verbose=0), averaged.predict(images, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    loaded = saved_and_loaded(averaged, tmp_path)
+    assert loaded.get_layer("mirror_reverse").trainable is False
+
+
+def test_weight_decay_shrinks_kernels_but_not_biases_or_normalisation() -> None:
+    keras.utils.set_random_seed(2)
+    model = _photo_cnn(augment=None)
+    compile_model(model, "sgd", 0.1, "crossentropy", 2, weight_decay=0.5)
+    before = {variable.path: keras.ops.convert_to_numpy(variable) for variable in model.trainable_variables}
+    zeros = [keras.ops.zeros_like(variable) for variable in model.trainable_variables]
+    model.optimizer.apply_gradients(zip(zeros, model.trainable_variables))   # no gradient: only the decay acts
+    kinds = set()
+    for variable in model.trainable_variables:
+        after = keras.ops.convert_to_numpy(variable)
+        if variable.name == "kernel":
+            np.testing.assert_allclose(after, before[variable.path] * (1 - 0.1 * 0.5), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(after, before[variable.path])
+        kinds.add(variable.name)
+    assert {"kernel", "bias", "gamma", "beta"} <= kinds
 
 
 def test_the_inference_copy_of_a_mixed_precision_model_computes_in_float32(tmp_path: Path) -> None:

@@ -395,3 +395,21 @@ def test_max_test_reuse_is_a_whole_number_of_models(raw_params: dict, value) -> 
     raw_params["gate"]["max_test_reuse"] = value
     with pytest.raises(ParamsError, match=r"gate\.max_test_reuse"):
         params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, "often"])
+def test_max_calibration_error_is_off_or_an_error_between_0_and_1(raw_params: dict, value) -> None:
+    assert params_from_dict(raw_params).gate.max_calibration_error is None
+    raw_params["gate"]["max_calibration_error"] = 0.05
+    assert params_from_dict(raw_params).gate.max_calibration_error == 0.05
+    raw_params["gate"]["max_calibration_error"] = value
+    with pytest.raises(ParamsError, match=r"gate\.max_calibration_error"):
+        params_from_dict(raw_params)
+
+
+def test_temperature_scaling_is_off_by_default_and_true_or_false(raw_params: dict) -> None:
+    params = params_from_dict(raw_params)
+    assert params.train_custom.temperature_scaling is False and params.train_resnet50.temperature_scaling is False
+    raw_params["train_resnet50"]["temperature_scaling"] = "yes"
+    with pytest.raises(ParamsError, match=r"train_resnet50\.temperature_scaling: expected true or false"):
+        params_from_dict(raw_params)

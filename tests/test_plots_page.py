@@ -17,7 +17,8 @@ from pipeline.plots_page import page_template, vega_bundle
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 IMAGE_PLOTS = {f"metrics/plots/{name}.png" for name in (
     "train_custom_curves", "train_resnet50_curves", "confusion_custom", "confusion_resnet50",
-    "misclassified_custom", "misclassified_resnet50")}
+    "misclassified_custom", "misclassified_resnet50", "gradcam_custom", "gradcam_resnet50", "reliability_custom",
+    "reliability_resnet50")}
 VEGA_PLOTS = 6   # a confusion matrix, a loss and an accuracy curve per model
 
 

@@ -70,5 +70,5 @@ def test_the_report_of_a_reproduced_project(reproduced_project_copy: Path, tmp_p
     assert "**Deployed: `" in page and "No metric differs from `HEAD`." in page
     assert page.count("| **0** |") == 2   # the digits' confusion matrices, one per model
     pictures = re.findall(r'alt="(metrics/plots/[\w.]+\.png)"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(pictures) == 6 and all(base64.b64decode(data).startswith(b"\x89PNG") for _, data in pictures)
+    assert len(pictures) == 10 and all(base64.b64decode(data).startswith(b"\x89PNG") for _, data in pictures)
     assert len(page.encode()) < 1024 * 1024   # GitHub's limit for one step's summary

@@ -41,6 +41,57 @@ def set_params(workdir: Path, section: str, **values) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def test_with_ema_early_stopping_judges_keeps_and_restores_the_averaged_weights() -> None:
+    """Each epoch ends with the averaged weights in the model (what validation scored); the weights kept
+    are those of the epoch with the lowest validation loss."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from pipeline.models import build_custom_cnn
+    from pipeline.params import load_params
+    from pipeline.training import FitData, History, compile_for_fit, fit
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, (48, 12, 12, 1)).astype("float32")
+    labels = rng.integers(0, 2, (48, 1)).astype("float32")     # two classes: one sigmoid output
+    train = tf.data.Dataset.from_tensor_slices((images[:32], labels[:32])).batch(8)
+    validation = tf.data.Dataset.from_tensor_slices((images[32:], labels[32:])).batch(8)
+    data = FitData(train, validation, 32, 8, 2, (12, 12, 1))
+    section = dataclasses.replace(load_params(Path(__file__).parents[1] / "params.yaml").train_custom, ema=True,
+                                  epochs=4, patience=10, lr_schedule="constant", learning_rate=0.01)
+    model = build_custom_cnn((12, 12, 1), 2, [4], [], 0.0)
+    compile_for_fit(model, data, section, section.learning_rate, section.epochs)
+
+    class Recorder(keras.callbacks.Callback):
+        """Keeps its own moving average (Keras's rule: the first step copies, then momentum 0.99) of
+        the weights after each step, and what the model holds when each epoch ends."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.average: list[np.ndarray] | None = None
+            self.seen: list[tuple[float, list[np.ndarray], list[np.ndarray]]] = []
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            weights = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+            self.average = weights if self.average is None else [
+                0.99 * average + 0.01 * weight for average, weight in zip(self.average, weights)]
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            held = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+            self.seen.append((logs["val_loss"], held, list(self.average)))
+
+    recorder = Recorder()
+    fit(model, data, section, History(), phase="train", epochs=section.epochs, callbacks=[recorder])
+    for _, held, average in recorder.seen:
+        for weights, expected in zip(held, average):
+            np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+    best = min(recorder.seen, key=lambda entry: entry[0])
+    for kept, weights in zip(model.trainable_variables, best[1]):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(kept), weights, rtol=1e-6)
+
+
 def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> None:
     result = run_stage(workdir, "train_custom", *train_arguments("custom", "train_custom"))
     assert result.returncode == 0, result.stderr

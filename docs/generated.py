@@ -1,0 +1,26 @@
+"""What the page generators share: a block between two markers, rewritten or checked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def replaced(page: str, block: str, begin: str, end: str) -> str:
+    """``page`` with the text from ``begin`` to ``end`` (markers included) replaced by ``block``."""
+    start, stop = page.index(begin), page.index(end, page.index(begin)) + len(end)
+    return page[:start] + block + page[stop:]
+
+
+def write_or_check(page_path: Path, block: str, begin: str, end: str, command: str, check: bool) -> int:
+    """Write the block into the page, or (``check``) return 1 when the page holds another."""
+    page = page_path.read_text(encoding="utf-8")
+    wanted = replaced(page, block, begin, end)
+    if check:
+        if wanted != page:
+            print(f"{page_path} is stale: run {command}", file=sys.stderr)
+            return 1
+        return 0
+    page_path.write_text(wanted, encoding="utf-8")
+    print(f"written: {page_path}")
+    return 0

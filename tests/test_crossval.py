@@ -1,0 +1,117 @@
+"""Cross-validation of a recipe: folds that are stratified, keep copies together and test every image
+once; overrides checked as params are; a real run on a tiny folder; comparisons on the same images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import crossval
+from pipeline.cli import EXIT_USER_ERROR
+from pipeline.errors import PipelineError
+from pipeline.params import ParamsError
+from tests.conftest import REPO_ROOT, make_image_folder
+
+
+def _manifest(per_class: dict[str, int], group_size: int = 1) -> pd.DataFrame:
+    rows = []
+    for label, count in per_class.items():
+        for i in range(count):
+            rows.append({"path": f"{label}/{i}.png", "label": label, "group": f"{label}-{i // group_size}"})
+    return pd.DataFrame(rows)
+
+
+def test_folds_are_stratified_keep_groups_whole_and_test_every_image_once() -> None:
+    manifest = _manifest({"cat": 60, "dog": 40}, group_size=2)
+    parts = crossval.assign_folds(manifest, folds=5, seed=7)
+    assert set(parts) == set(range(10))
+    assert manifest.assign(part=parts).groupby("group")["part"].nunique().max() == 1   # copies together
+    tested = []
+    for fold in range(5):
+        frame = crossval.fold_split(manifest, parts, fold, folds=5)
+        shares = frame["split"].value_counts(normalize=True)
+        assert shares["test"] == pytest.approx(0.2, abs=0.03) and shares["validation"] == pytest.approx(0.1, abs=0.03)
+        for split in ("train", "test"):    # each split keeps the classes' 60:40 proportions
+            labels = frame.loc[frame["split"] == split, "label"]
+            assert (labels == "cat").mean() == pytest.approx(0.6, abs=0.06)
+        assert not set(frame.loc[frame["split"] == "test", "group"]) & set(frame.loc[frame["split"] == "train", "group"])
+        tested += frame.loc[frame["split"] == "test", "path"].tolist()
+    assert sorted(tested) == sorted(manifest["path"])
+
+
+def test_too_small_a_class_for_the_folds_is_one_clear_error() -> None:
+    with pytest.raises(PipelineError, match=r"smallest class has 6 images; use fewer folds"):
+        crossval.assign_folds(_manifest({"cat": 30, "dog": 6}), folds=5, seed=0)
+
+
+def test_summary_gives_mean_spread_and_worst_fold() -> None:
+    summary = crossval.summarise([{"test_accuracy": value} for value in (0.8, 0.9, 0.7)])
+    assert summary == {"mean": pytest.approx(0.8), "std": pytest.approx(0.1), "min": 0.7, "max": 0.9, "folds": 3}
+
+
+def test_overrides_are_checked_like_params(tmp_path: Path) -> None:
+    params, changes = crossval.recipe_params(REPO_ROOT / "params.yaml", "photos",
+                                             ["train_custom.weight_decay=0.05", "augment.flip_average=true"])
+    assert params.train_custom.weight_decay == 0.05 and params.augment.flip_average is True
+    assert params.base.channels == 3                                      # the preset applied under them
+    assert changes == {"train_custom.weight_decay": 0.05, "augment.flip_average": True}
+    with pytest.raises(PipelineError, match=r"--set train_custom\.weight_decy: no such key"):
+        crossval.recipe_params(REPO_ROOT / "params.yaml", None, ["train_custom.weight_decy=0.1"])
+    with pytest.raises(ParamsError, match=r"train_custom\.weight_decay: must be in \[0, 1\)"):
+        crossval.recipe_params(REPO_ROOT / "params.yaml", None, ["train_custom.weight_decay=2"])
+
+
+def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
+    def result(right: list[int], paths: list[str]) -> dict:
+        return {"folds": [{"test_paths": paths, "test_right": right}]}
+
+    paths = [f"{i}.png" for i in range(10)]
+    better, worse = result([1] * 9 + [0], paths), result([1] * 5 + [0] * 5, paths)
+    comparison = crossval.compare_recipes(better, worse)
+    assert comparison["difference"] == pytest.approx(0.4)
+    assert (comparison["first_only_right"], comparison["second_only_right"]) == (4, 0)
+    assert comparison["mcnemar_p_value"] == pytest.approx(0.125)             # 2 * 0.5**4
+    with pytest.raises(PipelineError, match="not tested on the same images"):
+        crossval.compare_recipes(better, result([1] * 10, [f"other{i}.png" for i in range(10)]))
+
+
+@pytest.mark.slow
+def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "images", {"red": 10, "green": 10}, size=16)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["base"].update(image_size=32, channels=3)
+    params["train_custom"].update(epochs=1, blocks=[4], dense_units=[8])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "cv.json"
+    argv = ["--params", str(tmp_path / "params.yaml"), "--source", str(folder), "--folds", "2", "--out", str(out)]
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--name", "tiny"]) == 0
+    recipe = json.loads(out.read_text())["recipes"]["tiny"]
+    assert recipe["images"] == 20 and len(recipe["folds"]) == 2
+    tested = sorted(path for fold in recipe["folds"] for path in fold["test_paths"])
+    assert tested == sorted(str(p.relative_to(folder).as_posix()) for p in folder.rglob("*.*"))
+    for fold in recipe["folds"]:
+        assert fold["sizes"]["test"] == 10 and fold["epochs_run"] == 1
+        assert np.mean(fold["test_right"]) == pytest.approx(fold["test_accuracy"])
+        assert 0 <= fold["test_accuracy_flip"] <= 1 and 0 <= fold["train_accuracy"] <= 1
+    # Once chosen, the recipe is trained on the whole folder and scored once on a folder kept apart.
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--name", "tiny", "--holdout", str(holdout)]) == 0
+    held = json.loads(out.read_text())["recipes"]["tiny"]["holdout"]
+    assert held["sizes"] == {"train": 15, "validation": 5, "test": 6}   # a quarter stops early and len(held["test_right"]) == 6
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--name", "unknown", "--holdout", str(holdout)]) == EXIT_USER_ERROR
+    # The table is printed again from the file without training; a misspelt key fails in one line,
+    # writing nothing.
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--report-only", "--against", "tiny"]) == 0
+    before = out.read_bytes()
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--set", "train_custom.dropot=0.5"]) == EXIT_USER_ERROR
+    assert out.read_bytes() == before
