@@ -11,7 +11,8 @@ Everything it trains with comes from the compiled model (optimizer with its lear
 weight decay and EMA; loss with its label smoothing; the loss scale of mixed float16), so what
 :func:`pipeline.models.compile_model` sets is honoured here as in ``fit``. What ``fit``'s callbacks
 do is done here with the same rules: early stopping on the (global) validation loss with the best
-weights restored, and ``lr_schedule: plateau`` halving the rate when the validation loss stalls.
+weights restored, ``lr_schedule: plateau`` halving the rate when the validation loss stalls, and
+with EMA the averaged weights validated, judged and kept (``SwapEMAWeights(swap_on_epoch=True)``).
 Every worker takes the same decisions because every figure it decides on is all-reduced first.
 """
 
@@ -117,6 +118,9 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
     """
     strategy = tf.distribute.get_strategy()
     optimizer, loss_object = model.optimizer, model.loss
+    # An optimizer that keeps a moving average of the weights (``use_ema``; inside the loss scaling
+    # of mixed_float16): fit's SwapEMAWeights validates, judges and keeps the averaged weights.
+    ema = bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
     weights_table = _class_weight_table(class_weights, num_classes)
     distributed = strategy.distribute_datasets_from_function(lambda _context: train)
 
@@ -159,6 +163,9 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
     result = LoopResult()
     for epoch in range(epochs):
         train_totals = all_reduce_sums(strategy, train_epoch(iter(distributed), tf.constant(steps_per_epoch)))
+        training_weights = model.get_weights() if ema else None
+        if ema:
+            optimizer.finalize_variable_values(model.trainable_variables)   # the averages, in place
         val_totals = all_reduce_sums(strategy, validation_sums())
         logs = {**_figures(train_totals, ""), **_figures(val_totals, "val_")}
         result.add(logs)
@@ -166,7 +173,10 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
                  " ".join(f"{key} {value:.4f}" for key, value in logs.items()))
         for callback in callbacks:
             callback.on_epoch_end(epoch, logs)
-        if stopper.update(epoch, logs["val_loss"], model.get_weights):
+        stop = stopper.update(epoch, logs["val_loss"], model.get_weights)
+        if training_weights is not None:
+            model.set_weights(training_weights)   # training goes on from its own weights
+        if stop:
             break
         if reducer is not None:
             rate = reducer.update(logs["val_loss"], float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
@@ -174,7 +184,8 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
                 optimizer.learning_rate = rate
                 log.info("epoch %d: validation loss stalled, learning rate halved to %g", epoch + 1, rate)
     # What model.fit does after its last epoch, in its order: the optimizer's final values (the
-    # moving average of the weights when use_ema is set), then EarlyStopping's best weights.
+    # moving average of the weights when use_ema is set), then EarlyStopping's best weights (with
+    # EMA, the averaged weights of the best epoch).
     if epochs > 0 and isinstance(optimizer, keras.optimizers.Optimizer):
         optimizer.finalize_variable_values(model.trainable_variables)
     if stopper.best_weights is not None:

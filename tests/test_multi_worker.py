@@ -188,10 +188,10 @@ def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
-    """The loop's step is fit's step: the compiled SGD with EMA, label smoothing in the compiled
-    loss, balanced class weights per example, early stopping with the best weights kept, and under
-    mixed_float16 the loss scaling compile adds; in one process, on the same batches, the weights
-    agree to rounding."""
+    """The loop's step is fit's step: the compiled SGD with weight decay and EMA (the averaged weights
+    validated and kept), label smoothing in the compiled loss, balanced class weights per example,
+    early stopping with the best weights kept, and under mixed_float16 the loss scaling compile adds;
+    in one process, on the same batches, the weights and curves agree to rounding."""
     import dataclasses
 
     import tensorflow as tf
@@ -211,14 +211,13 @@ def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
     data = FitData(train, validation, 24, 8, 3, (12, 12, 1), train_label_counts=(12, 8, 4))
     section = dataclasses.replace(load_params(REPO_ROOT / "params.yaml").train_custom, optimizer="sgd",
                                   learning_rate=0.05, lr_schedule="constant", label_smoothing=0.1,
-                                  class_weight="balanced", patience=2, dropout=0.0, epochs=4)
+                                  class_weight="balanced", patience=2, dropout=0.0, epochs=4, ema=True,
+                                  weight_decay=0.01)
 
     def compiled() -> keras.Model:
         keras.utils.set_random_seed(5)
         model = build_custom_cnn(data.input_shape, 3, (4,), (8,), 0.0)
         compile_for_fit(model, data, section, section.learning_rate, section.epochs)
-        optimizer = keras.optimizers.SGD(float(model.optimizer.learning_rate), use_ema=True, ema_momentum=0.5)
-        model.compile(optimizer=optimizer, loss=model.loss, metrics=["accuracy"])
         return model
 
     keras.mixed_precision.set_global_policy(policy)
