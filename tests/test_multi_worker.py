@@ -163,7 +163,8 @@ def test_a_worker_that_dies_stops_the_other_with_one_line(tmp_path: Path, images
     # With the options fit's callbacks and compile provide, and oneDNN on (precision auto is mixed
     # bfloat16 on a CPU with bfloat16 instructions): the loop runs them on two workers until one dies.
     options = {"precision": "auto", "class_weight": "balanced", "lr_schedule": "plateau", "batch_norm": True,
-               "label_smoothing": 0.1, "optimizer": "adam", "learning_rate": 0.001}
+               "label_smoothing": 0.1, "optimizer": "adam", "learning_rate": 0.001, "ema": True,
+               "weight_decay": 0.01}
     roots = [project(tmp_path / f"machine{index}", images, raw_params, epochs=500, patience=500, **options)
              for index in range(WORKERS)]
     addresses = start_workers(roots, tmp_path, launched, {"TF_CPP_MIN_LOG_LEVEL": "2"})
