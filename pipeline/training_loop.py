@@ -22,9 +22,8 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import keras
 import numpy as np
@@ -36,7 +35,7 @@ log = logging.getLogger("pipeline.training_loop")
 
 # The figures each step and each validation pass add up on every replica, then across all of them.
 _SUMS = ("loss", "correct", "count")
-# ReduceLROnPlateau's defaults, which the single-process path uses.
+# ReduceLROnPlateau as pipeline.training.fit sets it up for one process: factor 0.5, min_delta its default.
 _PLATEAU_MIN_DELTA = 1e-4
 _PLATEAU_FACTOR = 0.5
 
@@ -53,7 +52,7 @@ class EarlyStop:
     wait: int = 0
     best_weights: list[np.ndarray] | None = None
 
-    def update(self, epoch: int, val_loss: float, weights: Any) -> bool:
+    def update(self, epoch: int, val_loss: float, weights: Callable[[], list[np.ndarray]]) -> bool:
         """Record ``epoch``'s validation loss; True when training should stop. ``weights`` is called
         for the model's weights only when they are worth keeping."""
         if self.best_weights is None:

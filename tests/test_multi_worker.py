@@ -248,8 +248,9 @@ def test_the_lost_worker_is_named_from_tensorflows_error_never_this_one() -> Non
     reset = tf.errors.UnavailableError(None, None, "Graph execution error:\n\nDetected at node x:\nCollective ops is "
                                        "aborted by: recvmsg:Connection reset by peer /job:worker/replica:0/task:1 "
                                        "/job:worker/replica:0/task:0")
-    assert str(peer_failure(reset, cluster)) == ("multi-worker training stopped: worker 0 (10.0.0.1:2222) stopped "
-                                                 "answering (connection reset); every worker must be restarted together")
+    assert str(peer_failure(reset, cluster)) == (
+        "multi-worker training stopped: worker 0 (10.0.0.1:2222) stopped answering (connection reset); "
+        "every worker must be restarted together")
     heartbeats = tf.errors.UnavailableError(None, None, "The following tasks are unhealthy (stopped sending "
                                             "heartbeats):\n/job:worker/replica:0/task:0")
     assert "worker 0 (10.0.0.1:2222) stopped answering (no heartbeat from it)" in str(peer_failure(heartbeats, cluster))
