@@ -18,6 +18,8 @@ Rows (``--rows`` takes these keys):
   experiments per minute and the speedup against one worker.
 - ``utilisation``: each model's training step in FLOP/s against the CPU's peak for the vector
   extension (and precision) in use.
+- ``loop``: the multi-worker training loop (``pipeline.training_loop``) run in one process, against
+  ``model.fit`` on the same model and batches: whether one process could train through the loop too.
 
 Sizes: the default (full) sizes are for a quiet machine; ``--quick`` uses small sizes for
 development; ``--tiny`` is for the smoke test (seconds per row, the long rows skipped).

@@ -29,6 +29,7 @@ ROWS = {
     "serving": "bench.serving",
     "sweep": "bench.sweep",
     "utilisation": "bench.utilisation",
+    "loop": "bench.training_loop",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

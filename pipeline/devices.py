@@ -33,14 +33,14 @@ class Placement:
 
 
 def choose_placement(setting: str) -> Placement:
-    """``auto``: several machines if ``TF_CONFIG`` names them, else every GPU if there are several,
+    """``auto``: several machines if ``TF_CONFIG`` names two or more, else every GPU if there are several,
     else one device. ``mirrored``: every GPU, or every logical CPU when there is no GPU.
     ``multi_worker``: ``MultiWorkerMirroredStrategy`` (needs ``TF_CONFIG``). ``none``: one device.
     """
-    cluster = _tf_config()
+    cluster = tf_config()
     # Before anything that starts TensorFlow's runtime (listing devices does): collective ops can
     # only be configured at program start.
-    if setting == "multi_worker" or (setting == "auto" and cluster):
+    if setting == "multi_worker" or (setting == "auto" and worker_share(cluster)[0] > 1):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         workers, index = worker_share(cluster)
         return Placement(strategy, "multi_worker", strategy.num_replicas_in_sync, workers, index)
@@ -61,7 +61,7 @@ def worker_share(cluster: dict) -> tuple[int, int]:
     return max(1, chiefs + len(tasks.get("worker", []))), index
 
 
-def _tf_config() -> dict:
+def tf_config() -> dict:
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         return {}

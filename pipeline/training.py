@@ -8,10 +8,11 @@ run, and the files DVC tracks. :func:`fit` knows nothing of MLflow: the stage pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,17 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import calibration, cli, figures, parent_run, stage_runs, tracking
+from pipeline import calibration, cli, figures, parent_run, stage_runs, tracking, training_loop
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
-from pipeline.devices import Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision
+from pipeline.devices import (Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision,
+                              tf_config)
+from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
 from pipeline.models import compile_model, for_inference, with_flip_averaging
-from pipeline.params import AugmentParams, BaseParams, FitParams, SplitParams, load_params, to_flat_dict
+from pipeline.params import AugmentParams, BaseParams, FitParams, Params, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger("pipeline.training")
@@ -52,11 +55,15 @@ class FitData:
     replicas: int = 1
     train_label_counts: tuple[int, ...] = ()
     drop_remainder: bool = False
+    num_workers: int = 1
 
     @property
     def iterations_per_epoch(self) -> int:
         """The deck's definition: batches needed to see every training image once (one fewer when
-        the last, smaller batch is left out)."""
+        the last, smaller batch is left out). With several workers, the steps every worker can take
+        from its own share: global batches of ``batch_size / workers`` images from each."""
+        if self.num_workers > 1:
+            return (self.train_size // self.num_workers) // (self.batch_size // self.num_workers)
         if self.drop_remainder:
             return self.train_size // self.batch_size
         return iterations_per_epoch(self.train_size, self.batch_size)
@@ -81,7 +88,7 @@ class History:
 
     rows: list[dict] = field(default_factory=list)
 
-    def add(self, phase: str, keras_history: keras.callbacks.History) -> None:
+    def add(self, phase: str, keras_history: keras.callbacks.History | training_loop.LoopResult) -> None:
         for values in _epochs(keras_history):
             self.rows.append({"epoch": len(self.rows) + 1, "phase": phase, **values})
 
@@ -126,17 +133,25 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
     """Training set shuffled with the seed, validation set in order; both decoded once and cached.
 
     ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
-    images. With several workers each reads only its own share of the files. ``one_batch_shape``
-    (for XLA, which compiles the step again for every new shape) leaves out the last, smaller
-    training batch of each epoch.
+    images. With several workers each reads only its own share of the files, batched per replica
+    for :mod:`pipeline.training_loop`, without the last, smaller batch (every worker takes the
+    same number of steps); a share smaller than one step is refused here. ``one_batch_shape`` (for
+    XLA, which compiles the step again for every new shape) leaves out the last, smaller training
+    batch of each epoch.
     """
     replicas = placement.replicas if placement else 1
-    shard = (placement.num_workers, placement.worker_index) if placement and placement.num_workers > 1 else None
+    workers = placement.num_workers if placement else 1
+    shard = (workers, placement.worker_index) if placement and workers > 1 else None
     num_classes = len(data.class_names)
-    common = {"image_size": base.image_size, "channels": base.channels, "batch_size": batch_size * replicas,
-              "shard": shard}
+    # One process batches globally (model.fit splits each batch over the replicas); the loop hands
+    # each replica its own batch.
+    read_batch = batch_size if shard else batch_size * replicas
+    common = {"image_size": base.image_size, "channels": base.channels, "batch_size": read_batch, "shard": shard}
     train_size = len(data.subset("train"))
-    drop_remainder = one_batch_shape and shard is None and train_size > batch_size * replicas
+    if shard and (train_size // workers) < batch_size * (replicas // workers):
+        raise PipelineError(f"{workers} workers with batch_size {batch_size}: each worker's share of the "
+                            f"{train_size} training images is smaller than one batch; lower batch_size")
+    drop_remainder = bool(shard) or (one_batch_shape and train_size > batch_size * replicas)
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
                              shuffle_seed=base.seed, drop_remainder=drop_remainder, **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
@@ -144,7 +159,7 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
     counts = np.bincount(data.label_indices("train"), minlength=num_classes)
     return FitData(train, validation, train_size, batch_size * replicas, num_classes,
                    (base.image_size, base.image_size, base.channels), replicas, tuple(int(c) for c in counts),
-                   drop_remainder)
+                   drop_remainder, workers)
 
 
 def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learning_rate: float,
@@ -161,30 +176,41 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
         callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
     """One ``model.fit`` with early stopping on validation loss (best weights kept), the section's
     class weights and, for ``lr_schedule: plateau``, a halved rate when validation loss stalls.
+    With several workers, :func:`pipeline.training_loop.train_loop` does the same (``model.fit``
+    fails there, keras-team/keras#20585).
 
     ``callbacks`` come from the caller; a callback with a ``first_step`` attribute is told where
     this phase's epochs start, so curves run on across phases.
     """
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
-                                            restore_best_weights=True)
-    # With ``ema`` the averaged weights are swapped in before each validation and at each epoch's end,
-    # ahead of the stopper, so early stopping judges, keeps and restores the averaged weights.
-    own: list[keras.callbacks.Callback] = [stopper]
-    if section.ema:
-        own.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    if section.lr_schedule == "plateau":
-        own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                     patience=max(1, section.patience // 2), verbose=1))
     for callback in callbacks:
         if hasattr(callback, "first_step"):
             callback.first_step = len(history.rows)
     class_weight = data.balanced_class_weights() if section.class_weight == "balanced" else None
-    result = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=2, shuffle=False,
-                       class_weight=class_weight, callbacks=[*own, *callbacks])
-    history.add(phase, result)
-    if stopper.stopped_epoch:
-        log.info("%s: early stopping after epoch %d, weights of epoch %d kept", phase,
-                 stopper.stopped_epoch + 1, (stopper.best_epoch or 0) + 1)
+    if data.num_workers > 1:
+        result = training_loop.train_loop(
+            model, data.train, data.validation, epochs=epochs, steps_per_epoch=data.iterations_per_epoch,
+            global_batch_size=data.batch_size, patience=section.patience, plateau=section.lr_schedule == "plateau",
+            class_weights=class_weight, num_classes=data.num_classes, callbacks=callbacks)
+        history.add(phase, result)
+        stopped_epoch, best_epoch = result.stopped_epoch, result.best_epoch
+    else:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
+                                                restore_best_weights=True)
+        # With ``ema`` the averaged weights are swapped in before each validation and at each epoch's
+        # end, ahead of the stopper, so early stopping judges, keeps and restores the averaged weights.
+        own: list[keras.callbacks.Callback] = [stopper]
+        if section.ema:
+            own.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        if section.lr_schedule == "plateau":
+            own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                         patience=max(1, section.patience // 2), verbose=1))
+        result = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=2, shuffle=False,
+                           class_weight=class_weight, callbacks=[*own, *callbacks])
+        history.add(phase, result)
+        stopped_epoch, best_epoch = stopper.stopped_epoch, stopper.best_epoch or 0
+    if stopped_epoch:
+        log.info("%s: early stopping after epoch %d, weights of epoch %d kept", phase, stopped_epoch + 1,
+                 best_epoch + 1)
 
 
 def save_model(model: keras.Model, path: Path) -> None:
@@ -210,20 +236,30 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 
 def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: FitFunction) -> None:
-    """The stage around a trainer's fit function, as named steps."""
+    """The stage around a trainer's fit function, as named steps. With several workers only the
+    chief (worker 0) records: the MLflow run, the model and the metrics; the others train with it
+    and write nothing (:func:`train_as_worker`)."""
     params = load_params(args.params)
     section: FitParams = getattr(params, spec.params_section)
     if hasattr(section, "check_paths"):
         section.check_paths(spec.params_section)
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = read_split(Path(args.ingest), Path(args.split))
-    experiment_id = tracking.connect(params.base.experiment_name)
+    # The placement first: a multi-worker strategy must be made before TensorFlow's runtime starts,
+    # and it tells a worker that records nothing from the chief.
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,
              setup.replicas)
+    trained_section = dataclasses.replace(section, jit_compile=setup.jit_compile)
+    if placement.num_workers > 1:
+        check_same_inputs(placement, params, spec, Path(args.split))
+    if placement.worker_index > 0:
+        train_as_worker(fit_function, fit_data, trained_section, params.augment, placement, spec.stage)
+        return
+    experiment_id = tracking.connect(params.base.experiment_name)
     tags = {**tracking.lineage_tags(spec.stage, Path(args.ingest) / MANIFEST_FILE),
             **tracking.dvc_input_hashes([args.ingest, args.split])}
     parent_id = parent_run.join_or_start(experiment_id, parent_run.execution_key(Path(args.split)), spec.stage)
@@ -235,9 +271,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
                                                             params.split.ratios))
         tracking.log_seen_images(data)
         history = History()
-        with placement.strategy.scope():
-            trained = fit_function(fit_data, dataclasses.replace(section, jit_compile=setup.jit_compile),
-                                   params.augment, history, [MlflowEpochLogger()])
+        trained = _train(fit_function, fit_data, trained_section, params.augment, history, [MlflowEpochLogger()],
+                         placement)
         model = for_inference(trained)
         if params.augment.flip_average:
             model = with_flip_averaging(model)
@@ -249,8 +284,68 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
                   params.base.channels, parent_id, scaling["temperature"]).write(Path(args.out))
+    if placement.num_workers > 1:
+        _end_with_the_workers(placement, spec.stage)
     log.info("%s: %d epochs, best validation accuracy %.4f; model saved to %s", spec.stage, summary["epochs_run"],
              summary["best_val_accuracy"] or 0.0, Path(args.out) / MODEL_FILE)
+
+
+def _end_with_the_workers(placement: Placement, stage: str) -> None:
+    """The chief, its record written, lets the workers go; one that already went only costs a warning."""
+    try:
+        training_loop.wait_for_every_worker(placement.strategy)
+    except tf.errors.OpError as error:
+        log.warning("%s: the model and its run are complete; a worker left before the chief had saved them (%s)",
+                    stage, first_line(error))
+
+
+def check_same_inputs(placement: Placement, params: Params, spec: ModelSpec, split_file: Path) -> None:
+    """Every worker must train with the same settings on the same split: one all-reduce compares them
+    (a worker with other params would build another model, or read another share of the images)."""
+    settings = {**to_flat_dict(params.base), **to_flat_dict(params.augment, "augment"),
+                **to_flat_dict(getattr(params, spec.params_section))}
+    text = f"{sorted(settings.items())}\n{split_file.read_text()}"
+    with naming_a_lost_worker():
+        same = training_loop.same_on_every_worker(placement.strategy, text)
+    if not same:
+        raise PipelineError(f"the {placement.num_workers} workers do not have the same params ({spec.params_section}, "
+                            "base, augment) and data/split.csv: make them the same on every machine "
+                            "(docs/multi-worker.md)")
+
+
+def train_as_worker(fit_function: FitFunction, fit_data: FitData, section: FitParams, augment: AugmentParams,
+                    placement: Placement, stage: str) -> None:
+    """A worker other than the chief: train in step with the others, record nothing (no MLflow,
+    no files); the chief's model holds the same weights."""
+    log.info("%s: worker %d of %d, training with the chief, which records the run", stage,
+             placement.worker_index, placement.num_workers)
+    _train(fit_function, fit_data, section, augment, History(), [], placement)
+    log.info("%s: worker %d finished training; waiting while the chief saves the model", stage,
+             placement.worker_index)
+    with naming_a_lost_worker():
+        training_loop.wait_for_every_worker(placement.strategy)
+
+
+def _train(fit_function: FitFunction, fit_data: FitData, section: FitParams, augment: AugmentParams,
+           history: History, callbacks: Sequence[keras.callbacks.Callback], placement: Placement) -> keras.Model:
+    """The trainer under the placement's strategy."""
+    with placement.strategy.scope():
+        if placement.num_workers == 1:
+            return fit_function(fit_data, section, augment, history, callbacks)
+        with naming_a_lost_worker():
+            return fit_function(fit_data, section, augment, history, callbacks)
+
+
+@contextlib.contextmanager
+def naming_a_lost_worker() -> Iterator[None]:
+    """TensorFlow's error for a collective aborted because a worker went away, as one line naming it."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        failure = training_loop.peer_failure(error, tf_config())
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_size: int,
@@ -275,12 +370,19 @@ def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_siz
 
 
 def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
-    """Choose the devices, the dtype policy (and set it) and XLA, and record what was chosen."""
+    """Choose the devices, the dtype policy (and set it) and XLA, and record what was chosen.
+    Several workers train without XLA (the multi-worker loop's step is not compiled with it)."""
     placement = choose_placement(base.distribution)
     precision = resolve_precision(section.precision, spec.name)
     keras.mixed_precision.set_global_policy(precision)
-    setup = RunSetup(precision, resolve_jit_compile(section.jit_compile, spec.name), placement.name,
-                     placement.replicas, section.batch_size * placement.replicas, machine_summary())
+    jit_compile = resolve_jit_compile(section.jit_compile, spec.name)
+    if placement.num_workers > 1 and jit_compile:
+        if section.jit_compile is True:
+            raise PipelineError(f"{spec.params_section}.jit_compile: true does not apply with several workers "
+                                "(their training loop runs without XLA); set it to auto or false")
+        jit_compile = False
+    setup = RunSetup(precision, jit_compile, placement.name, placement.replicas,
+                     section.batch_size * placement.replicas, machine_summary())
     return placement, setup
 
 
@@ -350,7 +452,7 @@ def _log_model(model: keras.Model, data: SplitImages, base: BaseParams):
                                   pip_requirements=tracking.pinned_requirements(TRAINING_MODEL_PACKAGES))
 
 
-def _epochs(keras_history: keras.callbacks.History) -> list[dict]:
+def _epochs(keras_history: keras.callbacks.History | training_loop.LoopResult) -> list[dict]:
     values = keras_history.history
     count = len(values.get("loss", []))
     return [{column: float(values[column][i]) if column in values else None

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # built by whichever test asks first); then 45-60 s each. Only the order of the run depends on it.
 # (pytest-xdist's --dist loadgroup, which could split a file, does not group under pytest 9.)
 LONGEST_FIRST = ["test_mlflow_server", "test_sweep", "test_end_to_end", "test_bench_smoke", "test_training",
-                 "test_faults", "test_dvc_yaml", "test_distribution"]
+                 "test_multi_worker", "test_faults", "test_dvc_yaml", "test_distribution"]
 
 
 @pytest.fixture

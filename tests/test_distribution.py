@@ -101,3 +101,56 @@ def test_files_are_sharded_across_workers_before_reading() -> None:
     dataset = training_dataset(paths, list(range(10)), 10, image_size=32, channels=1, batch_size=2,
                                shuffle_seed=None, shard=(2, 1))
     assert dataset.cardinality().numpy() == 3  # 5 files in batches of 2
+
+
+def _split_of(tmp_path: Path, raw_params: dict, train_images: int):
+    from pipeline.manifest import read_split
+    from pipeline.params import load_params
+
+    images = make_image_folder(tmp_path / "images", {"red": train_images, "green": train_images}, size=8, seed=2)
+    params = tiny_params(raw_params, str(images))
+    params["split"]["ratios"] = [0.5, 0.25, 0.25]
+    prepare_split(tmp_path, images, params)
+    return read_split(tmp_path / "data/ingest", tmp_path / "data/split.csv"), load_params(tmp_path / "params.yaml")
+
+
+def test_each_worker_reads_its_share_in_whole_batches_per_replica(tmp_path: Path, raw_params: dict) -> None:
+    import tensorflow as tf
+
+    from pipeline.devices import Placement
+    from pipeline.training import make_fit_data
+
+    data, params = _split_of(tmp_path, raw_params, 11)
+    train_size = len(data.subset("train"))
+    shares = [make_fit_data(data, params.base, 3, Placement(tf.distribute.get_strategy(), "multi_worker", 2, 2, index))
+              for index in (0, 1)]
+    # The global batch is per-replica batch x replicas; every worker can take the same whole steps.
+    assert {share.batch_size for share in shares} == {6}
+    steps = (train_size // 2) // 3
+    assert {share.iterations_per_epoch for share in shares} == {steps}
+    for share in shares:
+        sizes = [int(images.shape[0]) for images, _ in share.train]
+        assert set(sizes) == {3} and len(sizes) >= steps
+
+
+def test_a_worker_share_smaller_than_one_batch_is_refused(tmp_path: Path, raw_params: dict) -> None:
+    import tensorflow as tf
+
+    from pipeline.devices import Placement
+    from pipeline.errors import PipelineError
+    from pipeline.training import make_fit_data
+
+    data, params = _split_of(tmp_path, raw_params, 4)
+    with pytest.raises(PipelineError, match="each worker's share of the 4 training images is smaller than one batch"):
+        make_fit_data(data, params.base, 8, Placement(tf.distribute.get_strategy(), "multi_worker", 2, 2, 0))
+
+
+def test_auto_trains_on_several_machines_only_when_tf_config_names_two(monkeypatch) -> None:
+    from pipeline.devices import choose_placement, worker_share
+
+    one = {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(one))
+    assert choose_placement("auto").name == "none"
+    # A chief trains too: it is worker 0, the workers follow it.
+    two = {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}
+    assert worker_share(two) == (2, 1)
