@@ -309,7 +309,7 @@ def check_same_inputs(placement: Placement, params: Params, spec: ModelSpec, spl
         same = training_loop.same_on_every_worker(placement.strategy, text)
     if not same:
         raise PipelineError(f"the {placement.num_workers} workers do not have the same params ({spec.params_section}, "
-                            "base, augment) and data/split.csv: make them the same on every machine "
+                            "base, augment) and data/split.csv: every machine needs the same ones "
                             "(docs/multi-worker.md)")
 
 
