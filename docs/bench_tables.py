@@ -11,7 +11,6 @@ the page, and ``tests/test_docs.py`` fails when the committed page differs from 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
@@ -102,11 +101,7 @@ def render(root: Path = ROOT) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m docs.bench_tables", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the page is not what this writes")
-    args = parser.parse_args(argv)
-    return generated.write_or_check(PAGE, render(), BEGIN, END, "python -m docs.bench_tables", args.check)
-
+    return generated.main("docs.bench_tables", __doc__.splitlines()[0], PAGE, render, BEGIN, END, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ accumulates; ``tests/test_docs.py`` fails when the committed page differs from w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -83,11 +82,7 @@ def render(results_file: Path = RESULTS) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m docs.crossval_table", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the page is not what this writes")
-    args = parser.parse_args(argv)
-    return generated.write_or_check(PAGE, render(), BEGIN, END, "python -m docs.crossval_table", args.check)
-
+    return generated.main("docs.crossval_table", __doc__.splitlines()[0], PAGE, render, BEGIN, END, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

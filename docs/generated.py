@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,3 +26,12 @@ def write_or_check(page_path: Path, block: str, begin: str, end: str, command: s
     page_path.write_text(wanted, encoding="utf-8")
     print(f"written: {page_path}")
     return 0
+
+
+def main(module: str, description: str, page_path: Path, render: Callable[[], str], begin: str, end: str,
+         argv: list[str] | None = None) -> int:
+    """``python -m docs.<module> [--check]``: write the generated block, or check it is current."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page is not what this writes")
+    args = parser.parse_args(argv)
+    return write_or_check(page_path, render(), begin, end, f"python -m {module}", args.check)
