@@ -362,7 +362,7 @@ def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_siz
     labels = np.asarray(data.label_indices("validation"))
     temperature = calibration.fit_temperature(logits, labels)
     before = calibration.negative_log_likelihood(logits, labels)
-    after = calibration.negative_log_likelihood(logits / temperature, labels)
+    after = calibration.negative_log_likelihood([view / temperature for view in logits], labels)
     calibration.apply_temperature(model, temperature)
     log.info("temperature scaling: T = %.3f fitted on %d validation images (their log loss %.4f -> %.4f)",
              temperature, len(labels), before, after)

@@ -132,3 +132,43 @@ def test_the_temperature_reaches_a_classifier_nested_in_a_wrapper() -> None:
     np.testing.assert_allclose(wrapper.predict(pixels, verbose=0), softmax(logits / 3.0, axis=1), rtol=1e-5)
     with pytest.raises(PipelineError, match="positive"):
         apply_temperature(wrapper, 0.0)
+
+
+def test_the_training_stage_fits_a_flip_averaged_model_to_what_it_serves(tmp_path: Path) -> None:
+    """``training.calibrate`` on a model that averages an image and its mirror: the temperature it
+    builds in is the one that minimises the served model's own validation log loss."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.manifest import SplitImages
+    from pipeline.models import with_flip_averaging
+    from pipeline.params import load_params
+    from pipeline.training import calibrate
+
+    rng = np.random.default_rng(4)
+    pixels = (rng.integers(0, 2, (120, 4, 4, 1)) * 255).astype(np.uint8)
+    model = with_flip_averaging(tiny_classifier(3))
+    # Labels the model mostly gets right, a fifth of them wrong (all "cat", which it never answers):
+    # the best temperature lies inside its range, and every class is present.
+    labels = np.argmax(model.predict(pixels.astype(np.float32), verbose=0), axis=1)
+    labels[::5] = 0
+    assert np.bincount(labels, minlength=3).min() > 0
+    rows = []
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[..., 0]).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": ["cat", "dog", "fox"][labels[i]], "split": "validation"})
+    data = SplitImages(tmp_path, pd.DataFrame(rows))
+    base = load_params(Path(__file__).parents[1] / "params.yaml").base
+    base = type(base)(**{**base.__dict__, "image_size": 4, "channels": 1})
+    result = calibrate(model, data, base, batch_size=8, flip_averaged=True)
+    pixels = pixels.astype(np.float32)
+
+    def served_log_loss() -> float:
+        answers = model.predict(pixels, verbose=0)
+        return float(-np.mean(np.log(answers[np.arange(len(labels)), labels])))
+
+    assert served_log_loss() == pytest.approx(result["val_loss_after_temperature"], rel=1e-4)
+    for factor in (1.2, 1 / 1.2):      # a temperature a little off either way serves a worse log loss
+        apply_temperature(model, factor)
+        assert served_log_loss() > result["val_loss_after_temperature"]
+        apply_temperature(model, 1 / factor)
