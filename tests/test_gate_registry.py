@@ -75,6 +75,7 @@ class GateProject:
 
     def gate(self) -> dict:
         arguments = argparse.Namespace(params="params.yaml", predictions="data/predictions", ingest="data/ingest",
+                                       report="metrics/evaluate_report.json",
                                        models="models", deploy="deploy", out="metrics/gate.json")
         gate.main(arguments)
         return json.loads((self.root / "metrics/gate.json").read_text())
