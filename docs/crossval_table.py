@@ -75,7 +75,7 @@ def render(results_file: Path = RESULTS) -> str:
             held = recipe["holdout"]
             lines.append(f"    - trained on the whole folder ({held['sizes']['train']} images, "
                          f"{held['sizes']['validation']} for early stopping, {held['epochs_run']} epochs, "
-                         f"{held['fit_s']:.0f} s) and scored once on the held-out folder `{held['folder']}` "
+                         f"{held['fit_s']:.0f} s) and scored once on the held-out folder `{_shown(held['folder'])}` "
                          f"({held['sizes']['test']} images): **{held['test_accuracy']:.3f}**, "
                          f"{held['test_accuracy_flip']:.3f} with flip averaging; train {held['train_accuracy']:.3f} "
                          f"(`--holdout {_shown(held['folder'])}`)")
