@@ -148,8 +148,13 @@ def output_logits(model: keras.Model, images: np.ndarray, batch_size: int) -> np
     at inference (augmentation off)."""
     classifier = classifier_of(model)
     head = classifier.get_layer(OUTPUT_LAYER)
-    features = keras.Model(classifier.inputs, head.input).predict(np.asarray(images, dtype=np.float32),
-                                                                  batch_size=batch_size, verbose=0)
+    # Called eagerly, batch by batch: ``predict`` would trace a new function for each such
+    # throw-away model, and TensorFlow warns about the retracing.
+    extractor = keras.Model(classifier.input, head.input)
+    pixels = np.asarray(images, dtype=np.float32)
+    features = np.concatenate([keras.ops.convert_to_numpy(extractor(pixels[start:start + batch_size], training=False))
+                               for start in range(0, len(pixels), batch_size)]) if len(pixels) else \
+        np.zeros((0, head.input.shape[-1]), dtype=np.float32)
     kernel, bias = head.get_weights()
     return np.asarray(features, dtype=np.float64) @ kernel + bias
 

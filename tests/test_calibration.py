@@ -172,3 +172,13 @@ def test_the_training_stage_fits_a_flip_averaged_model_to_what_it_serves(tmp_pat
         apply_temperature(model, factor)
         assert served_log_loss() > result["val_loss_after_temperature"]
         apply_temperature(model, 1 / factor)
+
+
+def test_logits_of_many_models_in_a_row_print_no_retracing_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The training stage takes logits of a fresh extractor for every view and model; TensorFlow's
+    "triggered tf.function retracing" warning is nothing a user can act on, and must not appear."""
+    pixels = np.random.default_rng(5).uniform(0, 255, (6, 4, 4, 1)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        for _ in range(7):
+            output_logits(tiny_classifier(3), pixels, batch_size=4)
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]
