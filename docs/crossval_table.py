@@ -10,7 +10,6 @@ accumulates; ``tests/test_docs.py`` fails when the committed page differs from w
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,19 +27,13 @@ REFERENCE = "preset (baseline)"
 
 def command_of(name: str, recipe: dict) -> str:
     """The command that cross-validated one recipe."""
-    words = ["python", "-m", "pipeline.crossval", "--source", _shown(recipe["source"])]
+    words = ["python", "-m", "pipeline.crossval", "--source", recipe["source"]]
     if recipe.get("preset"):
         words += ["--preset", recipe["preset"]]
     for key, value in recipe["overrides"].items():
         words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     words += ["--folds", str(len(recipe["folds"])), "--name", name, "--out", "bench/crossval-catsdogs-small.json"]
     return shlex.join(words)
-
-
-def _shown(path: str) -> str:
-    """A folder as a reader of the repository would type it: relative to its root when beside it."""
-    relative = os.path.relpath(path, ROOT)
-    return relative if relative.startswith("..") and relative.count("..") == 1 else path
 
 
 def render(results_file: Path = RESULTS) -> str:
@@ -75,10 +68,10 @@ def render(results_file: Path = RESULTS) -> str:
             held = recipe["holdout"]
             lines.append(f"    - trained on the whole folder ({held['sizes']['train']} images, "
                          f"{held['sizes']['validation']} for early stopping, {held['epochs_run']} epochs, "
-                         f"{held['fit_s']:.0f} s) and scored once on the held-out folder `{_shown(held['folder'])}` "
+                         f"{held['fit_s']:.0f} s) and scored once on the held-out folder `{held['folder']}` "
                          f"({held['sizes']['test']} images): **{held['test_accuracy']:.3f}**, "
                          f"{held['test_accuracy_flip']:.3f} with flip averaging; train {held['train_accuracy']:.3f} "
-                         f"(`--holdout {_shown(held['folder'])}`)")
+                         f"(`--holdout {held['folder']}`)")
     lines += ["", END]
     return "\n".join(lines)
 

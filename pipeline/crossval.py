@@ -23,7 +23,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import yaml
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
-from pipeline.params import Params, params_from_dict
+from pipeline.model_table import ModelSpec
+from pipeline.params import FitParams, Params, params_from_dict
 
 log = logging.getLogger("pipeline.crossval")
 
@@ -108,17 +109,27 @@ def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
     """
     import keras
 
-    from pipeline.dataset import decode_predictions, load_images
-    from pipeline.manifest import SplitImages
     from pipeline.model_table import model_spec
-    from pipeline.models import for_inference, with_flip_averaging
-    from pipeline.seeding import seed_everything
-    from pipeline.training import History, make_fit_data, resolve_setup
 
     spec = model_spec(model_name)
     section = getattr(params, spec.params_section)
     train_function = getattr(importlib.import_module(f"pipeline.{spec.stage}"), spec.stage)
     keras.backend.clear_session()
+    policy = keras.mixed_precision.global_policy()     # resolve_setup sets the precision for the process
+    try:
+        return _train_and_score(params, spec, section, train_function, root, frame, holdout)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_function: Callable, root: Path,
+                     frame: pd.DataFrame, holdout: tuple[list[str], list[str]] | None) -> dict:
+    from pipeline.dataset import decode_predictions, load_images
+    from pipeline.manifest import SplitImages
+    from pipeline.models import for_inference, with_flip_averaging
+    from pipeline.seeding import seed_everything
+    from pipeline.training import History, make_fit_data, resolve_setup
+
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = SplitImages(root, frame)
     placement, setup = resolve_setup(params.base, section, spec)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,7 +346,22 @@ def naming_a_lost_worker() -> Iterator[None]:
         failure = training_loop.peer_failure(error, tf_config())
         if failure is None:
             raise
+        sys.unraisablehook = _quiet_about_aborted_pools(sys.unraisablehook)
         raise failure from None
+
+
+def _quiet_about_aborted_pools(previous: Callable) -> Callable:
+    """After a worker is lost, TensorFlow's all-reduce leaves a thread pool that fails to close when
+    the process exits ("Exception ignored in Pool.__del__ ... Bad file descriptor"): a traceback after
+    the one line that says what happened, and nothing a user can act on. Only that one is dropped."""
+    import multiprocessing.pool
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.object, multiprocessing.pool.Pool) or getattr(
+                unraisable.object, "__qualname__", "") == "Pool.__del__":
+            return
+        previous(unraisable)
+    return hook
 
 
 def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_size: int,
