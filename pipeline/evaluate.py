@@ -225,8 +225,8 @@ def _log_to_run(run_id: str, scores: dict[str, SplitScores], data: SplitImages, 
             mlflow.log_metrics({f"{split}_accuracy": s.accuracy, f"{split}_balanced_accuracy": s.balanced_accuracy,
                                 f"{split}_macro_f1": s.macro_f1, f"{split}_loss": s.loss,
                                 f"{split}_ece": s.calibration.ece, f"{split}_brier": s.calibration.brier})
-        mlflow.log_figure(confusion, "plots/confusion_matrix_test.png")
-        mlflow.log_figure(mistakes, "plots/misclassified_test.png")
+        tracking.log_saved_file(plots_dir / f"confusion_{name}.png", "plots/confusion_matrix_test.png")
+        tracking.log_saved_file(plots_dir / f"misclassified_{name}.png", "plots/misclassified_test.png")
         surest = most_confident_mistakes(actual, scores["test"])
         confidence = np.asarray(scores["test"].confidence)
         mlflow.log_figure(figures.misclassified_grid(test_images[surest], [names[i] for i in actual[surest]],
@@ -251,8 +251,8 @@ def _log_calibration(run_id: str, model: keras.Model, test: SplitScores, before:
     figures.save_png(heat, pictures["gradcam"], colours=256)
     figures.save_png(reliability, pictures["reliability"])
     with tracking.resume_run(run_id):
-        mlflow.log_figure(heat, "plots/gradcam_test.png")
-        mlflow.log_figure(reliability, "plots/reliability_test.png")
+        tracking.log_saved_file(pictures["gradcam"], "plots/gradcam_test.png")
+        tracking.log_saved_file(pictures["reliability"], "plots/reliability_test.png")
         if before is not None:
             mlflow.log_metrics({"test_ece_without_temperature": before.ece,
                                 "test_brier_without_temperature": before.brier})

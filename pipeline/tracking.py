@@ -12,7 +12,9 @@ import hashlib
 import logging
 import os
 import sqlite3
+import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -290,6 +292,16 @@ def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return pins
+
+
+def log_saved_file(path: Path, artifact_file: str) -> None:
+    """Log a file a stage has already written (a picture DVC tracks) as ``artifact_file`` in the active
+    run: the same bytes, without drawing the figure a second time as ``mlflow.log_figure`` would."""
+    artifact = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / artifact.name
+        shutil.copyfile(path, named)
+        mlflow.log_artifact(str(named), artifact_path=artifact.parent.as_posix() if artifact.parent.parts else None)
 
 
 def log_params_flat(params: dict[str, Any]) -> None:

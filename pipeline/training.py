@@ -427,7 +427,7 @@ def _write_training_outputs(args: argparse.Namespace, model: keras.Model, histor
     write_json(Path(args.metrics), summary)
     curves = figures.training_curves(frame, title=stage)
     figures.save_png(curves, Path(args.curves))
-    mlflow.log_figure(curves, "plots/training_curves.png")
+    tracking.log_saved_file(Path(args.curves), "plots/training_curves.png")
     return summary
 
 
