@@ -55,7 +55,7 @@ repro: setup  ## run every stage that is out of date
 	dvc repro
 
 test: setup  ## the test suite (unit tests, failure cases, an end-to-end dvc repro); prints the 10 slowest
-	python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup  ## the edit loop: unit and failure-case tests, no training runs or dvc repro (about a minute)
 	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
