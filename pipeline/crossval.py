@@ -34,6 +34,7 @@ import yaml
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
+from pipeline.manifest import SplitImages
 from pipeline.model_table import ModelSpec
 from pipeline.params import FitParams, Params, params_from_dict
 
@@ -101,11 +102,11 @@ def recipe_params(params_path: Path, preset: str | None, overrides: Sequence[str
 
 
 def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
-             holdout: tuple[list[str], list[str]] | None = None) -> dict:
+             holdout: SplitImages | None = None) -> dict:
     """Train one fold with the training stage's code and score its test part, as trained and with
     the prediction averaged over the image and its mirror; plus the training part's accuracy.
 
-    ``holdout`` (file paths and labels) replaces the test part: a folder kept out of every choice.
+    ``holdout`` (its rows all ``test``) replaces the test part: a folder kept out of every choice.
     """
     import keras
 
@@ -123,9 +124,8 @@ def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
 
 
 def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_function: Callable, root: Path,
-                     frame: pd.DataFrame, holdout: tuple[list[str], list[str]] | None) -> dict:
+                     frame: pd.DataFrame, holdout: SplitImages | None) -> dict:
     from pipeline.dataset import decode_predictions, load_images
-    from pipeline.manifest import SplitImages
     from pipeline.models import for_inference, with_flip_averaging
     from pipeline.seeding import seed_everything
     from pipeline.training import History, make_fit_data, resolve_setup
@@ -143,11 +143,10 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
     plain = for_inference(trained)
     averaged = with_flip_averaging(plain)
     answers: dict[str, Any] = {}
-    index = {name: number for number, name in enumerate(data.class_names)}
-    tested = {"test": (data.paths("test"), data.label_indices("test")), "train": (data.paths("train"),
-                                                                               data.label_indices("train"))}
-    if holdout is not None:
-        tested["test"] = (holdout[0], [index[label] for label in holdout[1]])
+    index = {name: number for number, name in enumerate(data.class_names)}   # the trained model's outputs
+    scored = {"test": holdout or data, "train": data}
+    tested = {split: (images.paths(split), [index[label] for label in images.subset(split)["label"]])
+              for split, images in scored.items()}
     for split, (paths, labels) in tested.items():
         images = load_images(paths, params.base.image_size, params.base.channels).astype(np.float32)
         actual = np.asarray(labels)
@@ -158,9 +157,8 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
                 answers[f"test_right{name}"] = (predicted == actual).astype(int).tolist()
     sizes = {split: int((frame["split"] == split).sum()) for split in ("train", "validation")}
     sizes["test"] = len(tested["test"][0])
-    test_paths = data.subset("test")["path"].tolist() if holdout is None else list(holdout[0])
     return {**answers, "sizes": sizes, "epochs_run": len(history.rows), "fit_s": fit_seconds,
-            "test_paths": test_paths, "precision": setup.precision}
+            "test_paths": scored["test"].subset("test")["path"].tolist(), "precision": setup.precision}
 
 
 def ingested(params: Params, root: Path) -> pd.DataFrame:
@@ -183,9 +181,7 @@ def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: 
         raise PipelineError(f"crossval: --holdout {holdout_root} has classes the training folder lacks: {unknown}")
     parts = assign_folds(manifest, folds, params.base.seed)
     frame = manifest.assign(split=np.where(parts == 0, "validation", "train"))
-    paths = [str(holdout_root / path) for path in holdout["path"]]
-    outcome = run_fold(params, model_name, root, frame, holdout=(paths, holdout["label"].tolist()))
-    outcome["test_paths"] = holdout["path"].tolist()
+    outcome = run_fold(params, model_name, root, frame, holdout=SplitImages(holdout_root, holdout.assign(split="test")))
     log.info("holdout %s: accuracy %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s", holdout_root,
              outcome["test_accuracy"], outcome["test_accuracy_flip"], outcome["train_accuracy"],
              outcome["epochs_run"], outcome["fit_s"])
@@ -269,7 +265,8 @@ def main(args: argparse.Namespace) -> None:
     if args.holdout:
         holdout_root = Path(args.holdout).expanduser()
         if not holdout_root.is_dir():
-            raise PipelineError(f"crossval: --holdout {holdout_root} is not a folder (expected one subfolder per class)")
+            raise PipelineError(f"crossval: --holdout {holdout_root} is not a folder "
+                                "(expected one subfolder per class)")
         if name not in results:
             raise PipelineError(f"crossval: no recipe '{name}' in {out}: cross-validate it before scoring it on "
                                 "the held-out folder")
