@@ -70,9 +70,10 @@ ui: setup  ## the MLflow UI for this project's runs; prints the address of the t
 	@python -m pipeline.ui --store mlflow.db --url http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-docs: setup  ## the documentation site: regenerate the params reference and the benchmark tables, then mkdocs build --strict into site/
+docs: setup  ## the documentation site: regenerate the params reference, the benchmark and cross-validation tables, then mkdocs build --strict into site/
 	python -m docs.params_reference
 	python -m docs.bench_tables
+	python -m docs.crossval_table
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict   # without it, Material prints a banner about its successor
 
 # DVC's page loads Vega from a CDN; this template has it inline, so the page renders offline too.

@@ -101,7 +101,7 @@ def render(root: Path = ROOT) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generated.main("docs.bench_tables", __doc__.splitlines()[0], PAGE, render, BEGIN, END, argv)
+    return generated.main("docs.bench_tables", __doc__.splitlines()[0], PAGE, generated.one_block(render, BEGIN, END), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

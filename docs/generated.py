@@ -14,10 +14,10 @@ def replaced(page: str, block: str, begin: str, end: str) -> str:
     return page[:start] + block + page[stop:]
 
 
-def write_or_check(page_path: Path, block: str, begin: str, end: str, command: str, check: bool) -> int:
-    """Write the block into the page, or (``check``) return 1 when the page holds another."""
+def write_or_check(page_path: Path, rewrite: Callable[[str], str], command: str, check: bool) -> int:
+    """Write the page as ``rewrite`` makes it, or (``check``) return 1 when the page is not that."""
     page = page_path.read_text(encoding="utf-8")
-    wanted = replaced(page, block, begin, end)
+    wanted = rewrite(page)
     if check:
         if wanted != page:
             print(f"{page_path} is stale: run {command}", file=sys.stderr)
@@ -28,10 +28,15 @@ def write_or_check(page_path: Path, block: str, begin: str, end: str, command: s
     return 0
 
 
-def main(module: str, description: str, page_path: Path, render: Callable[[], str], begin: str, end: str,
+def one_block(render: Callable[[], str], begin: str, end: str) -> Callable[[str], str]:
+    """The rewrite of a page with one generated block: the block ``render`` makes, between the markers."""
+    return lambda page: replaced(page, render(), begin, end)
+
+
+def main(module: str, description: str, page_path: Path, rewrite: Callable[[str], str],
          argv: list[str] | None = None) -> int:
-    """``python -m docs.<module> [--check]``: write the generated block, or check it is current."""
+    """``python -m docs.<module> [--check]``: write the generated blocks, or check they are current."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--check", action="store_true", help="exit 1 when the page is not what this writes")
     args = parser.parse_args(argv)
-    return write_or_check(page_path, render(), begin, end, f"python -m {module}", args.check)
+    return write_or_check(page_path, rewrite, f"python -m {module}", args.check)

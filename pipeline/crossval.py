@@ -4,8 +4,8 @@ One split of a few hundred photos is a noisy judge: a recipe tuned until its 200
 0.80 may reach 0.74 on the next folder. ``python -m pipeline.crossval`` trains the recipe that
 params.yaml (with a preset and ``--set`` overrides) describes on every fold of the folder, with the
 training stage's own code (the same builder, input pipeline, early stopping and precision), and
-reports each fold's test accuracy, their mean, spread and minimum, and the accuracy over every image
-pooled, with its interval. Several recipes written to one results file are compared on the same
+reports each fold's test score (in ``gate.metric``: accuracy, or balanced accuracy for a folder with a
+small class), their mean, spread and minimum, and the score over every image pooled, with its interval. Several recipes written to one results file are compared on the same
 folds, image by image (exact McNemar test from :mod:`pipeline.statistics`). Once a recipe is chosen,
 ``--holdout DIR`` trains it on the whole folder and scores a separate folder that no choice has seen,
 once.
@@ -80,13 +80,13 @@ def summarise(folds: Sequence[dict], key: str = "test_accuracy") -> dict[str, fl
             "folds": len(values)}
 
 
-def recipe_params(params_path: Path, preset: str | None, overrides: Sequence[str]) -> tuple[Params, dict]:
-    """params.yaml, with a preset applied and ``key.path=value`` overrides (YAML values), checked as
-    the stages check them; also returns the overrides as a flat mapping, for the record."""
+def recipe_params(params_path: Path, presets: Sequence[str], overrides: Sequence[str]) -> tuple[Params, dict]:
+    """params.yaml, with presets applied in order and ``key.path=value`` overrides (YAML values),
+    checked as the stages check them; also returns the overrides as a flat mapping, for the record."""
     from pipeline.preset import apply_preset, read_preset
 
     raw = yaml.safe_load(Path(params_path).read_text())
-    if preset:
+    for preset in presets:
         raw, _ = apply_preset(raw, read_preset(PRESET_FOLDER, preset))
     changes: dict[str, Any] = {}
     for override in overrides:
@@ -98,7 +98,8 @@ def recipe_params(params_path: Path, preset: str | None, overrides: Sequence[str
         if not isinstance(raw.get(section), dict) or name not in raw[section]:
             raise PipelineError(f"crossval: --set {key}: no such key in {params_path}")
         raw[section][name] = changes[key] = yaml.safe_load(text)
-    return params_from_dict(raw, source=f"{params_path}{f' with preset {preset}' if preset else ''}"), changes
+    with_presets = f" with preset {' and '.join(presets)}" if presets else ""
+    return params_from_dict(raw, source=f"{params_path}{with_presets}"), changes
 
 
 def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
@@ -125,6 +126,7 @@ def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
 
 def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_function: Callable, root: Path,
                      frame: pd.DataFrame, holdout: SplitImages | None) -> dict:
+    from pipeline import statistics
     from pipeline.dataset import decode_predictions, load_images
     from pipeline.models import for_inference, with_flip_averaging
     from pipeline.seeding import seed_everything
@@ -153,8 +155,12 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
         for name, model in (("", plain), ("_flip", averaged)):
             predicted, _ = decode_predictions(model.predict(images, batch_size=256, verbose=0))
             answers[f"{split}_accuracy{name}"] = float(np.mean(predicted == actual))
+            answers[f"{split}_score{name}"] = statistics.score(params.gate.metric, actual, predicted)
             if split == "test":
                 answers[f"test_right{name}"] = (predicted == actual).astype(int).tolist()
+                answers[f"test_predicted{name}"] = predicted.astype(int).tolist()
+        if split == "test":
+            answers["test_label"] = actual.astype(int).tolist()
     sizes = {split: int((frame["split"] == split).sum()) for split in ("train", "validation")}
     sizes["test"] = len(tested["test"][0])
     return {**answers, "sizes": sizes, "epochs_run": len(history.rows), "fit_s": fit_seconds,
@@ -182,8 +188,8 @@ def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: 
     parts = assign_folds(manifest, folds, params.base.seed)
     frame = manifest.assign(split=np.where(parts == 0, "validation", "train"))
     outcome = run_fold(params, model_name, root, frame, holdout=SplitImages(holdout_root, holdout.assign(split="test")))
-    log.info("holdout %s: accuracy %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s", holdout_root,
-             outcome["test_accuracy"], outcome["test_accuracy_flip"], outcome["train_accuracy"],
+    log.info("holdout %s: %s %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s", holdout_root,
+             params.gate.metric, outcome["test_score"], outcome["test_score_flip"], outcome["train_score"],
              outcome["epochs_run"], outcome["fit_s"])
     return {"folder": str(holdout_root), **outcome}
 
@@ -195,23 +201,42 @@ def cross_validate(params: Params, model_name: str, root: Path, folds: int) -> d
     outcomes = []
     for fold in range(folds):
         outcome = run_fold(params, model_name, root, fold_split(manifest, parts, fold, folds))
-        log.info("fold %d/%d: test accuracy %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s",
-                 fold + 1, folds, outcome["test_accuracy"], outcome["test_accuracy_flip"], outcome["train_accuracy"],
+        log.info("fold %d/%d: test %s %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s",
+                 fold + 1, folds, params.gate.metric, outcome["test_score"], outcome["test_score_flip"],
+                 outcome["train_score"],
                  outcome["epochs_run"], outcome["fit_s"])
         outcomes.append({"fold": fold + 1, **outcome})
     return {"images": len(manifest), "classes": sorted(manifest["label"].unique().tolist()), "folds": outcomes}
 
 
+def metric_of(result: dict) -> str:
+    """The metric a recipe was scored in (results written before scores were kept: accuracy)."""
+    return result.get("metric", "accuracy")
+
+
+def figure(result: dict, split: str = "test", flip: bool = False) -> str:
+    """The fold key of a recipe's score on ``split``: ``test_score``, ``train_score_flip``, ..."""
+    kind = "score" if "test_score" in result["folds"][0] else "accuracy"
+    return f"{split}_{kind}{'_flip' if flip else ''}"
+
+
 def pooled(result: dict, flip: bool = False) -> dict[str, Any]:
-    """Every image's answer, keyed by path, and the pooled accuracy with its Wilson 95 % interval."""
+    """Every image's answer (right or not), keyed by path, and the score over every image pooled, in
+    the recipe's metric, with its 95 % interval (Wilson for accuracy, bootstrap otherwise)."""
     from pipeline import statistics
 
     suffix = "_flip" if flip else ""
-    right = {path: value for fold in result["folds"]
-             for path, value in zip(fold["test_paths"], fold[f"test_right{suffix}"])}
-    values = np.array(list(right.values()))
-    interval = statistics.interval("accuracy", np.ones_like(values), values, confidence=0.95, seed=0)
-    return {"right": right, "accuracy": float(values.mean()), "ci95": [interval.low, interval.high]}
+    folds = result["folds"]
+    right = {path: value for fold in folds for path, value in zip(fold["test_paths"], fold[f"test_right{suffix}"])}
+    metric = metric_of(result)
+    if metric == "accuracy":
+        actual = np.ones(len(right), dtype=int)
+        predicted = np.array(list(right.values()))
+    else:
+        actual = np.concatenate([fold["test_label"] for fold in folds])
+        predicted = np.concatenate([fold[f"test_predicted{suffix}"] for fold in folds])
+    interval = statistics.interval(metric, actual, predicted, confidence=0.95, seed=0)
+    return {"right": right, "score": statistics.score(metric, actual, predicted), "ci95": [interval.low, interval.high]}
 
 
 def compare_recipes(first: dict, second: dict, flip: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
@@ -236,21 +261,25 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
     lines = [f"{'recipe':<28} {'mean':>6} {'std':>6} {'worst':>6} {'pooled 95% CI':>15} {'flip mean':>9} "
              f"{'worst':>6} {'train':>6} {'s/fold':>6}  vs {reference or '-'}"]
     for name, result in results.items():
-        test, flip = summarise(result["folds"]), summarise(result["folds"], "test_accuracy_flip")
-        train = summarise(result["folds"], "train_accuracy")
+        folds = result["folds"]
+        test, flip = summarise(folds, figure(result)), summarise(folds, figure(result, flip=True))
+        train = summarise(folds, figure(result, "train"))
         seconds = np.mean([fold["fit_s"] for fold in result["folds"]])
         low, high = pooled(result)["ci95"]
         against = ""
         if reference and reference in results and reference != name:
             comparison = compare_recipes(result, results[reference])
             against = f"{comparison['difference'] * 100:+.1f} pts, p={comparison['mcnemar_p_value']:.3f}"
+        if metric_of(result) != "accuracy":
+            name = f"{name} ({metric_of(result)})"
         lines.append(f"{name:<28} {test['mean']:>6.3f} {test['std']:>6.3f} {test['min']:>6.3f} "
                      f"{f'{low:.3f}-{high:.3f}':>15} {flip['mean']:>9.3f} {flip['min']:>6.3f} {train['mean']:>6.3f} "
                      f"{seconds:>6.0f}  {against}")
         if "holdout" in result:
             held = result["holdout"]
-            lines.append(f"{'':<28} held-out folder {held['folder']}: accuracy {held['test_accuracy']:.3f} "
-                         f"({held['test_accuracy_flip']:.3f} with flip averaging) on {held['sizes']['test']} images")
+            kind = "score" if "test_score" in held else "accuracy"
+            lines.append(f"{'':<28} held-out folder {held['folder']}: {metric_of(result)} {held[f'test_{kind}']:.3f} "
+                         f"({held[f'test_{kind}_flip']:.3f} with flip averaging) on {held['sizes']['test']} images")
     return lines
 
 
@@ -278,7 +307,7 @@ def main(args: argparse.Namespace) -> None:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         result = cross_validate(params, args.model, root, args.folds)
         results[name] = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
-                         "started": started, "machine": machine_summary(), **result}
+                         "metric": params.gate.metric, "started": started, "machine": machine_summary(), **result}
         write_json(out, {"recipes": results})
     for line in report_lines(results, args.against):
         log.info("%s", line)
@@ -287,7 +316,8 @@ def main(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--source", help="image folder, one subfolder per class (default: ingest.source)")
-    parser.add_argument("--preset", help="apply presets/<NAME>.yaml to params.yaml first, e.g. photos")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME",
+                        help="apply presets/<NAME>.yaml to params.yaml first, e.g. photos; repeat to layer several")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key (YAML value); repeat for several")
     parser.add_argument("--model", default="custom", choices=["custom", "resnet50"], help="which model's recipe")

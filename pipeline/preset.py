@@ -1,7 +1,8 @@
 """Apply a preset: write params.yaml with the few values a preset in presets/ changes.
 
 A preset (``presets/photos.yaml``) holds only the keys that differ from the default params.yaml,
-in the same sections. ``python -m pipeline.preset photos`` rewrites params.yaml with those values,
+in the same sections. ``python -m pipeline.preset photos`` rewrites params.yaml with those values
+(``photos unbalanced`` layers two: the later one's keys win),
 line by line, so every comment and the layout stay as they are; the result is validated like any
 params file before it replaces the old one atomically, and each changed key is logged with its
 old and new value. DVC tracks params.yaml as before, so ``dvc repro`` retrains what changed.
@@ -183,19 +184,37 @@ def main(args: argparse.Namespace) -> None:
     if args.list:
         print("\n".join(preset_names(folder)))
         return
-    if not args.name:
+    if not args.names:
         raise PresetError(f"name a preset (known: {', '.join(preset_names(folder)) or 'none'}) or give --list")
     out = Path(args.out or args.params)
-    changes = write_preset(Path(args.params), read_preset(folder, args.name), out, args.name)
+    name = " and ".join(args.names)
+    changes = write_preset(Path(args.params), layered([read_preset(folder, each) for each in args.names]), out, name)
     for change in changes:
         log.info("%s: %s -> %s", change.key, _flow(change.old), _flow(change.new))
-    log.info("preset %s: %d value(s) changed, %s written%s", args.name, len(changes), out,
+    log.info("preset %s: %d value(s) changed, %s written%s", name, len(changes), out,
              "" if changes else " (it had the preset's values already)")
+
+
+def layered(presets: list[dict]) -> dict:
+    """Several presets as one, in order: a key of a later preset replaces the same key of an earlier one."""
+    merged: dict = {}
+    for preset in presets:
+        _overlay(merged, preset)
+    return merged
+
+
+def _overlay(target: dict, preset: dict) -> None:
+    for key, value in preset.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _overlay(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.stage_parser("preset", __doc__.splitlines()[0])
-    parser.add_argument("name", nargs="?", help="the preset to apply, e.g. photos")
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help="the preset to apply, e.g. photos; several are layered in order: photos unbalanced")
     parser.add_argument("--list", action="store_true", help="name the presets and stop")
     parser.add_argument("--presets", default="presets", help="folder of presets (default: presets)")
     parser.add_argument("--out", default=None, help="where to write (default: the --params file, params.yaml)")

@@ -56,15 +56,37 @@ def test_summary_gives_mean_spread_and_worst_fold() -> None:
 
 
 def test_overrides_are_checked_like_params(tmp_path: Path) -> None:
-    params, changes = crossval.recipe_params(REPO_ROOT / "params.yaml", "photos",
+    params, changes = crossval.recipe_params(REPO_ROOT / "params.yaml", ["photos"],
                                              ["train_custom.weight_decay=0.05", "augment.flip_average=true"])
     assert params.train_custom.weight_decay == 0.05 and params.augment.flip_average is True
     assert params.base.channels == 3                                      # the preset applied under them
     assert changes == {"train_custom.weight_decay": 0.05, "augment.flip_average": True}
     with pytest.raises(PipelineError, match=r"--set train_custom\.weight_decy: no such key"):
-        crossval.recipe_params(REPO_ROOT / "params.yaml", None, ["train_custom.weight_decy=0.1"])
+        crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["train_custom.weight_decy=0.1"])
     with pytest.raises(ParamsError, match=r"train_custom\.weight_decay: must be in \[0, 1\)"):
-        crossval.recipe_params(REPO_ROOT / "params.yaml", None, ["train_custom.weight_decay=2"])
+        crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["train_custom.weight_decay=2"])
+
+
+def test_presets_are_layered_in_order() -> None:
+    params, _ = crossval.recipe_params(REPO_ROOT / "params.yaml", ["photos", "unbalanced"], [])
+    assert params.base.channels == 3 and params.train_custom.class_weight == "balanced"
+    assert params.gate.metric == "balanced_accuracy"
+
+
+def test_a_recipe_scored_in_balanced_accuracy_pools_it_over_the_folds() -> None:
+    """Two folds of an unbalanced folder: the pooled figure is the balanced accuracy of every answer,
+    not the mean of the folds' nor the plain accuracy."""
+    def fold(labels: list[int], predicted: list[int], start: int) -> dict:
+        right = [int(a == b) for a, b in zip(labels, predicted)]
+        return {"test_label": labels, "test_predicted": predicted, "test_right": right,
+                "test_paths": [f"{start + i}.png" for i in range(len(labels))]}
+
+    result = {"metric": "balanced_accuracy",
+              "folds": [fold([0, 0, 0, 0, 1], [0, 0, 0, 0, 0], 0), fold([0, 0, 0, 1, 1], [0, 0, 1, 1, 1], 5)]}
+    pooled = crossval.pooled(result)
+    assert pooled["score"] == pytest.approx((6 / 7 + 2 / 3) / 2)          # per class: 6 of 7, 2 of 3 right
+    assert pooled["ci95"][0] <= pooled["score"] <= pooled["ci95"][1]
+    assert crossval.pooled({"folds": result["folds"]})["score"] == pytest.approx(0.8)   # old files: accuracy
 
 
 def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
@@ -101,6 +123,8 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
     for fold in recipe["folds"]:
         assert fold["sizes"]["test"] == 10 and fold["epochs_run"] == 1
         assert np.mean(fold["test_right"]) == pytest.approx(fold["test_accuracy"])
+        assert fold["test_score"] == fold["test_accuracy"]                  # gate.metric: accuracy
+        assert np.mean(np.equal(fold["test_label"], fold["test_predicted"])) == pytest.approx(fold["test_accuracy"])
         assert 0 <= fold["test_accuracy_flip"] <= 1 and 0 <= fold["train_accuracy"] <= 1
     # Once chosen, the recipe is trained on the whole folder and scored once on a folder kept apart.
     holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)

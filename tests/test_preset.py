@@ -122,6 +122,20 @@ def test_out_writes_elsewhere_and_leaves_params_yaml_alone(project: Path) -> Non
     assert load_params(project / "trial/params.yaml").base.image_size == 64
 
 
+def test_presets_are_layered_in_order_and_written_once(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "presets/sharper.yaml").write_text("base:\n  image_size: 96\n")
+    assert run(["photos", "unbalanced", "sharper"]) == 0
+    params = load_params(project / "params.yaml")
+    assert params.base.image_size == 96 and params.base.channels == 3           # the later key wins
+    assert params.gate.metric == "balanced_accuracy" and params.train_custom.epochs == 40
+    assert "preset photos and unbalanced and sharper:" in capsys.readouterr().err
+    # One bad preset among several: nothing written, not even the good ones' values.
+    before = (project / "params.yaml").read_bytes()
+    (project / "presets/tiny.yaml").write_text("base:\n  image_size: 16\n")
+    assert run(["unbalanced", "tiny"]) == EXIT_USER_ERROR
+    assert (project / "params.yaml").read_bytes() == before
+
+
 def test_an_unknown_preset_name_fails_in_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (project / "params.yaml").read_bytes()
     assert run(["foto"]) == EXIT_USER_ERROR
