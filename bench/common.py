@@ -374,14 +374,16 @@ def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[s
                     int(reported) * 1024 if reported else None, peak["procs"])
 
 
-def run_worker(module: str, spec: dict, *, timeout: float = 3600, cwd: Path | None = None) -> dict:
+def run_worker(module: str, spec: dict, *, timeout: float = 3600, cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> dict:
     """``python -m <module> --worker JSON`` in a fresh interpreter; return the JSON it prints.
 
     Every TensorFlow measurement runs in its own process: global state (the dtype policy, XLA
-    caches, thread pools, memory) cannot leak from one configuration into the next.
+    caches, thread pools, memory) cannot leak from one configuration into the next. ``env`` adds
+    variables to the worker's environment (``ONEDNN_MAX_CPU_ISA``, say).
     """
     measured = run_measured([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=cwd or REPO_ROOT,
-                            timeout=timeout, sample_every=0.25)
+                            env=child_env(**env) if env else None, timeout=timeout, sample_every=0.25)
     measured.check(f"{module} worker {spec.get('label', '')}")
     for line in reversed(measured.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
