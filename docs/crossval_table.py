@@ -129,7 +129,8 @@ def render(folder: str) -> str:
             against = (f"{comparison['difference'] * 100:+.1f} points of accuracy, "
                        f"McNemar p = {comparison['mcnemar_p_value']:.3f}")
         mirrored = compare_recipes(recipe, recipe, flip=(True, False))
-        flip_text = (f"{flip['mean']:.3f} / {flip['min']:.3f} ({mirrored['difference'] * 100:+.1f} points, "
+        of_accuracy = "" if metric_of(recipe) == "accuracy" else " of accuracy"   # McNemar counts right answers
+        flip_text = (f"{flip['mean']:.3f} / {flip['min']:.3f} ({mirrored['difference'] * 100:+.1f} points{of_accuracy}, "
                      f"p = {mirrored['mcnemar_p_value']:.3f})")
         lines.append(f"| {name} | {test['mean']:.3f} | {test['std']:.3f} | {test['min']:.3f} | {low:.3f}-{high:.3f} "
                      f"| {flip_text} | {train['mean']:.3f} | {seconds:.0f} | {epochs} | {against} |")
