@@ -140,6 +140,9 @@ def render(folder: str) -> str:
         lines.append(f"- **{name}**, started {recipe['started']} on {machine['cpu']}, {machine['cpu_cores']} cores, "
                      f"{machine['isa_in_use']} in use, {recipe['folds'][0]['precision']}: "
                      f"`{command_of(name, recipe, out)}`")
+        if "test_label" in recipe["folds"][0]:
+            lines.append(f"    - each class's test photos recognised (recall, every fold pooled, with flip averaging): "
+                         f"{class_recalls(recipe)}")
         if "holdout" in recipe:
             held = recipe["holdout"]
             kind = "score" if "test_score" in held else "accuracy"
@@ -151,6 +154,16 @@ def render(folder: str) -> str:
                          f"(`--holdout {held['folder']}`)")
     lines += ["", END]
     return "\n".join(lines)
+
+
+def class_recalls(recipe: dict) -> str:
+    """Each class's recall over every fold's test part, with flip averaging: which classes the recipe tells apart."""
+    from sklearn.metrics import recall_score
+
+    actual = [label for fold in recipe["folds"] for label in fold["test_label"]]
+    predicted = [label for fold in recipe["folds"] for label in fold["test_predicted_flip"]]
+    recalls = recall_score(actual, predicted, labels=range(len(recipe["classes"])), average=None, zero_division=0)
+    return ", ".join(f"{name} {recall:.2f}" for name, recall in zip(recipe["classes"], recalls))
 
 
 def rewrite(page: str) -> str:
