@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from docs import generated
-from pipeline.crossval import compare_recipes, figure, metric_of, pooled, summarise
+from pipeline.crossval import compare_recipes, figure, metric_of, pooled, score_key, summarise
 from pipeline.params import Params, params_from_dict
 from pipeline.preset import apply_preset, layered, read_preset
 
@@ -145,12 +145,12 @@ def render(folder: str) -> str:
                          f"{class_recalls(recipe)}")
         if "holdout" in recipe:
             held = recipe["holdout"]
-            kind = "score" if "test_score" in held else "accuracy"
             lines.append(f"    - trained on the whole folder ({held['sizes']['train']} images, "
                          f"{held['sizes']['validation']} for early stopping, {held['epochs_run']} epochs, "
                          f"{held['fit_s']:.0f} s) and scored once on the held-out folder `{held['folder']}` "
-                         f"({held['sizes']['test']} images): **{held[f'test_{kind}']:.3f}**, "
-                         f"{held[f'test_{kind}_flip']:.3f} with flip averaging; train {held[f'train_{kind}']:.3f} "
+                         f"({held['sizes']['test']} images): **{held[score_key(held)]:.3f}**, "
+                         f"{held[score_key(held, flip=True)]:.3f} with flip averaging; "
+                         f"train {held[score_key(held, 'train')]:.3f} "
                          f"(`--holdout {held['folder']}`)")
     lines += ["", END]
     return "\n".join(lines)

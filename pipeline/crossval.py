@@ -214,10 +214,16 @@ def metric_of(result: dict) -> str:
     return result.get("metric", "accuracy")
 
 
+def score_key(outcome: dict, split: str = "test", flip: bool = False) -> str:
+    """The key of one trained model's score on ``split`` in a fold's (or the held-out folder's)
+    outcome: ``test_score``, ``train_score_flip``, ... (``*_accuracy`` in files written before scores)."""
+    kind = "score" if "test_score" in outcome else "accuracy"
+    return f"{split}_{kind}{'_flip' if flip else ''}"
+
+
 def figure(result: dict, split: str = "test", flip: bool = False) -> str:
     """The fold key of a recipe's score on ``split``: ``test_score``, ``train_score_flip``, ..."""
-    kind = "score" if "test_score" in result["folds"][0] else "accuracy"
-    return f"{split}_{kind}{'_flip' if flip else ''}"
+    return score_key(result["folds"][0], split, flip)
 
 
 def pooled(result: dict, flip: bool = False) -> dict[str, Any]:
@@ -277,9 +283,8 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
                      f"{seconds:>6.0f}  {against}")
         if "holdout" in result:
             held = result["holdout"]
-            kind = "score" if "test_score" in held else "accuracy"
-            lines.append(f"{'':<28} held-out folder {held['folder']}: {metric_of(result)} {held[f'test_{kind}']:.3f} "
-                         f"({held[f'test_{kind}_flip']:.3f} with flip averaging) on {held['sizes']['test']} images")
+            lines.append(f"{'':<28} held-out folder {held['folder']}: {metric_of(result)} {held[score_key(held)]:.3f} "
+                         f"({held[score_key(held, flip=True)]:.3f} with flip averaging) on {held['sizes']['test']} images")
     return lines
 
 
