@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from docs import crossval_table
 from pipeline.cli import EXIT_USER_ERROR
 from pipeline.params import load_params
 from pipeline.preset import PresetError, apply_preset, check_preset, preset_names, read_preset, run
@@ -162,3 +163,23 @@ def test_a_preset_that_makes_params_invalid_writes_nothing(project: Path, capsys
 def test_list_names_the_presets(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--list"]) == 0
     assert "photos" in capsys.readouterr().out.split()
+
+
+# A model this much worse than the cross-validation's worst fold is "clearly worse": the gate must stop it.
+CLEARLY_WORSE = 0.05
+
+
+@pytest.mark.parametrize("folder", [name for name in crossval_table.FOLDERS if name != "catsdogs-small"])
+def test_a_folder_presets_gate_passes_its_worst_fold_and_stops_a_clearly_worse_model(folder: str) -> None:
+    """The thresholds of the unbalanced and five-class presets come from their cross-validation: a
+    model as good as the worst fold deploys, one five points worse does not."""
+    gate = crossval_table.preset_params(crossval_table.FOLDERS[folder].presets).gate
+    worst = crossval_table.worst_folds(folder)
+    for split, threshold in (("train", gate.min_train_score), ("test", gate.min_test_score)):
+        assert worst[split] - CLEARLY_WORSE < threshold <= worst[split], (split, threshold, worst[split])
+
+
+def test_the_photo_preset_keeps_the_bar_of_a_good_photo_model() -> None:
+    """Its thresholds are not lowered to what the recipe reaches: 0.85 train and 0.80 test at least."""
+    gate = crossval_table.preset_params(("photos",)).gate
+    assert gate.metric == "accuracy" and gate.min_train_score >= 0.85 and gate.min_test_score >= 0.80
