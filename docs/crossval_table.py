@@ -15,12 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from docs import generated
-from pipeline.crossval import compare_recipes, figure, metric_of, pooled, score_key, summarise
-from pipeline.params import Params, params_from_dict
-from pipeline.preset import apply_preset, layered, read_preset
+from pipeline.crossval import compare_recipes, figure, metric_of, pooled, recipe_params, score_key, summarise
+from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "choosing-a-recipe.md"
@@ -50,9 +47,7 @@ FOLDERS = {
 
 def preset_params(presets: tuple[str, ...]) -> Params:
     """params.yaml with ``presets`` applied in order, as ``python -m pipeline.preset`` writes it."""
-    defaults = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    merged, _ = apply_preset(defaults, layered([read_preset(ROOT / "presets", name) for name in presets]))
-    return params_from_dict(merged, source=f"params.yaml with preset {' and '.join(presets)}")
+    return recipe_params(ROOT / "params.yaml", presets, [])[0]
 
 
 def worst_folds(folder: str) -> dict[str, float]:

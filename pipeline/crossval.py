@@ -83,11 +83,11 @@ def summarise(folds: Sequence[dict], key: str = "test_accuracy") -> dict[str, fl
 def recipe_params(params_path: Path, presets: Sequence[str], overrides: Sequence[str]) -> tuple[Params, dict]:
     """params.yaml, with presets applied in order and ``key.path=value`` overrides (YAML values),
     checked as the stages check them; also returns the overrides as a flat mapping, for the record."""
-    from pipeline.preset import apply_preset, read_preset
+    from pipeline.preset import apply_preset, layered, read_preset
 
     raw = yaml.safe_load(Path(params_path).read_text())
-    for preset in presets:
-        raw, _ = apply_preset(raw, read_preset(PRESET_FOLDER, preset))
+    if presets:
+        raw, _ = apply_preset(raw, layered([read_preset(PRESET_FOLDER, preset) for preset in presets]))
     changes: dict[str, Any] = {}
     for override in overrides:
         key, separator, text = override.partition("=")
