@@ -177,6 +177,8 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
         callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
     """One ``model.fit`` with early stopping on validation loss (best weights kept), the section's
     class weights and, for ``lr_schedule: plateau``, a halved rate when validation loss stalls.
+    With ``class_weight: balanced`` the validation loss is weighted by class too, so early stopping
+    and the weights kept follow the balanced criterion, not the larger class.
     With several workers, :func:`pipeline.training_loop.train_loop` does the same (``model.fit``
     fails there, keras-team/keras#20585).
 
@@ -205,7 +207,9 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
         if section.lr_schedule == "plateau":
             own.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                          patience=max(1, section.patience // 2), verbose=1))
-        result = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=2, shuffle=False,
+        # The validation loss that early stopping follows weighs the classes as the training loss does.
+        validation = training_loop.with_class_weights(data.validation, class_weight, data.num_classes)
+        result = model.fit(data.train, validation_data=validation, epochs=epochs, verbose=2, shuffle=False,
                            class_weight=class_weight, callbacks=[*own, *callbacks])
         history.add(phase, result)
         stopped_epoch, best_epoch = stopper.stopped_epoch, stopper.best_epoch or 0

@@ -152,8 +152,10 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
         totals = {name: tf.constant(0.0) for name in _SUMS}
         for images, targets in validation:
             predictions = model(images, training=False)
-            sums = _batch_sums(_per_example_loss(loss_object, targets, predictions), targets, predictions,
-                               num_classes)
+            per_example = _per_example_loss(loss_object, targets, predictions)
+            if weights_table is not None:   # the validation loss weighs the classes as training does
+                per_example = per_example * tf.gather(weights_table, _class_indices(targets, num_classes))
+            sums = _batch_sums(per_example, targets, predictions, num_classes)
             totals = {name: totals[name] + sums[name] for name in _SUMS}
         return totals
 
@@ -289,6 +291,18 @@ def _class_weight_table(class_weights: dict[int, float] | None, num_classes: int
     if not class_weights:
         return None
     return tf.constant([class_weights.get(index, 1.0) for index in range(num_classes)], tf.float32)
+
+
+def with_class_weights(dataset: tf.data.Dataset, class_weights: dict[int, float] | None,
+                       num_classes: int) -> tf.data.Dataset:
+    """``(images, targets)`` batches as ``(images, targets, weights)``, each example weighted by its
+    class: what ``model.fit`` needs to weigh the validation loss as ``class_weight`` weighs training's
+    (its ``class_weight`` applies to training only). Unchanged without class weights."""
+    table = _class_weight_table(class_weights, num_classes)
+    if table is None:
+        return dataset
+    return dataset.map(lambda images, targets: (images, targets,
+                                                tf.gather(table, _class_indices(targets, num_classes))))
 
 
 def _batch_sums(per_example: tf.Tensor, targets: tf.Tensor, predictions: tf.Tensor,

@@ -92,6 +92,48 @@ def test_with_ema_early_stopping_judges_keeps_and_restores_the_averaged_weights(
         np.testing.assert_allclose(keras.ops.convert_to_numpy(kept), weights, rtol=1e-6)
 
 
+@pytest.mark.parametrize("trainer", ["fit", "loop"])
+def test_balanced_class_weights_weigh_the_validation_loss_too(trainer: str) -> None:
+    """With ``class_weight: balanced`` the validation loss that early stopping follows is each example's
+    loss times its class's weight, averaged over the examples (as the training loss is), in fit and in
+    the multi-worker loop alike; the validation accuracy stays the plain share of correct answers."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from pipeline.models import build_custom_cnn
+    from pipeline.params import load_params
+    from pipeline.training import FitData, History, compile_for_fit, fit
+    from pipeline.training_loop import train_loop
+
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 12 + [1] * 8 + [2] * 4)
+    images = (rng.integers(0, 60, (24, 12, 12, 1)) + 60 * labels[:, None, None, None]).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[labels]
+    train = tf.data.Dataset.from_tensor_slices((images, targets)).batch(8)
+    validation = tf.data.Dataset.from_tensor_slices((images, targets)).batch(8)
+    data = FitData(train, validation, 24, 8, 3, (12, 12, 1), train_label_counts=(12, 8, 4))
+    section = dataclasses.replace(load_params(Path(__file__).parents[1] / "params.yaml").train_custom,
+                                  class_weight="balanced", epochs=1, patience=5, lr_schedule="constant")
+    keras.utils.set_random_seed(2)
+    model = build_custom_cnn((12, 12, 1), 3, [4], [], 0.0)
+    compile_for_fit(model, data, section, section.learning_rate, section.epochs)
+    if trainer == "fit":
+        history = History()
+        fit(model, data, section, history, phase="train", epochs=1)
+        val_loss, val_accuracy = history.rows[0]["val_loss"], history.rows[0]["val_accuracy"]
+    else:
+        result = train_loop(model, train, validation, epochs=1, steps_per_epoch=3, global_batch_size=8, patience=5,
+                            class_weights=data.balanced_class_weights(), num_classes=3)
+        val_loss, val_accuracy = result.history["val_loss"][0], result.history["val_accuracy"][0]
+    predictions = keras.ops.convert_to_numpy(model(images, training=False))
+    per_example = keras.losses.CategoricalCrossentropy(reduction=None)(targets, predictions).numpy()
+    weights = np.array([24 / (3 * 12), 24 / (3 * 8), 24 / (3 * 4)])[labels]
+    assert abs(np.mean(per_example * weights) - np.mean(per_example)) > 1e-3   # the weights change the figure
+    assert val_loss == pytest.approx(np.mean(per_example * weights), rel=1e-4)
+    assert val_accuracy == pytest.approx(np.mean(predictions.argmax(axis=1) == labels))
+
+
 def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> None:
     result = run_stage(workdir, "train_custom", *train_arguments("custom", "train_custom"))
     assert result.returncode == 0, result.stderr
