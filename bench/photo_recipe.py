@@ -24,6 +24,7 @@ as the recipe in no more time. Skipped when no photo folder is given (``--photos
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.common import REPO_ROOT, Line, RowResult, run_worker, worker_main
@@ -107,20 +108,15 @@ def worker(spec: dict) -> dict:
     import time
 
     import numpy as np
-    import yaml
 
     from pipeline import statistics
-    from pipeline.crossval import assign_folds, fold_split, ingested
+    from pipeline.crossval import assign_folds, fold_split, ingested, recipe_params
     from pipeline.dataset import load_images
     from pipeline.manifest import SplitImages
-    from pipeline.params import params_from_dict
-    from pipeline.preset import apply_preset, read_preset
     from pipeline.seeding import seed_everything
 
-    defaults = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    raw, _ = apply_preset(defaults, read_preset(REPO_ROOT / "presets", spec["preset"]))
-    raw["ingest"]["max_per_class"] = spec["per_class"]
-    params = params_from_dict(raw, source=f"params.yaml with preset {spec['preset']}")
+    params, _ = recipe_params(REPO_ROOT / "params.yaml", [spec["preset"]],
+                              [f"ingest.max_per_class={json.dumps(spec['per_class'])}"])
     base = params.base
     root = Path(spec["folder"])
     manifest = ingested(params, root)
