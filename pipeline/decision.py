@@ -163,9 +163,17 @@ class Decision:
     comparisons: list[PairedComparison]
     champion: ChampionCheck
     test_reuse: SplitReuse | None = None     # None when the registry could not be asked
+    promote: bool = True                     # gate.promote: false decides without registering or deploying
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the chosen model is registered as the champion and put in deploy/: ``deploy`` says
+        the gate allows it, ``gate.promote: false`` (compare only) keeps it from happening."""
+        return self.deploy and self.promote
 
     def to_json(self) -> dict:
-        return {"deploy": self.deploy, "model": self.model, "metric": self.metric, "confidence": self.confidence,
+        return {"deploy": self.deploy, "promoted": self.promoted, "model": self.model, "metric": self.metric,
+                "confidence": self.confidence,
                 "thresholds": self.thresholds,
                 "candidates": {name: verdict.to_json() for name, verdict in self.candidates.items()},
                 "comparisons": {f"{c.first}_vs_{c.second}": c.to_json() for c in self.comparisons},
@@ -333,7 +341,7 @@ def decide(candidates: dict[str, Verdict], comparisons: list[PairedComparison], 
     if gate.max_calibration_error is not None:
         thresholds["max_calibration_error"] = gate.max_calibration_error
     return Decision(deploy, chosen if deploy else None, gate.metric, gate.confidence, thresholds, candidates,
-                    comparisons, champion, test_reuse)
+                    comparisons, champion, test_reuse, gate.promote)
 
 
 def summary_lines(decision: Decision) -> list[str]:
@@ -363,8 +371,11 @@ def summary_lines(decision: Decision) -> list[str]:
 
 def _deployed_line(decision: Decision) -> str:
     champion = decision.champion
+    where = f", replacing champion v{champion.version}" if champion.version else ""
+    if decision.deploy and not decision.promoted:
+        return (f"deployed: nothing, compare only (gate.promote: false): {decision.model} would be promoted{where} "
+                "(nothing registered, deploy/ unchanged)")
     if decision.deploy:
-        where = f", replacing champion v{champion.version}" if champion.version else ""
         return f"deployed: {decision.model} -> deploy/{where}"
     if champion.outcome == SAME_MODEL:
         return f"deployed: nothing new, champion v{champion.version} is this same model (deploy/ unchanged)"

@@ -130,7 +130,8 @@ def check(gate_file: Path) -> int:
         return 2
     decision = read_json(gate_file)
     if decision.get("deploy"):
-        print(f"deploy allowed: {decision['model']}")
+        compare_only = "" if decision.get("promoted", True) else " (compare only, gate.promote: false: not promoted)"
+        print(f"deploy allowed: {decision['model']}{compare_only}")
         return 0
     verdicts = ", ".join(f"{name} {c['verdict']}" for name, c in decision.get("candidates", {}).items())
     champion = decision.get("champion") or {}
@@ -158,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
     reuse = _test_reuse(predictions, run_records, gate, registry_reached.experiment_id) if registry_reached else None
     decision = decide(candidates, comparisons, champion, gate, reuse)
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    if decision.deploy:
+    if decision.promoted:
         _promote(gate, decision, run_records[decision.model], model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
     if registry_reached:
@@ -309,7 +310,8 @@ def _record_in_mlflow(gate: GateParams, decision: Decision, run_records: dict[st
     champion = decision.champion
     for name, verdict in decision.candidates.items():
         with tracking.resume_run(run_records[name].run_id):
-            mlflow.set_tags({"gate.verdict": verdict.verdict, "gate.deployed": str(decision.model == name).lower(),
+            deployed = decision.promoted and decision.model == name
+            mlflow.set_tags({"gate.verdict": verdict.verdict, "gate.deployed": str(deployed).lower(),
                              "gate.metric": gate.metric})
             if decision.test_reuse:
                 mlflow.set_tag(TEST_SPLIT_TAG, decision.test_reuse.split)

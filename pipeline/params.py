@@ -228,6 +228,7 @@ class GateParams:
     replace_incomparable: bool = False
     max_test_reuse: int = 20
     max_calibration_error: float | None = None
+    promote: bool = True     # false: decide and report only; register nothing, leave deploy/ as it is
 
     # Keys of earlier versions, so an old params file gets told what to write instead.
     RENAMED: ClassVar[dict[str, str]] = {"min_train_accuracy": "min_train_score",

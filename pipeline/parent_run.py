@@ -77,7 +77,9 @@ def decision_record(decision: dict[str, Any], run_ids: dict[str, str]) -> tuple[
     """The gate's decision (``metrics/gate.json``) as the parent's tags and metrics: deployed or not,
     the chosen model, each model's verdict, scores and training run id."""
     metric = decision["metric"]
-    tags = {"gate.deploy": str(bool(decision["deploy"])).lower(), "gate.model": decision["model"] or "none",
+    tags = {"gate.deploy": str(bool(decision["deploy"])).lower(),
+            "gate.promoted": str(bool(decision.get("promoted", decision["deploy"]))).lower(),
+            "gate.model": decision["model"] or "none",
             "gate.metric": metric, "gate.champion": decision["champion"]["outcome"]}
     metrics = {}
     for name, candidate in decision["candidates"].items():

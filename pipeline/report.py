@@ -30,7 +30,10 @@ def decision_section(gate: Mapping, scores: Mapping) -> list[str]:
     """The gate's decision: what was deployed and why, each model's scores (in the gated metric) and
     verdict, and what became of the registered champion."""
     metric, champion = gate["metric"], gate["champion"]
-    if gate.get("deploy"):
+    if gate.get("deploy") and not gate.get("promoted", True):
+        deployed = (f"**Nothing deployed, compare only** (`gate.promote: false`): `{gate['model']}` would be "
+                    "promoted")
+    elif gate.get("deploy"):
         deployed = f"**Deployed: `{gate['model']}`**"
     elif champion["outcome"] == "stays":
         deployed = f"**Nothing deployed**: champion v{champion['version']} stays"

@@ -186,6 +186,19 @@ def test_nothing_deploys_when_no_model_passes() -> None:
     assert summary_lines(decision)[-1] == "deployed: nothing (no model passed both thresholds)"
 
 
+def test_compare_only_decides_the_same_but_promotes_nothing() -> None:
+    import dataclasses
+
+    promoting = decision_of(custom=(0.95, 0.9))
+    compare_only = decision_of(dataclasses.replace(GATE, promote=False), custom=(0.95, 0.9))
+    assert promoting.deploy is compare_only.deploy is True and promoting.model == compare_only.model == "custom"
+    assert promoting.promoted is True and compare_only.promoted is False
+    assert summary_lines(compare_only)[-1] == ("deployed: nothing, compare only (gate.promote: false): custom would be "
+                                               "promoted (nothing registered, deploy/ unchanged)")
+    refused = decision_of(dataclasses.replace(GATE, promote=False), custom=(0.5, 0.5))
+    assert refused.promoted is False and summary_lines(refused)[-1].startswith("deployed: nothing (no model passed")
+
+
 def test_the_two_models_are_compared_on_the_same_test_images() -> None:
     decision = decision_of(custom=(0.95, 0.90), resnet50=(0.99, 0.95))
     (comparison,) = decision.comparisons
@@ -380,8 +393,8 @@ def test_an_incomparable_champion_is_replaced_only_when_the_user_opted_in() -> N
 def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None:
     challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
     data = decision_of(champion=challenged, custom=(0.95, 0.9), resnet50=(0.5, 0.4)).to_json()
-    assert set(data) == {"deploy", "model", "metric", "confidence", "thresholds", "candidates", "comparisons",
-                         "champion", "test_reuse"}
+    assert set(data) == {"deploy", "promoted", "model", "metric", "confidence", "thresholds", "candidates",
+                         "comparisons", "champion", "test_reuse"}
     assert data["metric"] == "accuracy" and data["confidence"] is None
     assert data["thresholds"] == {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0}
     custom = data["candidates"]["custom"]

@@ -155,6 +155,37 @@ def test_the_champion_moves_only_forward(project: GateProject) -> None:
     assert gate.check(project.root / "metrics/gate.json") == 1
 
 
+def test_compare_only_decides_but_registers_and_deploys_nothing(project: GateProject,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """``gate.promote: false`` (a pull request's CI): the same decision and comparison as a promoting
+    gate, but no new version, no alias moved, deploy/ untouched; the CI check still passes."""
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    project.gate()
+    deployed, stamps = project.deployed(), project.stamps()
+    params_file = project.root / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["gate"]["promote"] = False
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    project.train(custom=PERFECT)
+    compared = project.gate()
+    assert compared["deploy"] is True and compared["promoted"] is False and compared["model"] == "custom"
+    assert compared["champion"]["outcome"] == "replaced" and compared["champion"]["difference"] > 0
+    assert project.versions() == 1 and str(project.champion().version) == "1"
+    assert project.deployed() == deployed and project.stamps() == stamps
+    run = MlflowClient(tracking.tracking_uri()).get_run(RunRecord.read(project.root / "models/custom").run_id)
+    assert run.data.tags["gate.verdict"] == "deploy" and run.data.tags["gate.deployed"] == "false"
+    capsys.readouterr()
+    assert gate.check(project.root / "metrics/gate.json") == 0
+    assert "compare only" in capsys.readouterr().out
+
+    params["gate"]["promote"] = True     # the same models, now promoted
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    promoted = project.gate()
+    assert promoted["promoted"] is True and project.versions() == 2 and str(project.champion().version) == "2"
+    assert project.deployed() != deployed
+
+
 def test_an_incompatible_champion_is_not_compared(project: GateProject, raw_params: dict, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     project.train(custom=PERFECT, resnet50=ONE_RIGHT)

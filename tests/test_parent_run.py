@@ -124,8 +124,11 @@ def test_the_execution_key_follows_the_experiment_and_the_split(tmp_path: Path) 
 
 def test_the_decision_becomes_tags_and_metrics() -> None:
     tags, metrics = parent_run.decision_record({**DECISION, "deploy": False, "model": None}, {"custom": "r1"})
-    assert tags == {"gate.deploy": "false", "gate.model": "none", "gate.metric": "accuracy", "gate.champion": "none",
-                    "gate.verdict.custom": "deploy", "gate.verdict.resnet50": "underfit", "run.custom": "r1"}
+    assert tags == {"gate.deploy": "false", "gate.promoted": "false", "gate.model": "none", "gate.metric": "accuracy",
+                    "gate.champion": "none", "gate.verdict.custom": "deploy", "gate.verdict.resnet50": "underfit",
+                    "run.custom": "r1"}
+    compare_only, _ = parent_run.decision_record({**DECISION, "deploy": True, "promoted": False}, {})
+    assert compare_only["gate.deploy"] == "true" and compare_only["gate.promoted"] == "false"
     assert metrics == {"custom.train_accuracy": 0.99, "custom.test_accuracy": 0.95,
                        "resnet50.train_accuracy": 0.5, "resnet50.test_accuracy": 0.4}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.project import run
-from pipeline.report import build_report, metrics_diff_section, read_pictures
+from pipeline.report import build_report, decision_section, metrics_diff_section, read_pictures
 
 GATE = {"deploy": False, "model": None, "metric": "accuracy",
         "thresholds": {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0},
@@ -51,6 +51,14 @@ def test_a_missing_base_or_an_empty_diff_is_said_in_words() -> None:
                            None, {})
     assert "the champion check said unknown (its files cannot be loaded)" in unknown
     assert "## Pictures" not in page and "## Confusion" not in page
+
+
+def test_a_compare_only_gate_says_nothing_was_deployed_and_what_would_have_been() -> None:
+    passing = {**GATE["candidates"]["custom"], "verdict": "deploy", "test_score": 0.9}
+    would = {**GATE, "deploy": True, "promoted": False, "model": "custom", "candidates": {"custom": passing}}
+    assert "**Nothing deployed, compare only** (`gate.promote: false`): `custom` would be promoted" in \
+        "\n".join(decision_section(would, SCORES))
+    assert "**Deployed: `custom`**" in "\n".join(decision_section({**would, "promoted": True}, SCORES))
 
 
 def test_pictures_are_read_in_report_order_and_missing_ones_left_out(tmp_path: Path) -> None:
