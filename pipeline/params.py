@@ -138,6 +138,7 @@ class FitParams:
     label_smoothing: float
     class_weight: Literal["balanced"] | None
     patience: int
+    start_from_epoch: int
     dense_units: tuple[int, ...]
     dropout: float
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
@@ -158,6 +159,8 @@ class FitParams:
         _require(self.batch_size >= 1, f"{where}.batch_size", f"must be at least 1, got {self.batch_size}")
         _require(self.learning_rate > 0, f"{where}.learning_rate", f"must be greater than 0, got {self.learning_rate}")
         _require(self.patience >= 1, f"{where}.patience", f"must be at least 1, got {self.patience}")
+        _require(0 <= self.start_from_epoch < self.epochs, f"{where}.start_from_epoch",
+                 f"must be from 0 up to (not including) epochs ({self.epochs}), got {self.start_from_epoch}")
         _require(all(u >= 1 for u in self.dense_units), f"{where}.dense_units", "every layer needs at least 1 unit")
         _require(0 <= self.dropout < 1, f"{where}.dropout", f"must be in [0, 1), got {self.dropout}")
 

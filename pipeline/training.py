@@ -192,13 +192,14 @@ def fit(model: keras.Model, data: FitData, section: FitParams, history: History,
     if data.num_workers > 1:
         result = training_loop.train_loop(
             model, data.train, data.validation, epochs=epochs, steps_per_epoch=data.iterations_per_epoch,
-            global_batch_size=data.batch_size, patience=section.patience, plateau=section.lr_schedule == "plateau",
+            global_batch_size=data.batch_size, patience=section.patience, start_from_epoch=section.start_from_epoch,
+            plateau=section.lr_schedule == "plateau",
             class_weights=class_weight, num_classes=data.num_classes, callbacks=callbacks)
         history.add(phase, result)
         stopped_epoch, best_epoch = result.stopped_epoch, result.best_epoch
     else:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=section.patience,
-                                                restore_best_weights=True)
+                                                restore_best_weights=True, start_from_epoch=section.start_from_epoch)
         # With ``ema`` the averaged weights are swapped in before each validation and at each epoch's
         # end, ahead of the stopper, so early stopping judges, keeps and restores the averaged weights.
         own: list[keras.callbacks.Callback] = [stopper]

@@ -42,10 +42,11 @@ _PLATEAU_FACTOR = 0.5
 
 @dataclass
 class EarlyStop:
-    """Keras's EarlyStopping rules (patience, restore the best weights at the end): an epoch improves
-    when its validation loss is lower than the best so far."""
+    """Keras's EarlyStopping rules (patience, restore the best weights at the end, nothing watched
+    before ``start_from_epoch``): an epoch improves when its validation loss is lower than the best so far."""
 
     patience: int
+    start_from_epoch: int = 0
     best: float = math.inf
     best_epoch: int = 0
     stopped_epoch: int = 0
@@ -55,6 +56,8 @@ class EarlyStop:
     def update(self, epoch: int, val_loss: float, weights: Callable[[], list[np.ndarray]]) -> bool:
         """Record ``epoch``'s validation loss; True when training should stop. ``weights`` is called
         for the model's weights only when they are worth keeping."""
+        if epoch < self.start_from_epoch:
+            return False
         if self.best_weights is None:
             self.best_weights, self.best_epoch = weights(), epoch
         self.wait += 1
@@ -102,7 +105,8 @@ class LoopResult:
 
 
 def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset, *, epochs: int,
-               steps_per_epoch: int, global_batch_size: int, patience: int, plateau: bool = False,
+               steps_per_epoch: int, global_batch_size: int, patience: int, start_from_epoch: int = 0,
+               plateau: bool = False,
                class_weights: dict[int, float] | None = None, num_classes: int,
                callbacks: Sequence[keras.callbacks.Callback] = ()) -> LoopResult:
     """Train a compiled ``model`` under the current ``tf.distribute`` strategy for ``epochs`` epochs
@@ -159,7 +163,7 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
             totals = {name: totals[name] + sums[name] for name in _SUMS}
         return totals
 
-    stopper = EarlyStop(patience)
+    stopper = EarlyStop(patience, start_from_epoch)
     reducer = Plateau(max(1, patience // 2)) if plateau else None
     result = LoopResult()
     for epoch in range(epochs):

@@ -212,7 +212,8 @@ def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
     data = FitData(train, validation, 24, 8, 3, (12, 12, 1), train_label_counts=(12, 8, 4))
     section = dataclasses.replace(load_params(REPO_ROOT / "params.yaml").train_custom, optimizer="sgd",
                                   learning_rate=0.05, lr_schedule="constant", label_smoothing=0.1,
-                                  class_weight="balanced", patience=2, dropout=0.0, epochs=4, ema=True,
+                                  class_weight="balanced", patience=2, start_from_epoch=1, dropout=0.0, epochs=4,
+                                  ema=True,
                                   weight_decay=0.01)
 
     def compiled() -> keras.Model:
@@ -227,7 +228,7 @@ def test_one_process_loop_takes_the_same_steps_as_fit(policy: str) -> None:
         history = History()
         fit(with_fit, data, section, history, phase="train", epochs=section.epochs)
         result = train_loop(with_loop, train, validation, epochs=section.epochs, steps_per_epoch=3,
-                            global_batch_size=8, patience=section.patience,
+                            global_batch_size=8, patience=section.patience, start_from_epoch=section.start_from_epoch,
                             class_weights=data.balanced_class_weights(), num_classes=3)
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -423,3 +423,13 @@ def test_temperature_scaling_is_off_by_default_and_true_or_false(raw_params: dic
     raw_params["train_resnet50"]["temperature_scaling"] = "yes"
     with pytest.raises(ParamsError, match=r"train_resnet50\.temperature_scaling: expected true or false"):
         params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize("value", [-1, 4, 10])
+def test_start_from_epoch_is_a_warm_up_shorter_than_the_run(raw_params: dict, value: int) -> None:
+    raw_params["train_custom"].update(epochs=4, start_from_epoch=3)
+    assert params_from_dict(raw_params).train_custom.start_from_epoch == 3
+    raw_params["train_custom"]["start_from_epoch"] = value
+    with pytest.raises(ParamsError, match=r"train_custom\.start_from_epoch: must be from 0 up to \(not including\) "
+                                          r"epochs \(4\)"):
+        params_from_dict(raw_params)

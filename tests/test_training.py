@@ -134,6 +134,54 @@ def test_balanced_class_weights_weigh_the_validation_loss_too(trainer: str) -> N
     assert val_accuracy == pytest.approx(np.mean(predictions.argmax(axis=1) == labels))
 
 
+@pytest.mark.parametrize("trainer", ["fit", "loop"])
+def test_early_stopping_watches_nothing_before_start_from_epoch(trainer: str) -> None:
+    """A run whose validation loss is lowest in its first epoch (a learning rate far too high) keeps,
+    with ``start_from_epoch: 2``, the weights of the best epoch from the third on, in fit and in the
+    multi-worker loop alike."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from pipeline.models import build_custom_cnn
+    from pipeline.params import load_params
+    from pipeline.training import FitData, History, compile_for_fit, fit
+    from pipeline.training_loop import train_loop
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, (32, 1)).astype("float32")
+    images = (rng.uniform(0, 120, (32, 12, 12, 1)) + 120 * labels[:, :, None, None]).astype("float32")
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    data = FitData(train, train, 32, 8, 2, (12, 12, 1))
+    section = dataclasses.replace(load_params(Path(__file__).parents[1] / "params.yaml").train_custom, epochs=5,
+                                  patience=10, start_from_epoch=2, lr_schedule="constant", optimizer="sgd",
+                                  learning_rate=3.0)
+    keras.utils.set_random_seed(4)
+    model = build_custom_cnn((12, 12, 1), 2, [4], [], 0.0)
+    compile_for_fit(model, data, section, section.learning_rate, section.epochs)
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[float, list[np.ndarray]]] = []
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.seen.append((logs["val_loss"], [np.array(w) for w in self.model.get_weights()]))
+
+    recorder = Recorder()
+    if trainer == "fit":
+        fit(model, data, section, History(), phase="train", epochs=section.epochs, callbacks=[recorder])
+    else:
+        recorder.set_model(model)
+        train_loop(model, train, train, epochs=section.epochs, steps_per_epoch=4, global_batch_size=8, patience=10,
+                   start_from_epoch=2, num_classes=2, callbacks=[recorder])
+    losses = [loss for loss, _ in recorder.seen]
+    assert len(losses) == 5 and int(np.argmin(losses)) < 2, losses      # the first epochs look best
+    watched = 2 + int(np.argmin(losses[2:]))
+    for kept, expected in zip(model.get_weights(), recorder.seen[watched][1]):
+        np.testing.assert_array_equal(kept, expected)
+
+
 def test_train_custom_writes_model_curves_and_one_mlflow_run(workdir: Path) -> None:
     result = run_stage(workdir, "train_custom", *train_arguments("custom", "train_custom"))
     assert result.returncode == 0, result.stderr
