@@ -132,7 +132,7 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
             predictions = model(images, training=True)
             per_example = _per_example_loss(loss_object, targets, predictions)
             if weights_table is not None:
-                per_example = per_example * tf.gather(weights_table, _class_indices(targets, num_classes))
+                per_example = per_example * _weights_of(weights_table, targets, num_classes)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
@@ -158,7 +158,7 @@ def train_loop(model: keras.Model, train: tf.data.Dataset, validation: tf.data.D
             predictions = model(images, training=False)
             per_example = _per_example_loss(loss_object, targets, predictions)
             if weights_table is not None:   # the validation loss weighs the classes as training does
-                per_example = per_example * tf.gather(weights_table, _class_indices(targets, num_classes))
+                per_example = per_example * _weights_of(weights_table, targets, num_classes)
             sums = _batch_sums(per_example, targets, predictions, num_classes)
             totals = {name: totals[name] + sums[name] for name in _SUMS}
         return totals
@@ -297,6 +297,11 @@ def _class_weight_table(class_weights: dict[int, float] | None, num_classes: int
     return tf.constant([class_weights.get(index, 1.0) for index in range(num_classes)], tf.float32)
 
 
+def _weights_of(table: tf.Tensor, targets: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """Each example's class weight, looked up by its target's class."""
+    return tf.gather(table, _class_indices(targets, num_classes))
+
+
 def with_class_weights(dataset: tf.data.Dataset, class_weights: dict[int, float] | None,
                        num_classes: int) -> tf.data.Dataset:
     """``(images, targets)`` batches as ``(images, targets, weights)``, each example weighted by its
@@ -305,8 +310,7 @@ def with_class_weights(dataset: tf.data.Dataset, class_weights: dict[int, float]
     table = _class_weight_table(class_weights, num_classes)
     if table is None:
         return dataset
-    return dataset.map(lambda images, targets: (images, targets,
-                                                tf.gather(table, _class_indices(targets, num_classes))))
+    return dataset.map(lambda images, targets: (images, targets, _weights_of(table, targets, num_classes)))
 
 
 def _batch_sums(per_example: tf.Tensor, targets: tf.Tensor, predictions: tf.Tensor,
