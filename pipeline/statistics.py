@@ -5,7 +5,11 @@ intervals and tests. A score on a few hundred test images is an estimate; these 
 may be, and whether one model's lead over another on the same images is more than chance.
 
 - Accuracy gets a Wilson score interval (``scipy.stats.binomtest(...).proportion_ci``); the other
-  metrics a bootstrap interval (``scipy.stats.bootstrap``) over the images.
+  metrics a bootstrap interval (``scipy.stats.bootstrap``) over the images. The bootstrap and the
+  permutation test score every resample at once, from per-class counts (:func:`batched_score`),
+  which give scikit-learn's numbers row by row (``tests/test_statistics.py`` holds them to it):
+  one scikit-learn call per resample costs about 2 ms of input checks, a minute for a few
+  thousand images.
 - Two models scored on the same images are compared image by image: the 2x2 table of right and
   wrong, an exact McNemar test (a two-sided binomial test on the images where exactly one of the two
   is right, ``scipy.stats.binomtest``), and a paired bootstrap interval of the difference in the
@@ -24,7 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 REPORTING_CONFIDENCE = 0.95     # the level of intervals that are reported but do not decide anything
-BOOTSTRAP_RESAMPLES = 1000      # per scikit-learn metric call (ms each); endpoints settle to about a third of a point
+BOOTSTRAP_RESAMPLES = 9999      # resamples of a bootstrap interval or a permutation test (scored all at once)
+BATCH = 500                     # resamples scored at once: a few MB per class for a few thousand images
 MINIMUM_IMAGES = 2              # fewer cannot vary, so no interval says anything
 
 
@@ -100,7 +105,8 @@ def interval(metric: str, actual: np.ndarray, predicted: np.ndarray, confidence:
         right = int(np.sum(actual == predicted))
         ci = stats.binomtest(right, len(actual)).proportion_ci(confidence_level=confidence, method="wilson")
         return Interval(float(ci.low), float(ci.high), confidence, "wilson")
-    return _bootstrap((actual, predicted), lambda a, p: score(metric, a, p), confidence, seed)
+    codes = _codes(actual, predicted)
+    return _bootstrap(codes, lambda a, p, axis=-1: batched_score(metric, a, p, axis), confidence, seed)
 
 
 def compare(first: str, second: str, metric: str, actual: np.ndarray, first_predicted: np.ndarray,
@@ -159,9 +165,14 @@ def better_test(metric: str, actual: np.ndarray, first: np.ndarray, second: np.n
         return OneSidedTest("mcnemar exact, one-sided", mcnemar_exact(first_only, second_only, "greater"))
     if np.array_equal(first, second):
         return OneSidedTest("paired permutation, one-sided", 1.0)
-    result = stats.permutation_test((first, second), lambda a, b: score(metric, actual, a) - score(metric, actual, b),
-                                    permutation_type="samples", alternative="greater", vectorized=False,
-                                    n_resamples=BOOTSTRAP_RESAMPLES, rng=np.random.default_rng(seed))
+    actual, first, second = _codes(actual, first, second)
+
+    def difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return batched_score(metric, actual, a, axis) - batched_score(metric, actual, b, axis)
+
+    result = stats.permutation_test((first, second), difference, permutation_type="samples", alternative="greater",
+                                    vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, batch=BATCH,
+                                    rng=np.random.default_rng(seed))
     return OneSidedTest("paired permutation, one-sided", float(result.pvalue))
 
 
@@ -173,25 +184,53 @@ def _difference_interval(metric: str, actual: np.ndarray, first: np.ndarray, sec
         # The same answer on every image: every resample differs by exactly zero.
         return Interval(0.0, 0.0, confidence, "identical predictions")
     if metric == "accuracy":
-        # Accuracy is the mean of right (1) and wrong (0): vectorised, so all resamples run at once.
+        # Accuracy is the mean of right (1) and wrong (0).
         first_right, second_right = (first == actual).astype(float), (second == actual).astype(float)
         return _bootstrap((first_right, second_right), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
-                          confidence, seed, vectorized=True)
-    return _bootstrap((actual, first, second), lambda a, p, q: score(metric, a, p) - score(metric, a, q),
+                          confidence, seed)
+    return _bootstrap(_codes(actual, first, second),
+                      lambda a, p, q, axis=-1: batched_score(metric, a, p, axis) - batched_score(metric, a, q, axis),
                       confidence, seed)
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float, seed: int,
-               vectorized: bool = False) -> Interval:
-    """SciPy's paired bootstrap (BCa; percentile where BCa is undefined, e.g. a constant jackknife)."""
+def batched_score(metric: str, actual: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``balanced_accuracy`` or ``macro_f1`` of every row of integer labels at once (the images along
+    ``axis``), as scikit-learn's function gives it for each row alone: balanced accuracy is the mean
+    recall of the classes that occur in that row's ``actual``; macro F1 the mean of 2 TP / (2 TP + FP
+    + FN) over the classes that occur in its ``actual`` or ``predicted`` (0 where a class is never
+    right, as ``zero_division=0``)."""
+    actual, predicted = np.broadcast_arrays(np.moveaxis(actual, axis, -1), np.moveaxis(predicted, axis, -1))
+    classes = np.arange(int(max(actual.max(initial=0), predicted.max(initial=0))) + 1)[:, None]
+    is_actual, is_predicted = actual[..., None, :] == classes, predicted[..., None, :] == classes
+    right = np.sum(is_actual & is_predicted, axis=-1)               # per row and class: true positives
+    occurs, answered = np.sum(is_actual, axis=-1), np.sum(is_predicted, axis=-1)
+    if metric == "balanced_accuracy":
+        recall = np.divide(right, occurs, out=np.zeros(right.shape), where=occurs > 0)
+        return recall.sum(axis=-1) / np.count_nonzero(occurs, axis=-1)
+    if metric == "macro_f1":
+        seen = occurs + answered                                    # 2 TP + FP + FN
+        f1 = np.divide(2 * right, seen, out=np.zeros(right.shape), where=seen > 0)
+        return f1.sum(axis=-1) / np.count_nonzero(seen, axis=-1)
+    raise ValueError(f"no batched form of {metric}")
+
+
+def _codes(*labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same label arrays as small integers (one code per class name), for :func:`batched_score`."""
+    _, codes = np.unique(np.concatenate([np.asarray(each) for each in labels]), return_inverse=True)
+    return tuple(np.split(codes.reshape(-1), len(labels)))
+
+
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float, seed: int) -> Interval:
+    """SciPy's paired bootstrap (BCa; percentile where BCa is undefined, e.g. a constant jackknife),
+    the statistic scoring a batch of resamples at once."""
     from scipy import stats
 
-    resamples = 9999 if vectorized else BOOTSTRAP_RESAMPLES
+    resamples = BOOTSTRAP_RESAMPLES
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # DegenerateDataWarning: handled by the fallback below
-            result = stats.bootstrap(data, statistic, paired=True, vectorized=vectorized, n_resamples=resamples,
-                                     confidence_level=confidence, method=method,
+            result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                                     batch=BATCH, confidence_level=confidence, method=method,
                                      rng=np.random.default_rng(seed))
         low, high = result.confidence_interval
         if np.isfinite(low) and np.isfinite(high):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.statistics import better_test, compare, interval, mcnemar_exact, score
+from pipeline.statistics import batched_score, better_test, compare, interval, mcnemar_exact, score
 
 CATS_AND_DOGS = np.array(["cat"] * 6 + ["dog"] * 4)
 
@@ -100,6 +100,23 @@ def test_the_metrics_are_scikit_learns() -> None:
     assert score("accuracy", actual, always_zero) == pytest.approx(0.9)
     assert score("balanced_accuracy", actual, always_zero) == pytest.approx(0.5)
     assert score("macro_f1", actual, always_zero) == pytest.approx((18 / 19 + 0) / 2)
+
+
+@pytest.mark.parametrize("metric", ["balanced_accuracy", "macro_f1"])
+def test_every_resample_is_scored_as_scikit_learn_scores_it(metric: str) -> None:
+    """The bootstrap's batched metric against scikit-learn's, row by row, on resamples of the kind a
+    bootstrap draws: some rows miss a class in the answers, in the actual labels, or in both."""
+    rng = np.random.default_rng(5)
+    actual = rng.integers(0, 4, size=(300, 12))
+    predicted = np.where(rng.random((300, 12)) < 0.6, actual, rng.integers(0, 4, size=(300, 12)))
+    actual[:20] = np.where(actual[:20] == 3, 2, actual[:20])          # class 3 never occurs here ...
+    predicted[10:30] = np.where(predicted[10:30] == 1, 0, predicted[10:30])   # ... class 1 never answered
+    predicted[40] = actual[40]                                         # every answer right
+    batched = batched_score(metric, actual, predicted)
+    assert batched.shape == (300,)
+    assert batched == pytest.approx([score(metric, a, p) for a, p in zip(actual, predicted)], abs=1e-12)
+    # The images can lie along any axis.
+    assert batched_score(metric, actual.T, predicted.T, axis=0) == pytest.approx(batched, abs=1e-12)
 
 
 def test_too_few_images_for_an_interval() -> None:
