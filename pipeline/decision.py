@@ -285,7 +285,8 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
             replaces = replaces and better.p_value < 1 - level
             rule += f" and {better.test} p < {1 - level:.2g}"
     outcome = REPLACED if replaces else STAYS
-    verdict = (f"replaces champion v{champion_version}" if replaces
+    replacing = "replaces" if gate.promote else "would replace (compare only)"
+    verdict = (f"{replacing} champion v{champion_version}" if replaces
                else f"champion v{champion_version} stays")
     return ChampionCheck(outcome, champion_version, champion_model, comparison,
                          [f"{words}; needs {rule}: {verdict}"], better)

@@ -171,6 +171,7 @@ def test_compare_only_decides_but_registers_and_deploys_nothing(project: GatePro
     compared = project.gate()
     assert compared["deploy"] is True and compared["promoted"] is False and compared["model"] == "custom"
     assert compared["champion"]["outcome"] == "replaced" and compared["champion"]["difference"] > 0
+    assert compared["champion"]["reasons"][0].endswith("would replace (compare only) champion v1")
     assert project.versions() == 1 and str(project.champion().version) == "1"
     assert project.deployed() == deployed and project.stamps() == stamps
     run = MlflowClient(tracking.tracking_uri()).get_run(RunRecord.read(project.root / "models/custom").run_id)
