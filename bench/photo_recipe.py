@@ -180,7 +180,10 @@ def _train_pipeline(data, params, epochs: int | None, curve):
     from pipeline.train_custom import train_custom
     from pipeline.training import History, make_fit_data, resolve_setup
 
-    section = params.train_custom if epochs is None else dataclasses.replace(params.train_custom, epochs=epochs)
+    # A run shorter than the preset's (the quick mode, the AVX2 timing) watches from its first epoch.
+    section = (params.train_custom if epochs is None
+               else dataclasses.replace(params.train_custom, epochs=epochs, start_from_epoch=0))
+    section.check("train_custom")
     placement, _ = resolve_setup(params.base, section, model_spec("custom"))
     fit_data = make_fit_data(data, params.base, section.batch_size, placement)
     history = History()

@@ -16,7 +16,7 @@ from pipeline.preset import PresetError, apply_preset, check_preset, preset_name
 from tests.conftest import REPO_ROOT
 
 PRESETS = REPO_ROOT / "presets"
-PHOTO_KEYS = 15  # the values presets/photos.yaml changes
+PHOTO_KEYS = 16  # the values presets/photos.yaml changes
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_the_photo_preset_gives_the_settings_the_readme_describes(project: Path)
     assert (augment.horizontal_flip, augment.rotation, augment.zoom) == (True, 0.1, 0.1) and augment.active
     custom = photos.train_custom
     assert custom.blocks == (32, 64, 128, 256) and custom.batch_norm and custom.pooling == "global_average"
-    assert custom.dense_units == () and (custom.epochs, custom.patience) == (40, 15)
+    assert custom.dense_units == () and (custom.epochs, custom.patience, custom.start_from_epoch) == (60, 15, 45)
     assert custom.lr_schedule == "cosine"   # the digits' already
     assert (photos.train_resnet50.epochs, photos.train_resnet50.lr_schedule) == (2, "cosine")   # little spent
     assert photos.train_resnet50.weights is None   # offline, as the digits
@@ -104,9 +104,9 @@ def test_the_written_params_keep_every_comment_and_line(project: Path, capsys: p
     changed = [line.split(":")[0].strip() for before, line in zip(old, new) if before != line]
     assert len(changed) == PHOTO_KEYS and "image_size" in changed and "min_test_score" in changed
     # Where the new value fits, the comment stays in its column.
-    (epochs,) = [line for line in new if line.startswith("  epochs: 40 ")]
+    (epochs,) = [line for line in new if line.startswith("  epochs: 60 ")]
     assert epochs.index("#") == 28
-    assert "train_custom.epochs: 4 -> 40" in capsys.readouterr().err
+    assert "train_custom.epochs: 4 -> 60" in capsys.readouterr().err
 
 
 def test_applying_twice_changes_nothing(project: Path) -> None:
