@@ -40,7 +40,8 @@ FOLDERS = {
     "catsdogs-small": Folder("two classes of photos, about as many of each", ("photos",),
                              "+ 60 epochs, early stopping from epoch 45", "preset (baseline)"),
     "unbalanced": Folder("two classes of photos, one with far fewer (here 40 % fewer)", ("photos", "unbalanced"),
-                         "photos + unbalanced", "photos + unbalanced, validation loss unweighted (before)"),
+                         "photos + unbalanced, 60 epochs, early stopping from epoch 45",
+                         "photos + unbalanced, validation loss unweighted (before)"),
     "five-classes": Folder("more than two classes of photos (here five)", ("photos", "many-classes"), "photos", None),
 }
 

@@ -128,7 +128,7 @@ def test_presets_are_layered_in_order_and_written_once(project: Path, capsys: py
     assert run(["photos", "unbalanced", "sharper"]) == 0
     params = load_params(project / "params.yaml")
     assert params.base.image_size == 96 and params.base.channels == 3           # the later key wins
-    assert params.gate.metric == "balanced_accuracy" and params.train_custom.epochs == 40
+    assert params.gate.metric == "balanced_accuracy" and params.train_custom.epochs == 60
     assert "preset photos and unbalanced and sharper:" in capsys.readouterr().err
     # One bad preset among several: nothing written, not even the good ones' values.
     before = (project / "params.yaml").read_bytes()
