@@ -135,7 +135,8 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = SplitImages(root, frame)
     placement, setup = resolve_setup(params.base, section, spec)
-    fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile)
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
+                             mixup=params.augment.mixup)
     history = History()
     started = time.perf_counter()
     with placement.strategy.scope():

@@ -56,13 +56,14 @@ def image_dataset(paths: Sequence[str], image_size: int, channels: int) -> tf.da
 def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_classes: int, *,
                      image_size: int, channels: int, batch_size: int,
                      shuffle_seed: int | None, shard: tuple[int, int] | None = None,
-                     drop_remainder: bool = False) -> tf.data.Dataset:
+                     drop_remainder: bool = False, mixup: float = 0.0) -> tf.data.Dataset:
     """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded.
 
     ``shard=(workers, index)`` keeps every workers-th file starting at ``index`` before anything is
     read, so each machine of a multi-worker run decodes only its own share. ``drop_remainder``
     leaves out the last, smaller batch of each epoch (reshuffled, so a different few images each
-    time), so that every batch has one shape.
+    time), so that every batch has one shape. ``mixup`` > 0 blends each image of a batch, and its
+    target alike, with another of the same batch (:func:`mixed_up`).
     """
     paths, label_indices = list(paths), list(label_indices)
     if shard is not None:
@@ -73,13 +74,33 @@ def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_cla
     dataset = tf.data.Dataset.zip((images, targets)).cache(_cache_file(len(paths), image_size, channels))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if mixup > 0:
+        dataset = mixed_up(dataset, mixup, shuffle_seed)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     if shard is not None:
         # Already sharded by file above; stop tf.distribute from sharding a second time.
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         dataset = dataset.with_options(options)
     return dataset
+
+
+def mixed_up(batches: tf.data.Dataset, alpha: float, seed: int | None) -> tf.data.Dataset:
+    """MixUp (Zhang et al. 2018) with Keras's own layer: each image becomes ``w * image + (1 - w) *
+    other`` and its target ``w * target + (1 - w) * other's``, ``other`` drawn from the same batch
+    and ``w`` from Beta(alpha, alpha), anew for every batch of every epoch (repeatably with a seed).
+    Images come out as float32 on the 0-255 scale the model's input takes."""
+    import keras
+
+    # float32 whatever the training precision: the model's input takes float32 pixels.
+    layer = keras.layers.MixUp(alpha=alpha, seed=seed, dtype="float32")
+
+    def mix(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mixed = layer({"images": tf.cast(images, tf.float32), "labels": targets}, training=True)
+        return mixed["images"], mixed["labels"]
+
+    return batches.map(mix)   # one batch at a time: the layer's seed generator then steps in order
 
 
 def _cache_file(count: int, image_size: int, channels: int) -> str:

@@ -165,7 +165,15 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
     chosen = optimizers[optimizer](learning_rate=rate, use_ema=ema, **options)
     if weight_decay > 0:
         chosen.exclude_from_weight_decay(var_names=list(NOT_DECAYED))
-    model.compile(optimizer=chosen, loss=loss_function, metrics=["accuracy"], jit_compile=jit_compile)
+    # Two classes: the share of images whose 0/1 answer matches the rounded target. Keras's own
+    # binary accuracy compares with the target itself, so MixUp's blended targets would never match.
+    accuracy = keras.metrics.MeanMetricWrapper(_accuracy_of_rounded_targets, name="accuracy") \
+        if num_classes == 2 else "accuracy"
+    model.compile(optimizer=chosen, loss=loss_function, metrics=[accuracy], jit_compile=jit_compile)
+
+
+def _accuracy_of_rounded_targets(targets, predictions):
+    return keras.metrics.binary_accuracy(keras.ops.round(targets), predictions)
 
 
 def for_inference(model: keras.Model) -> keras.Model:

@@ -93,8 +93,10 @@ class SplitParams:
 @dataclass(frozen=True)
 class AugmentParams:
     """Random changes to each training image (Keras preprocessing layers inside both models, active
-    only while training). Every factor 0 / false turns that change off. ``flip_average`` is the one
-    change at prediction time: the saved model averages its answers for the image and its mirror."""
+    only while training). Every factor 0 / false turns that change off. ``mixup`` is the one change
+    made in the training input pipeline instead, since it mixes the targets too. ``flip_average`` is
+    the one change at prediction time: the saved model averages its answers for the image and its
+    mirror."""
 
     horizontal_flip: bool
     rotation: float
@@ -102,13 +104,14 @@ class AugmentParams:
     translation: float
     contrast: float
     hue: float
+    mixup: float
     flip_average: bool
 
     FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
 
     @property
     def active(self) -> bool:
-        """Whether any change is switched on."""
+        """Whether any change made by a layer inside the model is switched on."""
         return self.horizontal_flip or any(getattr(self, key) > 0 for key in self.FACTORS)
 
     def check(self, where: str) -> None:
@@ -121,6 +124,8 @@ class AugmentParams:
         for key in ("zoom", "translation", "contrast", "hue"):
             value = getattr(self, key)
             _require(value < 1, f"{where}.{key}", f"must be below 1 (a fraction of the image), got {value}")
+        _require(0 <= self.mixup <= 1, f"{where}.mixup",
+                 f"is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got {self.mixup}")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def iterations_per_epoch(train_size: int, batch_size: int) -> int:
 
 
 def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placement: Placement | None = None,
-                  one_batch_shape: bool = False) -> FitData:
+                  one_batch_shape: bool = False, mixup: float = 0.0) -> FitData:
     """Training set shuffled with the seed, validation set in order; both decoded once and cached.
 
     ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
@@ -138,7 +138,8 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
     for :mod:`pipeline.training_loop`, without the last, smaller batch (every worker takes the
     same number of steps); a share smaller than one step is refused here. ``one_batch_shape`` (for
     XLA, which compiles the step again for every new shape) leaves out the last, smaller training
-    batch of each epoch.
+    batch of each epoch. ``mixup`` (``augment.mixup``) blends the training batches, never the
+    validation ones.
     """
     replicas = placement.replicas if placement else 1
     workers = placement.num_workers if placement else 1
@@ -154,7 +155,7 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
                             f"{train_size} training images is smaller than one batch; lower batch_size")
     drop_remainder = bool(shard) or (one_batch_shape and train_size > batch_size * replicas)
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
-                             shuffle_seed=base.seed, drop_remainder=drop_remainder, **common)
+                             shuffle_seed=base.seed, drop_remainder=drop_remainder, mixup=mixup, **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
     counts = np.bincount(data.label_indices("train"), minlength=num_classes)
@@ -254,7 +255,8 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     # The placement first: a multi-worker strategy must be made before TensorFlow's runtime starts,
     # and it tells a worker that records nothing from the chief.
     placement, setup = resolve_setup(params.base, section, spec)
-    fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile)
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
+                             mixup=params.augment.mixup)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,

@@ -116,6 +116,59 @@ def test_training_dataset_two_classes_targets_are_one_column(image_folder: Path)
     np.testing.assert_array_equal(targets[:, 0], [labels[i] for i in keep])
 
 
+def _blend_of_two(image: np.ndarray, batch: np.ndarray) -> tuple[int, float, float]:
+    """The batch image ``j`` and weight ``w`` for which ``w * batch[i] + (1 - w) * batch[j]`` comes
+    closest to ``image`` for some ``i``: least squares for every pair, and the distance left."""
+    best = (0, 0.0, np.inf)
+    flat, others = image.ravel().astype(np.float64), batch.reshape(len(batch), -1).astype(np.float64)
+    for i, first in enumerate(others):
+        for j, second in enumerate(others):
+            step = first - second
+            weight = float(step @ (flat - second) / (step @ step)) if step @ step else 1.0
+            distance = float(np.abs(weight * first + (1 - weight) * second - flat).max())
+            if distance < best[2]:
+                best = (i * len(batch) + j, weight, distance)
+    return best
+
+
+@pytest.fixture(params=["float32", "mixed_bfloat16"])
+def precision(request: pytest.FixtureRequest):
+    """The global precision the training stage sets (mixed_bfloat16 on CPUs that have it)."""
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy(before)
+
+
+def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path, precision: str) -> None:
+    paths, labels = _files(image_folder)
+    keep = [i for i, label in enumerate(labels) if label < 2]          # two classes: a one-column target
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    make = lambda seed: training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8,  # noqa: E731
+                                         shuffle_seed=seed, mixup=0.4)
+    plain = training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8, shuffle_seed=1)
+    mixed_batches = list(make(1).as_numpy_iterator())
+    assert len(mixed_batches) == 3 and mixed_batches[0][0].dtype == np.float32
+    blended = 0
+    for (images, targets), (originals, original_targets) in zip(mixed_batches, plain.as_numpy_iterator()):
+        for image, target in zip(images, targets[:, 0]):
+            pair, weight, distance = _blend_of_two(image, originals)
+            first, second = original_targets[pair // len(originals), 0], original_targets[pair % len(originals), 0]
+            assert distance < 0.01 and 0 <= weight <= 1 + 1e-6
+            if first != second:                        # the target is blended by the image's own weight
+                assert target == pytest.approx(weight * first + (1 - weight) * second, abs=2e-3)
+                blended += 0.02 < weight < 0.98
+    assert blended >= 3                                # real blends, not only near-copies of one image
+    # The same seed mixes the same way again; each epoch mixes anew.
+    again = list(make(1).as_numpy_iterator())
+    np.testing.assert_array_equal(np.concatenate([t for _, t in again]), np.concatenate([t for _, t in mixed_batches]))
+    dataset = make(1)
+    first_epoch, second_epoch = (np.concatenate([t for _, t in dataset.as_numpy_iterator()]) for _ in range(2))
+    assert not np.array_equal(first_epoch, second_epoch)
+
+
 def test_training_dataset_shuffle_is_repeatable_and_keeps_pairs(image_folder: Path) -> None:
     paths, labels = _files(image_folder)
     make = lambda seed: training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=8,  # noqa: E731

@@ -120,6 +120,19 @@ def test_compile_model_matches_loss_to_output(num_classes: int, loss: str, expec
     assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
+def test_two_class_training_accuracy_counts_blended_targets_by_their_larger_share() -> None:
+    """MixUp's targets lie between 0 and 1: an answer on the side of the larger share counts as right
+    (as the multi-worker loop and class weights round them), not as wrong every time."""
+    keras.utils.set_random_seed(0)
+    model = build_custom_cnn(input_shape=(16, 16, 1), num_classes=2, blocks=(4,), dense_units=(), dropout=0.0)
+    compile_model(model, "sgd", 0.0, "crossentropy", num_classes=2)
+    images = _raw_images(8, (16, 16, 1))
+    answers = model.predict(images, verbose=0)[:, 0] > 0.5
+    blended = np.where(answers, 0.7, 0.3).astype(np.float32).reshape(-1, 1)   # each on the model's side
+    assert model.evaluate(images, blended, verbose=0, return_dict=True)["accuracy"] == 1.0
+    assert model.evaluate(images, 1 - blended, verbose=0, return_dict=True)["accuracy"] == 0.0
+
+
 def saved_and_loaded(model: keras.Model, folder: Path, count: int = 3, tolerance: float = 1e-5) -> keras.Model:
     """Save ``model``, load it back in safe mode, and check it predicts as before on the same pixels."""
     path = folder / "model.keras"
@@ -311,7 +324,7 @@ def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> No
 # --- augmentation and the photo recipe -----------------------------------------------------------
 
 PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05,
-                              flip_average=False)
+                              mixup=0.2, flip_average=False)
 
 
 def _photo_cnn(augment: AugmentParams | None = PHOTO_AUGMENT) -> keras.Model:
@@ -334,7 +347,7 @@ def test_augmentation_changes_images_in_training_only() -> None:
 
 def test_no_augmentation_layer_unless_switched_on() -> None:
     off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0,
-                         flip_average=False)
+                         mixup=0.0, flip_average=False)
     assert augmentation_layers(off) == [] and augmentation_layers(None) == []
     names = [layer.name for layer in augmentation_layers(PHOTO_AUGMENT)]
     assert names == ["augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast",

@@ -343,6 +343,8 @@ def test_to_flat_dict_prefixes_keys_and_lists_tuples(raw_params: dict) -> None:
     ("zoom", 1.5, "augment.zoom: must be below 1"),
     ("contrast", -1, "augment.contrast: must be 0 (off) or more"),
     ("translation", "wide", "augment.translation: expected a number"),
+    ("mixup", -0.2, "augment.mixup: is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got -0.2"),
+    ("mixup", 2, "augment.mixup: is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got 2"),
 ])
 def test_augmentation_factors_out_of_range_are_refused(raw_params: dict, key: str, value: object,
                                                        message: str) -> None:
