@@ -62,23 +62,33 @@ def _augmented(inputs, augment: AugmentParams | None):
 
 def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks: Sequence[int],
                      dense_units: Sequence[int], dropout: float, *, batch_norm: bool = False,
-                     pooling: str = "flatten", augment: AugmentParams | None = None) -> keras.Model:
+                     pooling: str = "flatten", residual: bool = False,
+                     augment: AugmentParams | None = None) -> keras.Model:
     """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers.
 
     ``batch_norm`` puts BatchNormalization between each convolution and its ReLU; ``pooling``
-    ``global_average`` replaces Flatten; ``augment`` adds the random training-time changes first.
+    ``global_average`` replaces Flatten; ``residual`` adds each block's input to its second
+    convolution's output before that ReLU (ResNet's shortcut, through a 1x1 convolution where the
+    number of filters changes); ``augment`` adds the random training-time changes first.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(_augmented(inputs, augment))
     for number, filters in enumerate(blocks, start=1):
+        shortcut = x
         for conv in (1, 2):
             name = f"block{number}_conv{conv}"
-            if batch_norm:  # the convolution's bias is redundant before a normalisation
-                x = keras.layers.Conv2D(filters, (3, 3), padding="same", use_bias=False, name=name)(x)
-                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
-                x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
-            else:
+            joined = residual and conv == 2
+            if not (batch_norm or joined):
                 x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=name)(x)
+                continue
+            # The convolution's bias is redundant before a normalisation.
+            x = keras.layers.Conv2D(filters, (3, 3), padding="same", use_bias=not batch_norm, name=name)(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+            if joined:
+                x = keras.layers.Add(name=f"block{number}_add")([x, _projected(shortcut, filters, number,
+                                                                                batch_norm)])
+            x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
         x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{number}_pool")(x)
     if pooling == "global_average":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -86,6 +96,15 @@ def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks
         x = keras.layers.Flatten(name="flatten")(x)
     outputs = _classifier_head(x, num_classes, dense_units, dropout)
     return keras.Model(inputs, outputs, name="custom_cnn")
+
+
+def _projected(shortcut, filters: int, number: int, batch_norm: bool):
+    """A block's input as its shortcut: itself when it has ``filters`` channels, else a 1x1 convolution."""
+    if shortcut.shape[-1] == filters:
+        return shortcut
+    name = f"block{number}_shortcut"
+    shortcut = keras.layers.Conv2D(filters, (1, 1), use_bias=not batch_norm, name=name)(shortcut)
+    return keras.layers.BatchNormalization(name=f"{name}_bn")(shortcut) if batch_norm else shortcut
 
 
 def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights: str | None,

@@ -176,6 +176,7 @@ class TrainCustomParams(FitParams):
 
     blocks: tuple[int, ...]
     batch_norm: bool
+    residual: bool
     pooling: Literal["flatten", "global_average"]
 
     def check(self, where: str) -> None:

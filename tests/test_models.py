@@ -362,6 +362,23 @@ def test_batch_norm_and_global_average_pooling_are_built_when_asked() -> None:
     assert "BatchNormalization" not in [type(layer).__name__ for layer in deck.layers]
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_residual_blocks_add_each_blocks_input_and_save_in_safe_mode(batch_norm: bool, tmp_path: Path) -> None:
+    model = build_custom_cnn((24, 24, 3), 2, blocks=(8, 8, 16), dense_units=(), dropout=0.0, batch_norm=batch_norm,
+                             pooling="global_average", residual=True)
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == [
+        "block1_add", "block2_add", "block3_add"]
+    # A 1x1 projection where the filters change (3 -> 8, 8 -> 16), the input itself where they do not.
+    assert [layer.name for layer in model.layers if layer.name.endswith("_shortcut")] == [
+        "block1_shortcut", "block3_shortcut"]
+    block2 = model.get_layer("block2_add")
+    assert any(tensor is model.get_layer("block1_pool").output for tensor in block2.input)   # the block's input
+    plain = build_custom_cnn((24, 24, 3), 2, blocks=(8, 8, 16), dense_units=(), dropout=0.0, batch_norm=batch_norm,
+                             pooling="global_average")
+    assert not any(isinstance(layer, keras.layers.Add) for layer in plain.layers)
+    saved_and_loaded(model, tmp_path)
+
+
 def test_augmented_cnn_saves_and_loads_in_safe_mode_with_same_predictions(tmp_path: Path) -> None:
     loaded = saved_and_loaded(_photo_cnn(), tmp_path)
     assert [layer.name for layer in loaded.layers if layer.name.startswith("augment_")] == [
