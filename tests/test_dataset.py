@@ -116,18 +116,18 @@ def test_training_dataset_two_classes_targets_are_one_column(image_folder: Path)
     np.testing.assert_array_equal(targets[:, 0], [labels[i] for i in keep])
 
 
-def _blend_of_two(image: np.ndarray, batch: np.ndarray) -> tuple[int, float, float]:
-    """The batch image ``j`` and weight ``w`` for which ``w * batch[i] + (1 - w) * batch[j]`` comes
-    closest to ``image`` for some ``i``: least squares for every pair, and the distance left."""
-    best = (0, 0.0, np.inf)
+def _blend_of_two(image: np.ndarray, batch: np.ndarray) -> tuple[int, int, float, float]:
+    """The batch images ``i``, ``j`` and weight ``w`` for which ``w * batch[i] + (1 - w) * batch[j]``
+    comes closest to ``image``: least squares for every pair, and the distance left."""
+    best = (0, 0, 0.0, np.inf)
     flat, others = image.ravel().astype(np.float64), batch.reshape(len(batch), -1).astype(np.float64)
     for i, first in enumerate(others):
         for j, second in enumerate(others):
             step = first - second
             weight = float(step @ (flat - second) / (step @ step)) if step @ step else 1.0
             distance = float(np.abs(weight * first + (1 - weight) * second - flat).max())
-            if distance < best[2]:
-                best = (i * len(batch) + j, weight, distance)
+            if distance < best[3]:
+                best = (i, j, weight, distance)
     return best
 
 
@@ -154,8 +154,8 @@ def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path
     blended = 0
     for (images, targets), (originals, original_targets) in zip(mixed_batches, plain.as_numpy_iterator()):
         for image, target in zip(images, targets[:, 0]):
-            pair, weight, distance = _blend_of_two(image, originals)
-            first, second = original_targets[pair // len(originals), 0], original_targets[pair % len(originals), 0]
+            i, j, weight, distance = _blend_of_two(image, originals)
+            first, second = original_targets[i, 0], original_targets[j, 0]
             assert distance < 0.01 and 0 <= weight <= 1 + 1e-6
             if first != second:                        # the target is blended by the image's own weight
                 assert target == pytest.approx(weight * first + (1 - weight) * second, abs=2e-3)
