@@ -185,7 +185,7 @@ def _train_pipeline(data, params, epochs: int | None, curve):
                else dataclasses.replace(params.train_custom, epochs=epochs, start_from_epoch=0))
     section.check("train_custom")
     placement, _ = resolve_setup(params.base, section, model_spec("custom"))
-    fit_data = make_fit_data(data, params.base, section.batch_size, placement, mixup=params.augment.mixup)
+    fit_data = make_fit_data(data, params.base, section.batch_size, placement, augment=params.augment)
     history = History()
     model = train_custom(fit_data, section, params.augment, history, [curve])
     return model, len(history.rows)

@@ -136,7 +136,7 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
     data = SplitImages(root, frame)
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
-                             mixup=params.augment.mixup)
+                             augment=params.augment)
     history = History()
     started = time.perf_counter()
     with placement.strategy.scope():

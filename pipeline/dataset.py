@@ -56,14 +56,16 @@ def image_dataset(paths: Sequence[str], image_size: int, channels: int) -> tf.da
 def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_classes: int, *,
                      image_size: int, channels: int, batch_size: int,
                      shuffle_seed: int | None, shard: tuple[int, int] | None = None,
-                     drop_remainder: bool = False, mixup: float = 0.0) -> tf.data.Dataset:
+                     drop_remainder: bool = False, mixup: float = 0.0, cutmix: float = 0.0) -> tf.data.Dataset:
     """Batches of ``(images, targets)``; decoded once and cached, reshuffled each epoch if seeded.
 
     ``shard=(workers, index)`` keeps every workers-th file starting at ``index`` before anything is
     read, so each machine of a multi-worker run decodes only its own share. ``drop_remainder``
     leaves out the last, smaller batch of each epoch (reshuffled, so a different few images each
     time), so that every batch has one shape. ``mixup`` > 0 blends each image of a batch, and its
-    target alike, with another of the same batch (:func:`mixed_up`).
+    target alike, with another of the same batch (:func:`mixed_up`); ``cutmix`` > 0 pastes a
+    rectangle of another image of the batch into each, the targets mixed by area
+    (:func:`cut_and_mixed`). With both, MixUp comes first.
     """
     paths, label_indices = list(paths), list(label_indices)
     if shard is not None:
@@ -77,6 +79,8 @@ def training_dataset(paths: Sequence[str], label_indices: Sequence[int], num_cla
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if mixup > 0:
         dataset = mixed_up(dataset, mixup, shuffle_seed)
+    if cutmix > 0:
+        dataset = cut_and_mixed(dataset, cutmix, shuffle_seed)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     if shard is not None:
         # Already sharded by file above; stop tf.distribute from sharding a second time.
@@ -93,10 +97,25 @@ def mixed_up(batches: tf.data.Dataset, alpha: float, seed: int | None) -> tf.dat
     Images come out as float32 on the 0-255 scale the model's input takes."""
     import keras
 
-    # float32 whatever the training precision: the model's input takes float32 pixels.
-    layer = keras.layers.MixUp(alpha=alpha, seed=seed, dtype="float32")
+    return _mixed_by(batches, keras.layers.MixUp(alpha=alpha, seed=seed, dtype="float32"))
+
+
+def cut_and_mixed(batches: tf.data.Dataset, factor: float, seed: int | None) -> tf.data.Dataset:
+    """CutMix (Yun et al. 2019) with Keras's own layer: a rectangle of each image is replaced by the
+    same rectangle of another image of the batch, and the target becomes ``w * target + (1 - w) *
+    other's``, ``w`` the share of the image left uncovered. ``w`` is drawn from Beta(a, a), ``a``
+    uniform between 0 and ``factor``, anew for every batch of every epoch (repeatably with a seed).
+    Images come out as float32 on the 0-255 scale the model's input takes."""
+    import keras
+
+    return _mixed_by(batches, keras.layers.CutMix(factor=factor, seed=seed, dtype="float32"))
+
+
+def _mixed_by(batches: tf.data.Dataset, layer) -> tf.data.Dataset:
+    """Batches passed through a Keras layer that mixes images and targets (``MixUp``, ``CutMix``)."""
 
     def mix(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # float32 whatever the training precision: the model's input takes float32 pixels.
         mixed = layer({"images": tf.cast(images, tf.float32), "labels": targets}, training=True)
         return mixed["images"], mixed["labels"]
 

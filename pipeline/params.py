@@ -93,8 +93,8 @@ class SplitParams:
 @dataclass(frozen=True)
 class AugmentParams:
     """Random changes to each training image (Keras preprocessing layers inside both models, active
-    only while training). Every factor 0 / false turns that change off. ``mixup`` is the one change
-    made in the training input pipeline instead, since it mixes the targets too. ``flip_average`` is
+    only while training). Every factor 0 / false turns that change off. ``mixup`` and ``cutmix`` are
+    made in the training input pipeline instead, since they mix the targets too. ``flip_average`` is
     the one change at prediction time: the saved model averages its answers for the image and its
     mirror."""
 
@@ -105,6 +105,7 @@ class AugmentParams:
     contrast: float
     hue: float
     mixup: float
+    cutmix: float
     flip_average: bool
 
     FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
@@ -126,6 +127,8 @@ class AugmentParams:
             _require(value < 1, f"{where}.{key}", f"must be below 1 (a fraction of the image), got {value}")
         _require(0 <= self.mixup <= 1, f"{where}.mixup",
                  f"is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got {self.mixup}")
+        _require(0 <= self.cutmix <= 1, f"{where}.cutmix",
+                 f"is the largest alpha of CutMix's Beta(alpha, alpha) and must be 0 (off) to 1, got {self.cutmix}")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def iterations_per_epoch(train_size: int, batch_size: int) -> int:
 
 
 def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placement: Placement | None = None,
-                  one_batch_shape: bool = False, mixup: float = 0.0) -> FitData:
+                  one_batch_shape: bool = False, augment: AugmentParams | None = None) -> FitData:
     """Training set shuffled with the seed, validation set in order; both decoded once and cached.
 
     ``batch_size`` is per replica: with several replicas each step takes ``batch_size * replicas``
@@ -138,7 +138,7 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
     for :mod:`pipeline.training_loop`, without the last, smaller batch (every worker takes the
     same number of steps); a share smaller than one step is refused here. ``one_batch_shape`` (for
     XLA, which compiles the step again for every new shape) leaves out the last, smaller training
-    batch of each epoch. ``mixup`` (``augment.mixup``) blends the training batches, never the
+    batch of each epoch. ``augment``'s ``mixup`` and ``cutmix`` mix the training batches, never the
     validation ones.
     """
     replicas = placement.replicas if placement else 1
@@ -155,7 +155,9 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
                             f"{train_size} training images is smaller than one batch; lower batch_size")
     drop_remainder = bool(shard) or (one_batch_shape and train_size > batch_size * replicas)
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
-                             shuffle_seed=base.seed, drop_remainder=drop_remainder, mixup=mixup, **common)
+                             shuffle_seed=base.seed, drop_remainder=drop_remainder,
+                             mixup=augment.mixup if augment else 0.0, cutmix=augment.cutmix if augment else 0.0,
+                             **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
     counts = np.bincount(data.label_indices("train"), minlength=num_classes)
@@ -256,7 +258,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     # and it tells a worker that records nothing from the chief.
     placement, setup = resolve_setup(params.base, section, spec)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
-                             mixup=params.augment.mixup)
+                             augment=params.augment)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,

@@ -169,6 +169,47 @@ def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path
     assert not np.array_equal(first_epoch, second_epoch)
 
 
+def test_cutmix_pastes_one_rectangle_of_another_image_and_mixes_targets_by_area(image_folder: Path,
+                                                                              precision: str) -> None:
+    paths, labels = _files(image_folder)
+    keep = [i for i, label in enumerate(labels) if label < 2]          # two classes: a one-column target
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    make = lambda seed: training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8,  # noqa: E731
+                                         shuffle_seed=seed, cutmix=1.0)
+    plain = training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8, shuffle_seed=1)
+    cut_batches = list(make(1).as_numpy_iterator())
+    assert len(cut_batches) == 3 and cut_batches[0][0].dtype == np.float32
+    pasted = 0
+    for (images, targets), (originals, original_targets) in zip(cut_batches, plain.as_numpy_iterator()):
+        for image, target, original, own_target in zip(images, targets[:, 0], originals, original_targets[:, 0]):
+            changed = np.any(image != original, axis=-1)
+            if not changed.any():
+                continue
+            rows, columns = np.nonzero(changed)
+            box = (slice(rows.min(), rows.max() + 1), slice(columns.min(), columns.max() + 1))
+            # The pixels that changed come from one other image of the batch, in one rectangle ...
+            donors = [k for k, other in enumerate(originals) if np.array_equal(image[box], other[box])]
+            assert donors, "the pasted rectangle is not a rectangle of any image of the batch"
+            outside = np.ones(changed.shape, dtype=bool)
+            outside[box] = False
+            np.testing.assert_array_equal(image[outside], original[outside])
+            # ... and the target is mixed by the share of the image the rectangle covers (Keras
+            # computes it from the rectangle's unrounded sides: up to a row and a column more).
+            uncovered = 1 - changed[box].size / changed.size
+            if any(original_targets[k, 0] != own_target for k in donors):
+                donor = next(original_targets[k, 0] for k in donors if original_targets[k, 0] != own_target)
+                assert target == pytest.approx(uncovered * own_target + (1 - uncovered) * donor,
+                                                abs=(2 * 32 + 1) / 32**2)
+                pasted += 1
+    assert pasted >= 3
+    # The same seed cuts the same way again; each epoch anew.
+    again = list(make(1).as_numpy_iterator())
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in again]), np.concatenate([i for i, _ in cut_batches]))
+    dataset = make(1)
+    first_epoch, second_epoch = (np.concatenate([i for i, _ in dataset.as_numpy_iterator()]) for _ in range(2))
+    assert not np.array_equal(first_epoch, second_epoch)
+
+
 def test_training_dataset_shuffle_is_repeatable_and_keeps_pairs(image_folder: Path) -> None:
     paths, labels = _files(image_folder)
     make = lambda seed: training_dataset(paths, labels, 3, image_size=32, channels=3, batch_size=8,  # noqa: E731

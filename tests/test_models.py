@@ -324,7 +324,7 @@ def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> No
 # --- augmentation and the photo recipe -----------------------------------------------------------
 
 PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05,
-                              mixup=0.2, flip_average=False)
+                              mixup=0.2, cutmix=0.0, flip_average=False)
 
 
 def _photo_cnn(augment: AugmentParams | None = PHOTO_AUGMENT) -> keras.Model:
@@ -347,7 +347,7 @@ def test_augmentation_changes_images_in_training_only() -> None:
 
 def test_no_augmentation_layer_unless_switched_on() -> None:
     off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0,
-                         mixup=0.0, flip_average=False)
+                         mixup=0.0, cutmix=0.0, flip_average=False)
     assert augmentation_layers(off) == [] and augmentation_layers(None) == []
     names = [layer.name for layer in augmentation_layers(PHOTO_AUGMENT)]
     assert names == ["augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast",
