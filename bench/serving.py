@@ -202,7 +202,7 @@ def served_params(raw: dict, preset: str | None) -> dict:
         chosen, _ = apply_preset(chosen, read_preset(REPO_ROOT / "presets", preset))
     for key in ("image_size", "channels"):
         raw["base"][key] = chosen["base"][key]
-    for key in ("blocks", "batch_norm", "residual", "pooling", "dense_units"):
+    for key in ("blocks", "batch_norm", "residual", "separable", "pooling", "dense_units"):
         raw["train_custom"][key] = chosen["train_custom"][key]
     raw["train_resnet50"]["learning_rate"] = 1e-9
     return raw

@@ -62,14 +62,17 @@ def _augmented(inputs, augment: AugmentParams | None):
 
 def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks: Sequence[int],
                      dense_units: Sequence[int], dropout: float, *, batch_norm: bool = False,
-                     pooling: str = "flatten", residual: bool = False,
+                     pooling: str = "flatten", residual: bool = False, separable: bool = False,
                      augment: AugmentParams | None = None) -> keras.Model:
     """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers.
 
     ``batch_norm`` puts BatchNormalization between each convolution and its ReLU; ``pooling``
     ``global_average`` replaces Flatten; ``residual`` adds each block's input to its second
     convolution's output before that ReLU (ResNet's shortcut, through a 1x1 convolution where the
-    number of filters changes); ``augment`` adds the random training-time changes first.
+    number of filters changes); ``separable`` makes every convolution but the first on the pixels a
+    depthwise separable one (Xception's: a 3x3 filter per channel, then a 1x1 convolution mixing
+    them, about a ninth of the work and the weights); ``augment`` adds the random training-time
+    changes first.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(_augmented(inputs, augment))
@@ -78,11 +81,13 @@ def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks
         for conv in (1, 2):
             name = f"block{number}_conv{conv}"
             joined = residual and conv == 2
+            convolution = keras.layers.SeparableConv2D if separable and (number, conv) != (1, 1) \
+                else keras.layers.Conv2D
             if not (batch_norm or joined):
-                x = keras.layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=name)(x)
+                x = convolution(filters, (3, 3), activation="relu", padding="same", name=name)(x)
                 continue
             # The convolution's bias is redundant before a normalisation.
-            x = keras.layers.Conv2D(filters, (3, 3), padding="same", use_bias=not batch_norm, name=name)(x)
+            x = convolution(filters, (3, 3), padding="same", use_bias=not batch_norm, name=name)(x)
             if batch_norm:
                 x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
             if joined:

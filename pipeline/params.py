@@ -180,6 +180,7 @@ class TrainCustomParams(FitParams):
     blocks: tuple[int, ...]
     batch_norm: bool
     residual: bool
+    separable: bool
     pooling: Literal["flatten", "global_average"]
 
     def check(self, where: str) -> None:

@@ -18,7 +18,8 @@ def train_custom(data: FitData, section: TrainCustomParams, augment: AugmentPara
     """Build the CNN from its params section (and the augmentation) and fit it with early stopping."""
     model = build_custom_cnn(data.input_shape, data.num_classes, section.blocks, section.dense_units,
                              section.dropout, batch_norm=section.batch_norm, pooling=section.pooling,
-                             residual=section.residual, augment=augment)
+                             residual=section.residual, separable=section.separable,
+                             augment=augment)
     compile_for_fit(model, data, section, section.learning_rate, section.epochs)
     fit(model, data, section, history, phase="train", epochs=section.epochs, callbacks=callbacks)
     return model

@@ -143,7 +143,7 @@ SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule"
                  "weight_decay", "ema", "image_size", "channels", "seed", "deterministic", "distribution", "split.ratios",
                  "augment.rotation", "augment.flip_average", "train_size", "iterations_per_epoch", "classes",
                  "precision.policy"}
-OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "residual", "pooling"},
+OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "residual", "separable", "pooling"},
               "train_resnet50": {"weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"}}
 
 

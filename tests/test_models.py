@@ -379,6 +379,20 @@ def test_residual_blocks_add_each_blocks_input_and_save_in_safe_mode(batch_norm:
     saved_and_loaded(model, tmp_path)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_separable_blocks_keep_a_plain_first_convolution_and_save_in_safe_mode(batch_norm: bool,
+                                                                               tmp_path: Path) -> None:
+    model = build_custom_cnn((24, 24, 3), 2, blocks=(8, 16), dense_units=(), dropout=0.0, batch_norm=batch_norm,
+                             pooling="global_average", separable=True)
+    kinds = {layer.name: type(layer).__name__ for layer in model.layers if "conv" in layer.name and
+             not layer.name.endswith(("_bn", "_relu"))}
+    assert kinds == {"block1_conv1": "Conv2D", "block1_conv2": "SeparableConv2D",
+                     "block2_conv1": "SeparableConv2D", "block2_conv2": "SeparableConv2D"}
+    # A 3x3 filter per channel and a 1x1 mix: 9 * 8 + 8 * 16 weights where a plain 3x3 has 9 * 8 * 16.
+    assert model.get_layer("block2_conv1").count_params() == 9 * 8 + 8 * 16 + (0 if batch_norm else 16)
+    saved_and_loaded(model, tmp_path)
+
+
 def test_augmented_cnn_saves_and_loads_in_safe_mode_with_same_predictions(tmp_path: Path) -> None:
     loaded = saved_and_loaded(_photo_cnn(), tmp_path)
     assert [layer.name for layer in loaded.layers if layer.name.startswith("augment_")] == [
