@@ -142,17 +142,27 @@ def precision(request: pytest.FixtureRequest):
     keras.mixed_precision.set_global_policy(before)
 
 
-def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path, precision: str) -> None:
+def _two_class_batches(image_folder: Path, **mixing: float):
+    """Batches of 8 of the fixture's first two classes (a one-column target), shuffled with seed 1,
+    mixed as ``mixing`` says (``mixup=``, ``cutmix=``): a function of the seed, and the unmixed batches."""
     paths, labels = _files(image_folder)
-    keep = [i for i, label in enumerate(labels) if label < 2]          # two classes: a one-column target
+    keep = [i for i, label in enumerate(labels) if label < 2]
     paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-    make = lambda seed: training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8,  # noqa: E731
-                                         shuffle_seed=seed, mixup=0.4)
+
+    def make(seed: int):
+        return training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8, shuffle_seed=seed,
+                                **mixing)
+
     plain = training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8, shuffle_seed=1)
+    return make, list(plain.as_numpy_iterator())
+
+
+def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path, precision: str) -> None:
+    make, plain = _two_class_batches(image_folder, mixup=0.4)
     mixed_batches = list(make(1).as_numpy_iterator())
     assert len(mixed_batches) == 3 and mixed_batches[0][0].dtype == np.float32
     blended = 0
-    for (images, targets), (originals, original_targets) in zip(mixed_batches, plain.as_numpy_iterator()):
+    for (images, targets), (originals, original_targets) in zip(mixed_batches, plain):
         for image, target in zip(images, targets[:, 0]):
             i, j, weight, distance = _blend_of_two(image, originals)
             first, second = original_targets[i, 0], original_targets[j, 0]
@@ -171,16 +181,11 @@ def test_mixup_blends_each_image_and_its_target_by_one_weight(image_folder: Path
 
 def test_cutmix_pastes_one_rectangle_of_another_image_and_mixes_targets_by_area(image_folder: Path,
                                                                               precision: str) -> None:
-    paths, labels = _files(image_folder)
-    keep = [i for i, label in enumerate(labels) if label < 2]          # two classes: a one-column target
-    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-    make = lambda seed: training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8,  # noqa: E731
-                                         shuffle_seed=seed, cutmix=1.0)
-    plain = training_dataset(paths, labels, 2, image_size=32, channels=3, batch_size=8, shuffle_seed=1)
+    make, plain = _two_class_batches(image_folder, cutmix=1.0)
     cut_batches = list(make(1).as_numpy_iterator())
     assert len(cut_batches) == 3 and cut_batches[0][0].dtype == np.float32
     pasted = 0
-    for (images, targets), (originals, original_targets) in zip(cut_batches, plain.as_numpy_iterator()):
+    for (images, targets), (originals, original_targets) in zip(cut_batches, plain):
         for image, target, original, own_target in zip(images, targets[:, 0], originals, original_targets[:, 0]):
             changed = np.any(image != original, axis=-1)
             if not changed.any():
