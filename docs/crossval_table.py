@@ -42,7 +42,8 @@ FOLDERS = {
     "unbalanced": Folder("two classes of photos, one with far fewer (here 40 % fewer)", ("photos", "unbalanced"),
                          "photos + unbalanced, 60 epochs, early stopping from epoch 45",
                          "photos + unbalanced, validation loss unweighted (before)"),
-    "five-classes": Folder("more than two classes of photos (here five)", ("photos", "many-classes"), "photos", None),
+    "five-classes": Folder("more than two classes of photos (here five)", ("photos", "many-classes"),
+                           "photos + many-classes, 60 epochs", "photos"),
 }
 
 
@@ -77,6 +78,11 @@ def render_presets() -> str:
                      f"| {'yes' if passes else 'no'} |")
     lines += ["", END]
     return "\n".join(lines)
+
+
+def p_value(p: float) -> str:
+    """``p = 0.024``, or ``p < 0.001`` where three decimals would print zero."""
+    return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"
 
 
 def results_file(folder: str) -> Path:
@@ -123,11 +129,11 @@ def render(folder: str) -> str:
         if reference and name != reference and reference in recipes:
             comparison = compare_recipes(recipe, recipes[reference])
             against = (f"{comparison['difference'] * 100:+.1f} points of accuracy, "
-                       f"McNemar p = {comparison['mcnemar_p_value']:.3f}")
+                       f"McNemar {p_value(comparison['mcnemar_p_value'])}")
         mirrored = compare_recipes(recipe, recipe, flip=(True, False))
         of_accuracy = "" if metric_of(recipe) == "accuracy" else " of accuracy"   # McNemar counts right answers
         flip_text = (f"{flip['mean']:.3f} / {flip['min']:.3f} ({mirrored['difference'] * 100:+.1f} points{of_accuracy}, "
-                     f"p = {mirrored['mcnemar_p_value']:.3f})")
+                     f"{p_value(mirrored['mcnemar_p_value'])})")
         lines.append(f"| {name} | {test['mean']:.3f} | {test['std']:.3f} | {test['min']:.3f} | {low:.3f}-{high:.3f} "
                      f"| {flip_text} | {train['mean']:.3f} | {seconds:.0f} | {epochs} | {against} |")
     lines += ["", "How each row was made (the folder, the folds and the seed are the same for all):", ""]
