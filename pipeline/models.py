@@ -71,7 +71,7 @@ def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks
     convolution's output before that ReLU (ResNet's shortcut, through a 1x1 convolution where the
     number of filters changes); ``separable`` makes every convolution but the first on the pixels a
     depthwise separable one (Xception's: a 3x3 filter per channel, then a 1x1 convolution mixing
-    them, about a ninth of the work and the weights); ``augment`` adds the random training-time
+    them, about an eighth of the work and the weights); ``augment`` adds the random training-time
     changes first.
     """
     inputs = keras.Input(shape=input_shape, name="image")
