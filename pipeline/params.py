@@ -111,6 +111,11 @@ class AugmentParams:
     FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
 
     @property
+    def batch_mixing(self) -> dict[str, float]:
+        """The changes made to whole training batches, as ``training_dataset``'s keyword arguments."""
+        return {"mixup": self.mixup, "cutmix": self.cutmix}
+
+    @property
     def active(self) -> bool:
         """Whether any change made by a layer inside the model is switched on."""
         return self.horizontal_flip or any(getattr(self, key) > 0 for key in self.FACTORS)

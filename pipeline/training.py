@@ -156,8 +156,7 @@ def make_fit_data(data: SplitImages, base: BaseParams, batch_size: int, placemen
     drop_remainder = bool(shard) or (one_batch_shape and train_size > batch_size * replicas)
     train = training_dataset(data.paths("train"), data.label_indices("train"), num_classes,
                              shuffle_seed=base.seed, drop_remainder=drop_remainder,
-                             mixup=augment.mixup if augment else 0.0, cutmix=augment.cutmix if augment else 0.0,
-                             **common)
+                             **(augment.batch_mixing if augment else {}), **common)
     validation = training_dataset(data.paths("validation"), data.label_indices("validation"), num_classes,
                                   shuffle_seed=None, **common)
     counts = np.bincount(data.label_indices("train"), minlength=num_classes)
