@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.project import tiny_params
 from tests.conftest import REPO_ROOT, make_image_folder
@@ -78,19 +79,23 @@ def _store_state() -> dict[str, tuple[int, int] | None]:
     return state
 
 
-def test_mirrored_strategy_trains_across_two_cpu_replicas(tmp_path: Path, raw_params: dict) -> None:
-    single = train(tmp_path / "one", raw_params, "none", cpus=1)
-    mirrored = train(tmp_path / "two", raw_params, "mirrored", cpus=2)
-    assert single["replicas"] == 1 and single["strategy"] == "none"
+@pytest.fixture(scope="module")
+def one_replica(tmp_path_factory) -> dict:
+    """``distribution: auto`` on two logical CPUs and no GPU: what the mirrored run is held against."""
+    return train(tmp_path_factory.mktemp("auto"), yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), "auto",
+                 cpus=2)
+
+
+def test_auto_uses_one_device_without_gpus(one_replica: dict) -> None:
+    assert one_replica["strategy"] == "none" and one_replica["replicas"] == 1
+
+
+def test_mirrored_strategy_trains_across_two_cpu_replicas(tmp_path: Path, raw_params: dict, one_replica: dict) -> None:
+    mirrored = train(tmp_path, raw_params, "mirrored", cpus=2)
     assert mirrored["replicas"] == 2 and mirrored["strategy"] == "mirrored"
-    assert mirrored["global_batch"] == 2 * single["global_batch"]
+    assert mirrored["global_batch"] == 2 * one_replica["global_batch"]
     # Three colours are easy: both reach the same band of validation accuracy.
-    assert single["val_accuracy"] >= 0.8 and mirrored["val_accuracy"] >= 0.8, (single, mirrored)
-
-
-def test_auto_uses_one_device_without_gpus(tmp_path: Path, raw_params: dict) -> None:
-    result = train(tmp_path, raw_params, "auto", cpus=2)
-    assert result["strategy"] == "none" and result["replicas"] == 1
+    assert one_replica["val_accuracy"] >= 0.8 and mirrored["val_accuracy"] >= 0.8, (one_replica, mirrored)
 
 
 def test_files_are_sharded_across_workers_before_reading() -> None:

@@ -2,8 +2,9 @@
 
 Tiny params (10 digits per class, one epoch, ResNet50 from scratch at 32x32) keep it to a
 minute or two. The session's one reproduced project (``reproduced_project``) is checked as a first
-run leaves it; a private copy of it then walks on: a second run changes nothing, a stricter gate
-reruns only the gate and deploys nothing, and a worse model leaves the champion where it was.
+run leaves it; a private copy of it then walks on: a second run changes nothing, and a stricter
+gate reruns only the gate and deploys nothing. (A worse retrained model, which must leave the
+champion where it was, is the recovery run of ``tests/test_faults.py``: one training repro for both.)
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def check_dataset_inputs(runs: list, project: Path) -> None:
         assert len(digests) == 3
 
 
-def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse_model_stays_out(
+def test_a_second_run_changes_nothing_and_a_stricter_gate_reruns_only_it(
         reproduced_project_copy: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -252,25 +253,6 @@ def test_a_second_run_changes_nothing_a_stricter_gate_reruns_only_it_and_a_worse
     refused = run(project, sys.executable, "-m", "pipeline.gate", "--check", check=False)
     assert refused.returncode == 1 and "NOT allowed" in refused.stderr
     assert "champion v1 stays" in refused.stderr
-
-    # The issue's check: retrain with a worse setting. The new model passes the (zero) thresholds but
-    # loses to the champion on the same test images, so the alias and deploy/ stay put.
-    params["gate"].update(min_train_score=0.0, min_test_score=0.0)
-    params["train_custom"]["learning_rate"] = 1e-7        # it barely moves from its random start
-    write_params(project, params)
-    fourth = run(project, "dvc", "repro")
-    assert stages_run(fourth.stdout) == ["train_custom", "evaluate", "gate"]
-    gate = json.loads((project / "metrics/gate.json").read_text())
-    champion = gate["champion"]
-    assert champion["outcome"] == "stays", champion
-    assert champion["score"] == pytest.approx(first[first_gate["model"]]["test_score"])
-    assert champion["challenger_score"] < champion["score"]
-    assert gate["deploy"] is False
-    assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
-    assert str(client.get_model_version_by_alias("image-classifier", "champion").version) == "1"
-    summary = fourth.stdout + fourth.stderr
-    assert "champion: challenger" in summary and "McNemar p = " in summary
-    assert "deployed: no, champion v1 stays (deploy/ unchanged)" in summary
 
 
 def test_misspelt_param_stops_repro_with_one_line(reproduced_project_copy: Path) -> None:

@@ -1,7 +1,10 @@
-"""SIGKILL in the middle of training and of the gate, then ``dvc repro`` again: it finishes cleanly.
+"""SIGKILL in the middle of training, then ``dvc repro`` again: it finishes cleanly.
 
-No half-written model in ``models/`` or ``deploy/``, and the ``champion`` alias always points at
-the model that ``deploy/`` holds. Real subprocesses, real signals.
+No half-written model in ``models/`` or ``deploy/``, and the ``champion`` alias still points at the
+model that ``deploy/`` holds. Real subprocesses, real signals. The retrained model is a worse one, so
+the same repro checks that a challenger which passes the thresholds but loses to the champion on
+the same test images stays out. (The gate killed at each step of a promotion, and rerun, is
+``tests/test_gate_registry.py``: the fault is placed exactly there instead of by timing.)
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.project import UP_TO_DATE, dvc_status, project_env, read_params, run, write_params
+from bench.project import UP_TO_DATE, dvc_status, project_env, read_params, run, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -48,43 +51,44 @@ def leftovers(project: Path) -> list[str]:
             for p in (project / folder).rglob("*") if ".tmp" in p.name]
 
 
-def test_killed_training_and_gate_recover_with_dvc_repro(reproduced_project_copy: Path) -> None:
+def test_killed_training_recovers_and_a_worse_retrained_model_stays_out(reproduced_project_copy: Path) -> None:
+    import keras
     from mlflow.tracking import MlflowClient
 
     project = reproduced_project_copy
+    first_gate = json.loads((project / "metrics/gate.json").read_text())
+    deployed = {name: (project / "deploy" / name).read_bytes() for name in ("model.keras", "model.json")}
     params = read_params(project)
-    params["train_custom"].update(epochs=200, patience=200)  # long enough to be killed in the middle
+    trained_with = dict(params["train_custom"])
+    # A worse setting: it barely moves from its random start. Long enough to be killed in the middle.
+    params["train_custom"].update(learning_rate=1e-7, epochs=200, patience=200)
     write_params(project, params)
 
     repro_killed_at(project, "Epoch 2/")
     assert not (project / "models/custom/model.keras").exists()
     assert leftovers(project) == []
 
-    params["train_custom"].update(epochs=1, patience=1)
+    params["train_custom"].update(epochs=trained_with["epochs"], patience=trained_with["patience"])
     write_params(project, params)
-    run(project, "dvc", "repro")
+    recovery = run(project, "dvc", "repro")
+    assert stages_run(recovery.stdout) == ["train_custom", "evaluate", "gate"]
     assert dvc_status(project) == UP_TO_DATE
-
-    # Kill the gate while it deploys and registers; the rerun must leave deploy/ and the alias agreeing.
-    params["gate"]["min_test_score"] = 0.001
-    params["gate"]["max_regression"] = 1.0   # this test is about the kill: the retrained model always deploys
-    write_params(project, params)
-    repro_killed_at(project, "stage gate: started", delay=0.5)
     assert leftovers(project) == []
-    run(project, "dvc", "repro")
-    assert dvc_status(project) == UP_TO_DATE
 
-    # The promotion happened, in the killed run (the rerun then finds the same model) or in the rerun.
-    decision = json.loads((project / "metrics/gate.json").read_text())
-    assert decision["champion"]["outcome"] in ("replaced", "same model"), decision["champion"]
-    deployed = json.loads((project / "deploy/model.json").read_text())
+    # The new model passes the (zero) thresholds but loses to the champion on the same test images,
+    # so the alias and deploy/ stay put.
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    champion = gate["champion"]
+    assert champion["outcome"] == "stays", champion
+    assert champion["score"] == pytest.approx(first_gate["candidates"][first_gate["model"]]["test_score"])
+    assert champion["challenger_score"] < champion["score"]
+    assert gate["deploy"] is False
+    assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    champion = client.get_model_version_by_alias("image-classifier", "champion")
-    assert int(champion.version) > 1
-    assert champion.tags["source.run_id"] == deployed["mlflow_run_id"]
-    trained = {json.loads((project / "models" / name / "run.json").read_text())["run_id"]: name
-               for name in ("custom", "resnet50")}
-    assert trained.get(deployed["mlflow_run_id"]) == deployed["model"]
-    import keras
-
+    version = client.get_model_version_by_alias("image-classifier", "champion")
+    assert str(version.version) == "1"
+    assert version.tags["source.run_id"] == json.loads(deployed["model.json"])["mlflow_run_id"]
+    summary = recovery.stdout + recovery.stderr
+    assert "champion: challenger" in summary and "McNemar p = " in summary
+    assert "deployed: no, champion v1 stays (deploy/ unchanged)" in summary
     keras.models.load_model(project / "deploy/model.keras", safe_mode=True)

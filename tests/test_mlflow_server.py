@@ -88,9 +88,10 @@ class Server:
         return f"mlflow server pid {self.process.pid}: " + ("running" if code is None else f"exited {code}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Terminate the server's process group (mlflow forks uvicorn workers), then kill what is left."""
-    if process.poll() is None:
+def stop(process: subprocess.Popen, graceful: bool = True) -> None:
+    """Terminate the server's process group (mlflow forks uvicorn workers), then kill what is left;
+    with ``graceful`` False, kill it at once (the tests are over: nothing to shut down cleanly)."""
+    if graceful and process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -115,7 +116,7 @@ def server(tmp_path_factory) -> Server:
         yield started
     finally:
         if started.process is not None:
-            stop(started.process)
+            stop(started.process, graceful=False)
 
 
 @dataclass(frozen=True)
