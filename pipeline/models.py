@@ -167,7 +167,7 @@ def unfreeze_top_layers(base: keras.Model, count: int) -> int:
 
 def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss: str, num_classes: int,
                   jit_compile: bool = False, *, label_smoothing: float = 0.0, cosine_decay_steps: int = 0,
-                  weight_decay: float = 0.0, ema: bool = False) -> None:
+                  weight_decay: float = 0.0, ema: bool = False, momentum: float = 0.0) -> None:
     """Compile with the params' optimizer and loss; the loss matches the output layer's shape.
 
     ``cosine_decay_steps`` > 0 decays the learning rate along a cosine to 0 over that many steps.
@@ -175,6 +175,7 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
     apart from the gradient (Keras optimizers' decoupled decay: Adam becomes AdamW); biases and
     BatchNormalization's scale and offset are left out, as usual. ``ema`` keeps a moving average of
     the weights in the optimizer (momentum 0.99); :func:`pipeline.training.fit` swaps it in.
+    ``momentum`` (SGD only) carries that share of each step into the next (Keras's classical momentum).
     """
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     if loss == "mse":
@@ -186,6 +187,8 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, loss
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, cosine_decay_steps) if cosine_decay_steps > 0 \
         else learning_rate
     options = {"weight_decay": weight_decay} if weight_decay > 0 else {}
+    if momentum > 0:
+        options["momentum"] = momentum
     chosen = optimizers[optimizer](learning_rate=rate, use_ema=ema, **options)
     if weight_decay > 0:
         chosen.exclude_from_weight_decay(var_names=list(NOT_DECAYED))

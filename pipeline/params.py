@@ -139,14 +139,15 @@ class AugmentParams:
 @dataclass(frozen=True)
 class FitParams:
     """What both trainers share: the deck's batch, epoch, loss and optimizer, and the training options
-    of the from-scratch recipes (learning-rate schedule, label smoothing, class weights, decoupled
-    weight decay, a moving average of the weights)."""
+    of the from-scratch recipes (learning-rate schedule, SGD's momentum, label smoothing, class weights,
+    decoupled weight decay, a moving average of the weights)."""
 
     epochs: int
     batch_size: int
     learning_rate: float
     lr_schedule: Literal["constant", "cosine", "plateau"]
     optimizer: Literal["adam", "sgd", "rmsprop"]
+    momentum: float
     loss: Literal["crossentropy", "mse"]
     label_smoothing: float
     class_weight: Literal["balanced"] | None
@@ -164,6 +165,10 @@ class FitParams:
         _require(0 <= self.weight_decay < 1, f"{where}.weight_decay",
                  f"must be in [0, 1) (0 = off; a fraction of each weight taken off per unit of learning rate), "
                  f"got {self.weight_decay}")
+        _require(0 <= self.momentum < 1, f"{where}.momentum", f"must be in [0, 1) (0 = plain SGD), got {self.momentum}")
+        _require(self.momentum == 0 or self.optimizer == "sgd", f"{where}.momentum",
+                 f"applies to optimizer sgd only (adam and rmsprop keep their own averages); set it to 0 with "
+                 f"optimizer: {self.optimizer}")
         _require(0 <= self.label_smoothing < 1, f"{where}.label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
         _require(self.label_smoothing == 0 or self.loss == "crossentropy", f"{where}.label_smoothing",

@@ -172,7 +172,7 @@ def compile_for_fit(model: keras.Model, data: FitData, section: FitParams, learn
     decay_steps = epochs * data.iterations_per_epoch if section.lr_schedule == "cosine" else 0
     compile_model(model, section.optimizer, data.scaled_learning_rate(learning_rate), section.loss, data.num_classes,
                   section.jit_compile, label_smoothing=section.label_smoothing, cosine_decay_steps=decay_steps,
-                  weight_decay=section.weight_decay, ema=section.ema)
+                  weight_decay=section.weight_decay, ema=section.ema, momentum=section.momentum)
 
 
 def fit(model: keras.Model, data: FitData, section: FitParams, history: History, *, phase: str, epochs: int,

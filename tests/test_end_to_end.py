@@ -139,11 +139,11 @@ def check_calibration_and_gradcam(project: Path, runs: list, gate: dict) -> None
 
 
 # The hyperparameters both models have, under one name in both runs (MLflow's compare view lines them up).
-SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule", "optimizer", "loss", "label_smoothing",
-                 "class_weight", "patience", "start_from_epoch", "dense_units", "dropout", "precision", "jit_compile",
-                 "weight_decay", "ema", "image_size", "channels", "seed", "deterministic", "distribution", "split.ratios",
-                 "augment.rotation", "augment.flip_average", "train_size", "iterations_per_epoch", "classes",
-                 "precision.policy"}
+SHARED_PARAMS = {"model", "epochs", "batch_size", "learning_rate", "lr_schedule", "optimizer", "momentum", "loss",
+                 "label_smoothing", "class_weight", "patience", "start_from_epoch", "dense_units", "dropout",
+                 "precision", "jit_compile", "weight_decay", "ema", "image_size", "channels", "seed", "deterministic",
+                 "distribution", "split.ratios", "augment.rotation", "augment.flip_average", "train_size",
+                 "iterations_per_epoch", "classes", "precision.policy"}
 OWN_PARAMS = {"train_custom": {"blocks", "batch_norm", "residual", "separable", "pooling"},
               "train_resnet50": {"weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"}}
 

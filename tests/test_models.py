@@ -442,6 +442,16 @@ def test_weight_decay_shrinks_kernels_but_not_biases_or_normalisation() -> None:
     assert {"kernel", "bias", "gamma", "beta"} <= kinds
 
 
+@pytest.mark.parametrize(("momentum", "after_two_steps"), [(0.0, -0.2), (0.9, -0.29)])
+def test_sgd_momentum_carries_each_step_into_the_next(momentum: float, after_two_steps: float) -> None:
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    compile_model(model, "sgd", 0.1, "mse", 1, momentum=momentum)
+    (kernel,) = model.trainable_variables
+    for _ in range(2):      # the same gradient twice: plain SGD steps 0.1 twice, momentum 0.1 then 0.1 + 0.9 * 0.1
+        model.optimizer.apply_gradients([(keras.ops.ones_like(kernel), kernel)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), [[after_two_steps]], rtol=1e-6)
+
+
 def test_the_inference_copy_of_a_mixed_precision_model_computes_in_float32(tmp_path: Path) -> None:
     """Trained in mixed_bfloat16, served in float32: every layer, nested ones included, and the
     same answers to within bfloat16's rounding."""

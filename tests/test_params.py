@@ -387,6 +387,18 @@ def test_label_smoothing_needs_crossentropy(raw_params: dict) -> None:
         params_from_dict(raw_params)
 
 
+def test_momentum_is_for_sgd_and_below_one(raw_params: dict) -> None:
+    raw_params["train_custom"].update(optimizer="sgd", momentum=0.9)
+    assert params_from_dict(raw_params).train_custom.momentum == 0.9
+    raw_params["train_custom"]["momentum"] = 1.0
+    with pytest.raises(ParamsError, match=r"train_custom.momentum: must be in \[0, 1\) \(0 = plain SGD\), got 1.0"):
+        params_from_dict(raw_params)
+    raw_params["train_custom"]["momentum"] = 0.0
+    raw_params["train_resnet50"]["momentum"] = 0.9      # with the default optimizer, adam
+    with pytest.raises(ParamsError, match=r"train_resnet50.momentum: applies to optimizer sgd only"):
+        params_from_dict(raw_params)
+
+
 @pytest.mark.parametrize(("key", "value"), [("pooling", "max"), ("lr_schedule", "linear")])
 def test_recipe_choices_are_checked(raw_params: dict, key: str, value: str) -> None:
     raw_params["train_custom"][key] = value
