@@ -45,11 +45,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # The test files that take longest, longest first, as `pytest --durations=0` adds them up on two cores:
-# the server and its pipeline ~120 s; the sweep ~100 s after the shared reproduced project (~60 s,
-# built by whichever test asks first); then 45-60 s each. Only the order of the run depends on it.
+# the server and its pipeline ~180 s; the sweep ~100 s after the shared reproduced project (~100 s,
+# built by whichever test asks first); the gate's registry ~80 s; then 20-75 s each. Only the order
+# of the run depends on it.
 # (pytest-xdist's --dist loadgroup, which could split a file, does not group under pytest 9.)
-LONGEST_FIRST = ["test_mlflow_server", "test_sweep", "test_end_to_end", "test_bench_smoke", "test_training",
-                 "test_multi_worker", "test_faults", "test_dvc_yaml", "test_distribution"]
+LONGEST_FIRST = ["test_mlflow_server", "test_sweep", "test_gate_registry", "test_training", "test_bench_smoke",
+                 "test_faults", "test_multi_worker", "test_end_to_end", "test_distribution", "test_models",
+                 "test_dvc_remote", "test_predict"]
 
 
 @pytest.fixture
