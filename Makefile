@@ -6,7 +6,7 @@
 # changes. Bytecode is compiled at install, as pip does (with PYTHONDONTWRITEBYTECODE set, Python
 # would compile TensorFlow on every import: 8 s instead of 3.5), with compileall on every core and
 # without the packages' own test suites, which nothing here imports (uv's --compile-bytecode
-# compiles those too: 38 s of set-up instead of 21 s on 2 cores). uv comes from PATH, or is
+# compiles those too: make setup took 38 s instead of 28 s on 2 cores). uv comes from PATH, or is
 # installed once into .tools/ with this Python's pip. The venv uses the first Python of the
 # supported versions that runs here (3.11, 3.12, 3.13); PYTHON=/path/to/python overrides.
 # `make lock` updates uv.lock after pyproject.toml changes.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +59,15 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", {"circle": 12, "square": 12, "triangle": 12})
 
 
+def project_params() -> dict:
+    """The project's params.yaml as a dict, read afresh (a new dict each call, safe to edit)."""
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
 @pytest.fixture
 def raw_params() -> dict:
     """The project's params.yaml as a dict, to copy and edit in a test."""
-    return copy.deepcopy(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
+    return project_params()
 
 
 @dataclass(frozen=True)

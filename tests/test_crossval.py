@@ -16,7 +16,7 @@ from pipeline import crossval
 from pipeline.cli import EXIT_USER_ERROR
 from pipeline.errors import PipelineError
 from pipeline.params import ParamsError
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, project_params
 
 
 def _manifest(per_class: dict[str, int], group_size: int = 1) -> pd.DataFrame:
@@ -106,7 +106,7 @@ def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
 @pytest.mark.slow
 def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "images", {"red": 10, "green": 10}, size=16)
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = project_params()
     params["base"].update(image_size=32, channels=3)
     params["train_custom"].update(epochs=1, blocks=[4], dense_units=[8])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -12,10 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bench.project import tiny_params
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, project_params
 from tests.stage_runner import prepare_split, stage_env
 
 pytestmark = pytest.mark.slow
@@ -82,7 +81,7 @@ def _store_state() -> dict[str, tuple[int, int] | None]:
 @pytest.fixture(scope="module")
 def one_replica(tmp_path_factory) -> dict:
     """``distribution: auto`` on two logical CPUs and no GPU: what the mirrored run is held against."""
-    return train(tmp_path_factory.mktemp("auto"), yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), "auto",
+    return train(tmp_path_factory.mktemp("auto"), project_params(), "auto",
                  cpus=2)
 
 

@@ -27,7 +27,7 @@ from bench.common import run_measured
 from pipeline.images import ImageRejected, inspect_image, load_pixels
 from pipeline.ingest import IngestResult, ingest_folder
 from pipeline.manifest import MANIFEST_FILE, REJECTED_FILE, read_manifest
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, project_params
 from tests.hostile import (
     EXIF_DISPLAY_SIZE,
     MAX_PIXELS,
@@ -165,7 +165,7 @@ def checked_stage_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A fresh hostile folder fingerprinted before, after ingest_folder, and after the real stage."""
     work = tmp_path_factory.mktemp("stage")
     folder = make_hostile_folder(work / "source")
-    raw_params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw_params = project_params()
     states = {"before": (tree_state(folder.root), tree_checksum(folder.root), tree_state(folder.outside))}
     in_process = ingest_folder(folder.root, folder.max_pixels)
     states["after ingest_folder"] = (tree_state(folder.root), tree_checksum(folder.root),

@@ -35,11 +35,11 @@ from pipeline.manifest import (
     REJECTED_FILE,
     SOURCE_FILE,
 )
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, project_params
 
 MAX_PIXELS = 89_478_485
 CLASSES = ("circle", "square", "triangle")
-SIMILARITY = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["ingest"]["near_duplicate_similarity"]
+SIMILARITY = project_params()["ingest"]["near_duplicate_similarity"]
 
 
 def _ingest(root: Path, **kwargs) -> IngestResult:
