@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from docs import generated
-from pipeline.crossval import compare_recipes, figure, metric_of, pooled, recipe_params, score_key, summarise
+from pipeline.crossval import (compare_recipes, figure, metric_of, pooled, recipe_params, score_key, stopped_early,
+                               summarise)
 from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,9 @@ def command_of(name: str, recipe: dict, out: str) -> str:
 def render(folder: str) -> str:
     """One results file's block: a table row per recipe, then how each was made and on what machine."""
     out = results_file(folder).relative_to(ROOT).as_posix()
-    recipes = json.loads(results_file(folder).read_text(encoding="utf-8"))["recipes"]
+    # A cross-validation stopped part-way is not one: its folds stay in the file, out of the table.
+    recipes = {name: recipe for name, recipe in json.loads(results_file(folder).read_text(encoding="utf-8"))
+               ["recipes"].items() if not stopped_early(recipe)}
     reference = FOLDERS[folder].reference
     metric = metric_of(next(iter(recipes.values()))).replace("_", " ")
     lines = [begin(folder), "",

@@ -6,7 +6,9 @@ params.yaml (with a preset and ``--set`` overrides) describes on every fold of t
 training stage's own code (the same builder, input pipeline, early stopping and precision), and
 reports each fold's test score (in ``gate.metric``: accuracy, or balanced accuracy for a folder with a
 small class), their mean, spread and minimum, and the score over every image pooled, with its interval. Several recipes written to one results file are compared on the same
-folds, image by image (exact McNemar test from :mod:`pipeline.statistics`). Once a recipe is chosen,
+folds, image by image (exact McNemar test from :mod:`pipeline.statistics`). The results file is
+written after every fold: a run stopped part-way keeps the folds it finished, and the same command
+again goes on from the next one. Once a recipe is chosen,
 ``--holdout DIR`` trains it on the whole folder and scores a separate folder that no choice has seen,
 once.
 
@@ -195,19 +197,57 @@ def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: 
     return {"folder": str(holdout_root), **outcome}
 
 
-def cross_validate(params: Params, model_name: str, root: Path, folds: int) -> dict:
-    """Ingest ``root`` as the ingest stage would (copies grouped), then train and score every fold."""
+def cross_validate(params: Params, model_name: str, root: Path, folds: int, done: Sequence[dict] = (),
+                   on_fold: Callable[[dict], None] | None = None) -> dict:
+    """Ingest ``root`` as the ingest stage would (copies grouped), then train and score every fold.
+
+    ``done`` holds the outcomes of folds already trained (a run stopped part-way, read back from its
+    results file): those folds are kept, not trained again. ``on_fold`` receives the result so far
+    after each fold, for writing it down before the next one starts."""
     manifest = ingested(params, root)
     parts = assign_folds(manifest, folds, params.base.seed)
-    outcomes = []
-    for fold in range(folds):
+    outcomes = list(done)
+    for fold in range(len(outcomes), folds):
         outcome = run_fold(params, model_name, root, fold_split(manifest, parts, fold, folds))
         log.info("fold %d/%d: test %s %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s",
                  fold + 1, folds, params.gate.metric, outcome["test_score"], outcome["test_score_flip"],
                  outcome["train_score"],
                  outcome["epochs_run"], outcome["fit_s"])
         outcomes.append({"fold": fold + 1, **outcome})
-    return {"images": len(manifest), "classes": sorted(manifest["label"].unique().tolist()), "folds": outcomes}
+        if on_fold is not None:
+            on_fold(_folds_result(manifest, outcomes))
+    return _folds_result(manifest, outcomes)
+
+
+def _folds_result(manifest: pd.DataFrame, outcomes: list[dict]) -> dict:
+    return {"images": len(manifest), "classes": sorted(manifest["label"].unique().tolist()), "folds": list(outcomes)}
+
+
+def stopped_early(result: dict) -> bool:
+    """Whether a recipe's cross-validation was stopped before its last fold (its results file keeps
+    the folds it finished; the same command again goes on from the next one)."""
+    return len(result["folds"]) < result.get("folds_planned", len(result["folds"]))
+
+
+# What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold.
+RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned")
+
+
+def folds_to_keep(results: dict[str, dict], name: str, settings: dict[str, Any], out: Path) -> list[dict]:
+    """The finished folds of recipe ``name`` to go on from: none when it is new or was completed (it
+    is then cross-validated again), its folds when it was stopped part-way with the same settings;
+    a different recipe stopped under the same name is an error, so no two recipes' folds mix."""
+    earlier = results.get(name)
+    if earlier is None or not stopped_early(earlier):
+        return []
+    differing = [key for key in RESUME_KEYS if earlier.get(key) != settings[key]]
+    if differing:
+        raise PipelineError(f"crossval: recipe '{name}' in {out} was stopped after {len(earlier['folds'])} of "
+                            f"{earlier['folds_planned']} folds with other settings ({', '.join(differing)} differ); "
+                            "give this one another --name, or run the stopped one's command again to finish it")
+    log.info("recipe '%s': going on from fold %d of %d (the folds before it are in %s)", name,
+             len(earlier["folds"]) + 1, earlier["folds_planned"], out)
+    return earlier["folds"]
 
 
 def metric_of(result: dict) -> str:
@@ -274,11 +314,14 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
         seconds = np.mean([fold["fit_s"] for fold in result["folds"]])
         low, high = pooled(result)["ci95"]
         against = ""
-        if reference and reference in results and reference != name:
+        if reference and reference in results and reference != name and not stopped_early(result) \
+                and not stopped_early(results[reference]):
             comparison = compare_recipes(result, results[reference])
             against = f"{comparison['difference'] * 100:+.1f} pts, p={comparison['mcnemar_p_value']:.3f}"
         if metric_of(result) != "accuracy":
             name = f"{name} ({metric_of(result)})"
+        if stopped_early(result):
+            against = f"stopped after {len(folds)} of {result['folds_planned']} folds"
         lines.append(f"{name:<28} {test['mean']:>6.3f} {test['std']:>6.3f} {test['min']:>6.3f} "
                      f"{f'{low:.3f}-{high:.3f}':>15} {flip['mean']:>9.3f} {flip['min']:>6.3f} {train['mean']:>6.3f} "
                      f"{seconds:>6.0f}  {against}")
@@ -302,19 +345,27 @@ def main(args: argparse.Namespace) -> None:
         if not holdout_root.is_dir():
             raise PipelineError(f"crossval: --holdout {holdout_root} is not a folder "
                                 "(expected one subfolder per class)")
-        if name not in results:
-            raise PipelineError(f"crossval: no recipe '{name}' in {out}: cross-validate it before scoring it on "
-                                "the held-out folder")
+        if name not in results or stopped_early(results[name]):
+            raise PipelineError(f"crossval: no cross-validated recipe '{name}' in {out}: cross-validate it (every "
+                                "fold) before scoring it on the held-out folder")
         results[name]["holdout"] = score_on_holdout(params, args.model, root, holdout_root, args.folds)
         write_json(out, {"recipes": results})
     elif not args.report_only:
         from pipeline.devices import machine_summary
 
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        result = cross_validate(params, args.model, root, args.folds)
-        results[name] = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
-                         "metric": params.gate.metric, "started": started, "machine": machine_summary(), **result}
-        write_json(out, {"recipes": results})
+        settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
+                    "metric": params.gate.metric, "folds_planned": args.folds}
+        done = folds_to_keep(results, name, settings, out)
+        entry = {**settings, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                 "machine": machine_summary()}
+        if done:   # the first start's time and machine describe the folds kept
+            entry.update(started=results[name]["started"], machine=results[name]["machine"])
+
+        def write_down(result: dict) -> None:   # after every fold: a stopped run loses only the fold it was in
+            results[name] = {**entry, **result}
+            write_json(out, {"recipes": results})
+
+        cross_validate(params, args.model, root, args.folds, done=done, on_fold=write_down)
     for line in report_lines(results, args.against):
         log.info("%s", line)
 

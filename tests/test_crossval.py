@@ -142,3 +142,51 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--set", "train_custom.dropot=0.5"]) == EXIT_USER_ERROR
     assert out.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_stopped_cross_validation_keeps_its_folds_and_the_same_command_goes_on(tmp_path: Path, monkeypatch) -> None:
+    folder = make_image_folder(tmp_path / "images", {"red": 10, "green": 10}, size=16)
+    params = project_params()
+    params["base"].update(image_size=32, channels=3)
+    params["train_custom"].update(epochs=1, blocks=[4], dense_units=[8])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "cv.json"
+    argv = ["--params", str(tmp_path / "params.yaml"), "--source", str(folder), "--folds", "2", "--out", str(out),
+            "--name", "tiny"]
+    real_run_fold, trained = crossval.run_fold, []
+
+    def stopped_in_the_second_fold(*args, **kwargs):
+        trained.append(args)
+        if len(trained) == 2:
+            raise KeyboardInterrupt   # as Ctrl-C (or a machine going down) during the second fold
+        return real_run_fold(*args, **kwargs)
+
+    monkeypatch.setattr(crossval, "run_fold", stopped_in_the_second_fold)
+    with pytest.raises(KeyboardInterrupt):
+        crossval.main(crossval.build_parser().parse_args(argv))
+    stopped = json.loads(out.read_text())["recipes"]["tiny"]
+    assert [fold["fold"] for fold in stopped["folds"]] == [1] and stopped["folds_planned"] == 2
+    assert crossval.stopped_early(stopped)
+
+    # A different recipe under the stopped one's name is refused, and the file is left as it was.
+    before = out.read_bytes()
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--set", "train_custom.epochs=2"]) == EXIT_USER_ERROR
+    assert out.read_bytes() == before
+    # Nor is a stopped recipe scored on a held-out folder: it has not been cross-validated.
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--holdout", str(holdout)]) == EXIT_USER_ERROR
+
+    # The same command again trains the second fold only and keeps the first as it was.
+    trained.clear()
+    monkeypatch.setattr(crossval, "run_fold", lambda *args, **kwargs: trained.append(args) or real_run_fold(*args,
+                                                                                                          **kwargs))
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(), argv) == 0
+    finished = json.loads(out.read_text())["recipes"]["tiny"]
+    assert len(trained) == 1
+    assert [fold["fold"] for fold in finished["folds"]] == [1, 2] and not crossval.stopped_early(finished)
+    assert finished["folds"][0] == stopped["folds"][0] and finished["started"] == stopped["started"]
+    tested = sorted(path for fold in finished["folds"] for path in fold["test_paths"])
+    assert tested == sorted(str(p.relative_to(folder).as_posix()) for p in folder.rglob("*.*"))
