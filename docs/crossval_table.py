@@ -104,16 +104,18 @@ def command_of(name: str, recipe: dict, out: str) -> str:
         words += ["--preset", preset]
     for key, value in recipe["overrides"].items():
         words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    words += ["--folds", str(len(recipe["folds"])), "--name", name, "--out", out]
+    words += ["--folds", str(recipe.get("folds_planned", len(recipe["folds"]))), "--name", name, "--out", out]
+    if recipe.get("against"):
+        words += ["--against", recipe["against"]]
     return shlex.join(words)
 
 
 def render(folder: str) -> str:
     """One results file's block: a table row per recipe, then how each was made and on what machine."""
     out = results_file(folder).relative_to(ROOT).as_posix()
-    # A cross-validation stopped part-way is not one: its folds stay in the file, out of the table.
-    recipes = {name: recipe for name, recipe in json.loads(results_file(folder).read_text(encoding="utf-8"))
-               ["recipes"].items() if not stopped_early(recipe)}
+    everything = json.loads(results_file(folder).read_text(encoding="utf-8"))["recipes"]
+    # A cross-validation stopped part-way is not one: its folds are listed after the table, not in it.
+    recipes = {name: recipe for name, recipe in everything.items() if not stopped_early(recipe)}
     reference = FOLDERS[folder].reference
     metric = metric_of(next(iter(recipes.values()))).replace("_", " ")
     lines = [begin(folder), "",
@@ -157,8 +159,39 @@ def render(folder: str) -> str:
                          f"{held[score_key(held, flip=True)]:.3f} with flip averaging; "
                          f"train {held[score_key(held, 'train')]:.3f} "
                          f"(`--holdout {held['folder']}`)")
+    lines += stopped_lines(everything, out)
     lines += ["", END]
     return "\n".join(lines)
+
+
+def stopped_lines(recipes: dict[str, dict], out: str) -> list[str]:
+    """A line per recipe stopped before its last fold: each finished fold's score beside the score of
+    the recipe it was run ``--against`` on the same fold. A partial trial, not a cross-validation."""
+    lines = []
+    for name, recipe in recipes.items():
+        if not stopped_early(recipe):
+            continue
+        reference = recipes.get(recipe.get("against") or "")
+        same_fold = {fold["fold"]: fold for fold in reference["folds"]} if reference else {}
+        folds = []
+        for fold in recipe["folds"]:
+            text = (f"fold {fold['fold']}: {fold[score_key(fold)]:.3f} "
+                    f"({fold[score_key(fold, flip=True)]:.3f} with flip averaging), "
+                    f"train {fold[score_key(fold, 'train')]:.3f}, {fold['fit_s']:.0f} s")
+            if fold["fold"] in same_fold:
+                theirs = same_fold[fold["fold"]]
+                text += (f", where *{recipe['against']}* reached {theirs[score_key(theirs)]:.3f} "
+                         f"({theirs[score_key(theirs, flip=True)]:.3f})")
+            folds.append(text)
+        machine = recipe["machine"]
+        lines.append(f"- **{name}**, stopped after {len(recipe['folds'])} of {recipe['folds_planned']} folds, started "
+                     f"{recipe['started']} on {machine['cpu']}, {machine['cpu_cores']} cores: "
+                     f"`{command_of(name, recipe, out)}` (the same command goes on from the next fold); "
+                     + "; ".join(folds))
+    if not lines:
+        return []
+    return ["", "Stopped before their last fold (partial trials, not cross-validations; out of the table above):",
+            "", *lines]
 
 
 def class_recalls(recipe: dict) -> str:

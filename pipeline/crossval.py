@@ -356,8 +356,8 @@ def main(args: argparse.Namespace) -> None:
         settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
                     "metric": params.gate.metric, "folds_planned": args.folds}
         done = folds_to_keep(results, name, settings, out)
-        entry = {**settings, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                 "machine": machine_summary()}
+        entry = {**settings, "against": args.against, "machine": machine_summary(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         if done:   # the first start's time and machine describe the folds kept
             entry.update(started=results[name]["started"], machine=results[name]["machine"])
 

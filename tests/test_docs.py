@@ -164,6 +164,28 @@ def test_the_recipe_tables_are_what_their_command_writes() -> None:
     assert crossval_table.rewrite(page) == page, "docs/choosing-a-recipe.md is stale: run python -m docs.crossval_table"
 
 
+def test_a_stopped_cross_validation_is_listed_fold_by_fold_beside_its_reference_not_in_the_table() -> None:
+    def fold(number: int, test: float, flip: float, train: float) -> dict:
+        return {"fold": number, "test_score": test, "test_score_flip": flip, "train_score": train, "fit_s": 500.0}
+
+    machine = {"cpu": "AMD EPYC", "cpu_cores": 2}
+    recipes = {
+        "preset": {"folds": [fold(k, 0.78 + k / 100, 0.79 + k / 100, 0.95) for k in range(1, 6)], "folds_planned": 5,
+                   "machine": machine, "started": "earlier", "source": "photos", "overrides": {}},
+        "+ trial": {"folds": [fold(1, 0.701, 0.702, 0.903), fold(2, 0.711, 0.712, 0.913)], "folds_planned": 5,
+                    "against": "preset", "machine": machine, "started": "later", "source": "photos",
+                    "overrides": {"train_custom.epochs": 90}},
+    }
+    (line,) = [line for line in crossval_table.stopped_lines(recipes, "cv.json") if line.startswith("- ")]
+    assert line.startswith("- **+ trial**, stopped after 2 of 5 folds, started later on AMD EPYC, 2 cores:")
+    assert "--set train_custom.epochs=90 --folds 5 --name '+ trial' --out cv.json --against preset" in line
+    assert ("fold 1: 0.701 (0.702 with flip averaging), train 0.903, 500 s, where *preset* reached 0.790 (0.800); "
+            "fold 2: 0.711 (0.712 with flip averaging), train 0.913, 500 s, where *preset* reached 0.800 (0.810)"
+            ) in line
+    assert "fold 3" not in line
+    assert crossval_table.stopped_lines({"preset": recipes["preset"]}, "cv.json") == []
+
+
 def test_the_params_reference_is_what_its_command_writes() -> None:
     assert (REPO_ROOT / "docs" / "params.md").read_text(encoding="utf-8") == params_reference.render(), (
         "docs/params.md is stale: run python -m docs.params_reference")
