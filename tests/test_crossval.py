@@ -103,15 +103,22 @@ def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
         crossval.compare_recipes(better, result([1] * 10, [f"other{i}.png" for i in range(10)]))
 
 
-@pytest.mark.slow
-def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path) -> None:
+def _tiny_crossval(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A folder of 20 small images in two colours, params for a seconds-long fold, and crossval's
+    arguments for two folds of it: the folder, the results file and the arguments."""
     folder = make_image_folder(tmp_path / "images", {"red": 10, "green": 10}, size=16)
     params = project_params()
     params["base"].update(image_size=32, channels=3)
     params["train_custom"].update(epochs=1, blocks=[4], dense_units=[8])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "cv.json"
-    argv = ["--params", str(tmp_path / "params.yaml"), "--source", str(folder), "--folds", "2", "--out", str(out)]
+    return folder, out, ["--params", str(tmp_path / "params.yaml"), "--source", str(folder), "--folds", "2",
+                         "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--name", "tiny"]) == 0
     recipe = json.loads(out.read_text())["recipes"]["tiny"]
@@ -146,14 +153,8 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_stopped_cross_validation_keeps_its_folds_and_the_same_command_goes_on(tmp_path: Path, monkeypatch) -> None:
-    folder = make_image_folder(tmp_path / "images", {"red": 10, "green": 10}, size=16)
-    params = project_params()
-    params["base"].update(image_size=32, channels=3)
-    params["train_custom"].update(epochs=1, blocks=[4], dense_units=[8])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "cv.json"
-    argv = ["--params", str(tmp_path / "params.yaml"), "--source", str(folder), "--folds", "2", "--out", str(out),
-            "--name", "tiny"]
+    folder, out, argv = _tiny_crossval(tmp_path)
+    argv = [*argv, "--name", "tiny"]
     real_run_fold, trained = crossval.run_fold, []
 
     def stopped_in_the_second_fold(*args, **kwargs):
