@@ -314,14 +314,13 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
         seconds = np.mean([fold["fit_s"] for fold in result["folds"]])
         low, high = pooled(result)["ci95"]
         against = ""
-        if reference and reference in results and reference != name and not stopped_early(result) \
-                and not stopped_early(results[reference]):
+        if stopped_early(result):
+            against = f"stopped after {len(folds)} of {result['folds_planned']} folds"
+        elif reference and reference in results and reference != name and not stopped_early(results[reference]):
             comparison = compare_recipes(result, results[reference])
             against = f"{comparison['difference'] * 100:+.1f} pts, p={comparison['mcnemar_p_value']:.3f}"
         if metric_of(result) != "accuracy":
             name = f"{name} ({metric_of(result)})"
-        if stopped_early(result):
-            against = f"stopped after {len(folds)} of {result['folds_planned']} folds"
         lines.append(f"{name:<28} {test['mean']:>6.3f} {test['std']:>6.3f} {test['min']:>6.3f} "
                      f"{f'{low:.3f}-{high:.3f}':>15} {flip['mean']:>9.3f} {flip['min']:>6.3f} {train['mean']:>6.3f} "
                      f"{seconds:>6.0f}  {against}")
@@ -356,10 +355,10 @@ def main(args: argparse.Namespace) -> None:
         settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
                     "metric": params.gate.metric, "folds_planned": args.folds}
         done = folds_to_keep(results, name, settings, out)
-        entry = {**settings, "against": args.against, "machine": machine_summary(),
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        if done:   # the first start's time and machine describe the folds kept
-            entry.update(started=results[name]["started"], machine=results[name]["machine"])
+        # Going on, the first start's time and machine describe the folds kept.
+        first = results[name] if done else {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                            "machine": machine_summary()}
+        entry = {**settings, "against": args.against, "started": first["started"], "machine": first["machine"]}
 
         def write_down(result: dict) -> None:   # after every fold: a stopped run loses only the fold it was in
             results[name] = {**entry, **result}

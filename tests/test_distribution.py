@@ -81,8 +81,7 @@ def _store_state() -> dict[str, tuple[int, int] | None]:
 @pytest.fixture(scope="module")
 def one_replica(tmp_path_factory) -> dict:
     """``distribution: auto`` on two logical CPUs and no GPU: what the mirrored run is held against."""
-    return train(tmp_path_factory.mktemp("auto"), project_params(), "auto",
-                 cpus=2)
+    return train(tmp_path_factory.mktemp("auto"), project_params(), "auto", cpus=2)
 
 
 def test_auto_uses_one_device_without_gpus(one_replica: dict) -> None:
