@@ -15,7 +15,11 @@ MLflow store, and that no experiment's log mentions a locked database.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import threading
@@ -94,10 +98,8 @@ def _finished(project: Path) -> int:
 
 def run_queue(project: Path, workers: int, timeout: float = ROUND_TIMEOUT_S) -> QueueRun:
     """``dvc queue start -j workers`` and wait until every queued experiment has ended, success or
-    failure. The workers stop by themselves a few seconds later (:func:`wait_for_workers_to_stop`)."""
+    failure. The workers stop by themselves a few seconds later (:func:`stop_workers` makes sure)."""
     import psutil
-
-    from bench.project import run
 
     queued = sum(status == "Queued" for status in queue_status(project).values())
     target = _finished(project) + queued
@@ -116,7 +118,7 @@ def run_queue(project: Path, workers: int, timeout: float = ROUND_TIMEOUT_S) -> 
     started = time.perf_counter()
     deadline, next_status = started + timeout, started + 30
     try:
-        run(project, "dvc", "queue", "start", "-j", str(workers))
+        start_workers(project, workers)
         while _finished(project) < target:
             now = time.perf_counter()
             if now > deadline:
@@ -134,15 +136,59 @@ def run_queue(project: Path, workers: int, timeout: float = ROUND_TIMEOUT_S) -> 
     return QueueRun(workers, seconds, max(0, peak["used"]), load_before, load_average())
 
 
-def wait_for_workers_to_stop(project: Path, timeout: float = 120) -> None:
-    """Until ``dvc queue status`` counts no worker (DVC's workers stop after 10 s with nothing to do)."""
-    from bench.project import run
+def start_workers(project: Path, workers: int) -> None:
+    """``dvc queue start -j workers``, returning as soon as it has spawned them. Its output goes to a
+    file, not a pipe: the workers inherit its stderr, and a pipe would keep this call waiting until
+    the last of them exits."""
+    from bench.project import project_env
 
-    deadline = time.monotonic() + timeout
-    while "Worker status: 0 active, 0 idle" not in run(project, "dvc", "queue", "status").stdout:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"DVC's queue workers still running {timeout:.0f} s after the queue emptied")
-        time.sleep(2)
+    log = _celery_folder(project).parent / "queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as output:
+        result = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=project, env=project_env(),
+                                stdout=output, stderr=subprocess.STDOUT, timeout=120, check=False)
+    if result.returncode != 0:
+        raise AssertionError(f"dvc queue start -j {workers} exited {result.returncode}\n{log.read_text()}")
+
+
+def live_workers(project: Path) -> dict[str, int]:
+    """DVC's queue workers of this project still running, by name (``dvc-exp-worker-N``), with their
+    process ids, from the process files DVC keeps for them."""
+    import psutil
+
+    alive = {}
+    for info in sorted(_celery_folder(project).glob("dvc-exp-worker-*.json")):
+        try:
+            pid = json.loads(info.read_text())["pid"]
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE and "queue-worker" in " ".join(process.cmdline()):
+                alive[info.stem] = pid
+        except (OSError, ValueError, KeyError, psutil.Error):
+            continue
+    return alive
+
+
+def stop_workers(project: Path, grace: float = 60) -> list[str]:
+    """Wait until DVC's queue workers have stopped by themselves (they do 10 s after the queue
+    empties), and stop any still running after ``grace`` seconds: SIGTERM by process id (celery's
+    warm shutdown), SIGKILL 20 s later. DVC's own shutdown can fail: a worker whose monitor thread
+    died on a half-written broker file idles forever. Returns the workers that had to be stopped."""
+    deadline = time.monotonic() + grace
+    while live_workers(project) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stuck = live_workers(project)
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        for pid in live_workers(project).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sent)
+        deadline = time.monotonic() + 20
+        while live_workers(project) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return sorted(stuck)
+
+
+def _celery_folder(project: Path) -> Path:
+    return project / ".dvc" / "tmp" / "exps" / "celery"
 
 
 def learning_rates(first: int, count: int) -> list[str]:
@@ -189,7 +235,9 @@ def run(mode: str) -> RowResult:
                 queue_experiments(project, learning_rates(first, count))
                 first += count
                 result = run_queue(project, workers)
-                wait_for_workers_to_stop(project)     # not timed: the next round starts with none
+                stuck = stop_workers(project)         # not timed: the next round starts with none
+                row.notes += [f"-j {workers}: DVC's {name} did not stop by itself once the queue was empty; "
+                              f"stopped" for name in stuck]
                 seconds[workers].append(result.seconds)
                 memory[workers].append(result.peak_memory_bytes)
                 loads[workers].append({"before": result.load_before, "after": result.load_after})

@@ -9,12 +9,13 @@ on two workers: they run at once, both writing to the project's one SQLite MLflo
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.project import run
-from bench.sweep import queue_experiments, queue_logs, queue_status, run_queue, store_errors
+from bench.sweep import queue_experiments, queue_logs, queue_status, run_queue, stop_workers, store_errors
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,10 @@ def test_queued_sweep_runs_and_links_to_mlflow(reproduced_project_copy: Path) ->
     queue_experiments(project, SWEEP)
     # Two workers, as on a 2-core machine: each experiment spends much of its time in one-threaded
     # start-up and I/O, and both write to the project's one MLflow store at once.
-    run_queue(project, workers=2, timeout=900)
+    try:
+        run_queue(project, workers=2, timeout=900)
+    finally:
+        stop_workers(project)   # none outlives the test, even where DVC's own shutdown fails
     statuses = queue_status(project)
     assert sorted(statuses.values()) == ["Success"] * len(SWEEP), statuses
 
@@ -89,3 +93,22 @@ def test_queued_sweep_runs_and_links_to_mlflow(reproduced_project_copy: Path) ->
     # Two workers really ran two experiments at once: some two parents' lifetimes overlap.
     spans = sorted((parents[name].info.start_time, parents[name].info.end_time) for name in names)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_the_queue_starts_without_waiting_for_its_workers_and_a_worker_left_running_is_stopped(tmp_path: Path) -> None:
+    """``dvc queue start`` hands its stderr to the workers it spawns: read through a pipe, the call
+    would last as long as they do, forever where DVC's own shutdown fails (a worker whose monitor
+    thread died on a half-written broker file idles on). Here a real worker on an empty queue: the
+    start returns while it runs, and stop_workers stops it, by ``dvc queue stop`` or its pid."""
+    from bench.sweep import live_workers, start_workers
+
+    project = tmp_path / "project"
+    project.mkdir()
+    run(project, "git", "init", "-q")
+    run(project, "dvc", "init", "-q")
+    started = time.monotonic()
+    start_workers(project, 1)
+    assert list(live_workers(project)) == ["dvc-exp-worker-1"], time.monotonic() - started
+
+    assert stop_workers(project, grace=0) == ["dvc-exp-worker-1"]
+    assert live_workers(project) == {}
