@@ -138,8 +138,8 @@ def run_queue(project: Path, workers: int, timeout: float = ROUND_TIMEOUT_S) -> 
 
 def start_workers(project: Path, workers: int) -> None:
     """``dvc queue start -j workers``, returning as soon as it has spawned them. Its output goes to a
-    file, not a pipe: the workers inherit its stderr, and a pipe would keep this call waiting until
-    the last of them exits."""
+    file, not a pipe: each worker is watched by a process forked from it that keeps its stdout and
+    stderr open until the worker exits, so a pipe would keep this call waiting for the last worker."""
     from bench.project import project_env
 
     log = _celery_folder(project).parent / "queue-start.log"

@@ -96,19 +96,22 @@ def test_queued_sweep_runs_and_links_to_mlflow(reproduced_project_copy: Path) ->
 
 
 def test_the_queue_starts_without_waiting_for_its_workers_and_a_worker_left_running_is_stopped(tmp_path: Path) -> None:
-    """``dvc queue start`` hands its stderr to the workers it spawns: read through a pipe, the call
-    would last as long as they do, forever where DVC's own shutdown fails (a worker whose monitor
-    thread died on a half-written broker file idles on). Here a real worker on an empty queue: the
-    start returns while it runs, and stop_workers stops it, by ``dvc queue stop`` or its pid."""
+    """``dvc queue start`` forks a process per worker that keeps its output open until the worker
+    exits: read through a pipe, the call would last as long as the workers do, forever where DVC's
+    own shutdown fails (a worker whose monitor thread died idles on). Here a real worker on an empty
+    queue, which stops by itself 10 s after it starts: the start returns while it runs, and
+    stop_workers stops it by its pid."""
     from bench.sweep import live_workers, start_workers
 
     project = tmp_path / "project"
     project.mkdir()
     run(project, "git", "init", "-q")
     run(project, "dvc", "init", "-q")
-    started = time.monotonic()
     start_workers(project, 1)
-    assert list(live_workers(project)) == ["dvc-exp-worker-1"], time.monotonic() - started
+    returned = time.monotonic()
+    while not live_workers(project) and time.monotonic() < returned + 5:   # its process file comes just after
+        time.sleep(0.1)
+    assert list(live_workers(project)) == ["dvc-exp-worker-1"]
 
     assert stop_workers(project, grace=0) == ["dvc-exp-worker-1"]
     assert live_workers(project) == {}
