@@ -172,7 +172,8 @@ def stop_workers(project: Path, grace: float = 60) -> list[str]:
     """Wait until DVC's queue workers have stopped by themselves (they do 10 s after the queue
     empties), and stop any still running after ``grace`` seconds: SIGTERM by process id (celery's
     warm shutdown), SIGKILL 20 s later. DVC's own shutdown can fail: a worker whose monitor thread
-    died on a half-written broker file idles forever. Returns the workers that had to be stopped."""
+    died (seen once here, of a JSONDecodeError) idles forever. Returns the workers that had to be
+    stopped."""
     deadline = time.monotonic() + grace
     while live_workers(project) and time.monotonic() < deadline:
         time.sleep(0.5)
