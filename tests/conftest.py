@@ -79,7 +79,7 @@ class ReproducedProject:
 
 
 @pytest.fixture(scope="session")
-def reproduced_project(tmp_path_factory, worker_id: str) -> ReproducedProject:
+def reproduced_project(tmp_path_factory, pytestconfig) -> ReproducedProject:
     """One tiny project reproduced once for the whole session (ResNet50 is trained here and only
     here among the shared tests). Tests only read it; a test that changes it takes
     ``reproduced_project_copy``. Under ``make test``'s two workers the first to need it builds it
@@ -89,7 +89,10 @@ def reproduced_project(tmp_path_factory, worker_id: str) -> ReproducedProject:
     from bench.common import git_commit_all
     from bench.project import copy_project, read_params, run, write_params
 
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    # Under pytest-xdist a worker's config has ``workerinput`` (its ``worker_id`` fixture reads the
+    # same); without xdist (``-p no:xdist``) the one process's own folder is the common one.
+    distributed = hasattr(pytestconfig, "workerinput")
+    shared = tmp_path_factory.getbasetemp().parent if distributed else tmp_path_factory.getbasetemp()
     root, output_file = shared / "reproduced" / "project", shared / "reproduced" / "repro.out"
     with FileLock(str(shared / "reproduced.lock")):
         if not output_file.exists():
