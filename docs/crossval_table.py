@@ -17,7 +17,7 @@ from pathlib import Path
 
 from docs import generated
 from pipeline.crossval import (compare_recipes, figure, metric_of, pooled, recipe_params, score_key, stopped_early,
-                               summarise)
+                               summarise, worst_fold)
 from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,7 @@ def worst_folds(folder: str) -> dict[str, float]:
     """The worst fold's test and train score of the recipe that stands for the folder's presets, as the
     gate would see the saved model (flip-averaged when the presets switch that on)."""
     recipe = json.loads(results_file(folder).read_text(encoding="utf-8"))["recipes"][FOLDERS[folder].recipe]
-    flip = preset_params(FOLDERS[folder].presets).augment.flip_average
-    return {split: summarise(recipe["folds"], figure(recipe, split, flip))["min"] for split in ("test", "train")}
+    return worst_fold(recipe, preset_params(FOLDERS[folder].presets).augment.flip_average)
 
 
 def render_presets() -> str:
@@ -75,7 +74,7 @@ def render_presets() -> str:
         passes = worst["train"] >= gate.min_train_score and worst["test"] >= gate.min_test_score
         lines.append(f"| {about.kind} | `python -m pipeline.preset {' '.join(about.presets)}` "
                      f"| {gate.metric.replace('_', ' ')} | {gate.min_train_score:.2f} / {gate.min_test_score:.2f} "
-                     f"| {worst['train']:.3f} / {worst['test']:.3f} (`bench/crossval-{folder}.json`) "
+                     f"| {worst['train']:.4f} / {worst['test']:.4f} (`bench/crossval-{folder}.json`) "
                      f"| {'yes' if passes else 'no'} |")
     lines += ["", END]
     return "\n".join(lines)

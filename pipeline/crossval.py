@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ from pipeline.params import FitParams, Params, params_from_dict
 log = logging.getLogger("pipeline.crossval")
 
 STAGE = "crossval"
+# Gate thresholds for a folder are set this far under its cross-validation's worst fold (after rounding
+# that down to the hundredth): a model as good as the worst fold deploys, one a few points worse does not.
+THRESHOLD_MARGIN = 0.01
 PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"
 
 
@@ -286,6 +290,46 @@ def pooled(result: dict, flip: bool = False) -> dict[str, Any]:
     return {"right": right, "score": statistics.score(metric, actual, predicted), "ci95": [interval.low, interval.high]}
 
 
+def worst_fold(result: dict, flip: bool) -> dict[str, float]:
+    """A recipe's worst fold on its training and its test photos (each split's own worst), in its
+    metric, with flip averaging or as trained."""
+    return {split: summarise(result["folds"], figure(result, split, flip))["min"] for split in ("train", "test")}
+
+
+def suggested_thresholds(worst: dict[str, float]) -> dict[str, float]:
+    """``gate.min_train_score`` and ``gate.min_test_score`` for folders like the one cross-validated:
+    each split's worst fold rounded down to the hundredth, less :data:`THRESHOLD_MARGIN` (0 at least)."""
+    def under(score: float) -> float:
+        hundredths = math.floor(round(score * 100, 6))     # 0.57 * 100 is 56.99999999999999
+        return max(0.0, round(hundredths / 100 - THRESHOLD_MARGIN, 2))
+
+    return {"min_train_score": under(worst["train"]), "min_test_score": under(worst["test"])}
+
+
+def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
+    """What a recipe's worst fold says about the gate: the thresholds that would let a model as good
+    as it deploy, and the verdict params.yaml's own gate would give such a model."""
+    from pipeline import decision
+
+    flip = params.augment.flip_average
+    worst, gate = worst_fold(result, flip), params.gate
+    suggested = suggested_thresholds(worst)
+    metric = metric_of(result).replace("_", " ")
+    as_is = decision.judge(decision.Estimate(worst["train"]), decision.Estimate(worst["test"]),
+                           dataclasses.replace(gate, confidence=None)).verdict
+    lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f} "
+             f"({'with flip averaging, as the saved model answers' if flip else 'as trained'})",
+             f"  gate thresholds for folders like this one (worst fold rounded down, less one point): "
+             f"-S gate.min_train_score={suggested['min_train_score']:.2f} "
+             f"-S gate.min_test_score={suggested['min_test_score']:.2f}",
+             f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
+             f"would call a model as good as the worst fold: {as_is}"]
+    if as_is != decision.DEPLOY:
+        lines.append("  lower thresholds would describe this recipe, not make its models good enough for your use: "
+                     "more photos or pretrained weights do that (docs/choosing-a-recipe.md)")
+    return lines
+
+
 def compare_recipes(first: dict, second: dict, flip: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
     """Image-by-image comparison of two recipes cross-validated on the same folds (same paths)."""
     from pipeline import statistics
@@ -367,6 +411,9 @@ def main(args: argparse.Namespace) -> None:
         cross_validate(params, args.model, root, args.folds, done=done, on_fold=write_down)
     for line in report_lines(results, args.against):
         log.info("%s", line)
+    if name in results and not stopped_early(results[name]) and metric_of(results[name]) == params.gate.metric:
+        for line in threshold_lines(name, results[name], params):
+            log.info("%s", line)
 
 
 def build_parser() -> argparse.ArgumentParser:

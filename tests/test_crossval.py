@@ -89,6 +89,38 @@ def test_a_recipe_scored_in_balanced_accuracy_pools_it_over_the_folds() -> None:
     assert crossval.pooled({"folds": result["folds"]})["score"] == pytest.approx(0.8)   # old files: accuracy
 
 
+@pytest.mark.parametrize(("worst", "thresholds"), [
+    ({"train": 0.880, "test": 0.7329}, (0.87, 0.72)),
+    ({"train": 0.57, "test": 0.5999}, (0.56, 0.58)),       # 0.57 * 100 is 56.99999999999999 in floats
+    ({"train": 1.0, "test": 0.005}, (0.99, 0.0)),           # never below 0
+])
+def test_suggested_thresholds_are_the_worst_fold_rounded_down_less_one_point(worst, thresholds) -> None:
+    suggested = crossval.suggested_thresholds(worst)
+    assert (suggested["min_train_score"], suggested["min_test_score"]) == thresholds
+
+
+def test_the_threshold_lines_say_what_the_worst_fold_needs_and_what_params_yaml_would_say() -> None:
+    def fold(train: float, test: float) -> dict:
+        return {"train_score": train, "test_score": test, "train_score_flip": train + 0.01,
+                "test_score_flip": test + 0.01}
+
+    result = {"metric": "accuracy", "folds": [fold(0.95, 0.80), fold(0.90, 0.78), fold(0.97, 0.83)]}
+    params = crossval.recipe_params(REPO_ROOT / "params.yaml", ["photos"], [])[0]    # flip averaging on
+    worst, suggestion, verdict, advice = crossval.threshold_lines("preset", result, params)
+    assert "worst fold accuracy train 0.9100, test 0.7900 (with flip averaging" in worst
+    assert "-S gate.min_train_score=0.90 -S gate.min_test_score=0.78" in suggestion
+    assert verdict.endswith("(train 0.85, test 0.80) would call a model as good as the worst fold: overfit")
+    assert "pretrained weights" in advice
+    params = crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["gate.min_train_score=0.95"])[0]
+    worst, suggestion, verdict, _ = crossval.threshold_lines("digits", result, params)
+    assert "train 0.9000, test 0.7800 (as trained)" in worst and verdict.endswith(": underfit")
+    # Exactly at a bound passes; a gate that decides on intervals judges the worst fold by its score.
+    params = crossval.recipe_params(REPO_ROOT / "params.yaml", [],
+                                    ["gate.min_test_score=0.78", "gate.confidence=0.95"])[0]
+    *_, verdict = crossval.threshold_lines("digits", result, params)
+    assert verdict.endswith(": deploy")
+
+
 def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
     def result(right: list[int], paths: list[str]) -> dict:
         return {"folds": [{"test_paths": paths, "test_right": right}]}
@@ -117,7 +149,8 @@ def _tiny_crossval(tmp_path: Path) -> tuple[Path, Path, list[str]]:
 
 
 @pytest.mark.slow
-def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path) -> None:
+def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     folder, out, argv = _tiny_crossval(tmp_path)
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--name", "tiny"]) == 0
@@ -143,8 +176,10 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
                                   [*argv, "--name", "unknown", "--holdout", str(holdout)]) == EXIT_USER_ERROR
     # The table is printed again from the file without training; a misspelt key fails in one line,
     # writing nothing.
+    capsys.readouterr()
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
-                                  [*argv, "--report-only", "--against", "tiny"]) == 0
+                                  [*argv, "--name", "tiny", "--report-only", "--against", "tiny"]) == 0
+    assert "-S gate.min_train_score=" in capsys.readouterr().err     # the thresholds its worst fold suggests
     before = out.read_bytes()
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--set", "train_custom.dropot=0.5"]) == EXIT_USER_ERROR

@@ -11,6 +11,7 @@ import yaml
 
 from docs import crossval_table
 from pipeline.cli import EXIT_USER_ERROR
+from pipeline.crossval import suggested_thresholds
 from pipeline.params import load_params
 from pipeline.preset import PresetError, apply_preset, check_preset, preset_names, read_preset, run
 from tests.conftest import REPO_ROOT
@@ -177,6 +178,9 @@ def test_a_folder_presets_gate_passes_its_worst_fold_and_stops_a_clearly_worse_m
     worst = crossval_table.worst_folds(folder)
     for split, threshold in (("train", gate.min_train_score), ("test", gate.min_test_score)):
         assert worst[split] - CLEARLY_WORSE < threshold <= worst[split], (split, threshold, worst[split])
+    # They are what pipeline.crossval suggests to a user for a folder of their own, by the same rule.
+    assert suggested_thresholds(worst) == {"min_train_score": gate.min_train_score,
+                                           "min_test_score": gate.min_test_score}
 
 
 def test_the_photo_preset_keeps_the_bar_of_a_good_photo_model() -> None:
