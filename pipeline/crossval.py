@@ -378,9 +378,12 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     params, overrides = recipe_params(Path(args.params), args.preset, args.set)
     root = Path(args.source or params.ingest.source).expanduser()
-    if not root.is_dir():
+    if not root.is_dir() and not args.report_only:     # the table and the thresholds need only the results file
         raise PipelineError(f"crossval: {root} is not a folder (expected one subfolder per class)")
     out = Path(args.out)
+    if args.report_only and not out.exists():
+        raise PipelineError(f"crossval: --report-only: no results file {out} (cross-validate a recipe with "
+                            f"--out {out} first)")
     results = read_json(out)["recipes"] if out.exists() else {}
     name = args.name or ",".join(f"{key}={value}" for key, value in overrides.items()) or "params.yaml"
     if args.holdout:

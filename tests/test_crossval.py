@@ -176,10 +176,15 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
                                   [*argv, "--name", "unknown", "--holdout", str(holdout)]) == EXIT_USER_ERROR
     # The table is printed again from the file without training; a misspelt key fails in one line,
     # writing nothing.
+    # The folder itself is not needed for that (a results file can travel without its photos).
     capsys.readouterr()
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
-                                  [*argv, "--name", "tiny", "--report-only", "--against", "tiny"]) == 0
+                                  [*argv, "--name", "tiny", "--report-only", "--against", "tiny",
+                                   "--source", str(tmp_path / "gone")]) == 0
     assert "-S gate.min_train_score=" in capsys.readouterr().err     # the thresholds its worst fold suggests
+    assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
+                                  [*argv, "--report-only", "--out", str(tmp_path / "none.json")]) == EXIT_USER_ERROR
+    assert "--report-only: no results file" in capsys.readouterr().err
     before = out.read_bytes()
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--set", "train_custom.dropot=0.5"]) == EXIT_USER_ERROR
