@@ -2,6 +2,9 @@
 
 - ``unbalanced``: the same classes with one of them cut to ``keep`` of its photos (0.6: 40 % fewer),
   chosen at random with a seed: the folder for ``class_weight: balanced`` and ``balanced_accuracy``.
+- ``fewer``: every class cut to ``keep`` of its photos, chosen at random with a seed, each smaller
+  share a part of every larger one: the points of a learning curve (how the accuracy grows with
+  the number of photos).
 - ``five-classes``: five classes from two, each photo used once, the three new ones told apart by
   a property anyone can see: ``<a>`` and ``<b>`` as they are, ``<a>_grey`` and ``<b>_grey`` in
   greyscale, and ``upside_down`` (photos of both turned half a turn). Telling ``<a>`` from ``<b>``
@@ -12,6 +15,7 @@ repository: the photos are not ours to copy). Run, for example::
 
     python -m bench.folders unbalanced --source ../shared/data/catsdogs-small/train --out /tmp/unbalanced
     python -m bench.folders five-classes --source ../shared/data/catsdogs-small/train --out /tmp/five
+    python -m bench.folders fewer --keep 0.5 --source ../shared/data/catsdogs-small/train --out /tmp/half
 """
 
 from __future__ import annotations
@@ -43,15 +47,29 @@ def unbalanced(source: Path, out: Path, keep: float = 0.6, smaller: str | None =
     smaller = smaller or next(iter(classes))
     if smaller not in classes:
         raise SystemExit(f"{source}: no class '{smaller}' (classes: {', '.join(classes)})")
-    counts = {}
-    for label, photos in classes.items():
-        if label == smaller:
-            photos = sorted(random.Random(seed).sample(photos, round(len(photos) * keep)))
+    chosen = {label: sorted(random.Random(seed).sample(photos, round(len(photos) * keep))) if label == smaller
+              else photos for label, photos in classes.items()}
+    return _copy(chosen, out)
+
+
+def fewer(source: Path, out: Path, keep: float = 0.5, seed: int = 0) -> dict[str, int]:
+    """Copy ``keep`` of each class of ``source`` to ``out``: the first photos of the class in an order
+    shuffled with ``seed``, so with one seed a smaller share is a part of every larger one."""
+    chosen = {}
+    for label, photos in class_photos(source).items():
+        order = list(photos)
+        random.Random(seed).shuffle(order)
+        chosen[label] = sorted(order[:round(len(photos) * keep)])
+    return _copy(chosen, out)
+
+
+def _copy(chosen: dict[str, list[Path]], out: Path) -> dict[str, int]:
+    """Copy each class's chosen photos, byte for byte, into its subfolder of ``out``; the counts."""
+    for label, photos in chosen.items():
         (out / label).mkdir(parents=True, exist_ok=True)
         for photo in photos:
             shutil.copyfile(photo, out / label / photo.name)
-        counts[label] = len(photos)
-    return counts
+    return {label: len(photos) for label, photos in chosen.items()}
 
 
 def five_classes(source: Path, out: Path, seed: int = 0) -> dict[str, int]:
@@ -88,16 +106,21 @@ def _upside_down(image: Image.Image) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.folders", description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["unbalanced", "five-classes"])
+    parser.add_argument("kind", choices=["unbalanced", "fewer", "five-classes"])
     parser.add_argument("--source", type=Path, required=True, help="a folder with one subfolder per class")
     parser.add_argument("--out", type=Path, required=True, help="the new folder (must not exist yet)")
-    parser.add_argument("--keep", type=float, default=0.6, help="unbalanced: share of the smaller class kept")
+    parser.add_argument("--keep", type=float, help="share kept: of the smaller class for unbalanced (default 0.6), "
+                                                   "of every class for fewer (default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} exists already; name a new folder")
+    if args.keep is not None and not 0 < args.keep <= 1:
+        parser.error(f"--keep {args.keep}: a share of the photos, above 0 and at most 1")
     if args.kind == "unbalanced":
-        counts = unbalanced(args.source, args.out, args.keep, seed=args.seed)
+        counts = unbalanced(args.source, args.out, 0.6 if args.keep is None else args.keep, seed=args.seed)
+    elif args.kind == "fewer":
+        counts = fewer(args.source, args.out, 0.5 if args.keep is None else args.keep, seed=args.seed)
     else:
         counts = five_classes(args.source, args.out, args.seed)
     print(", ".join(f"{label}: {count}" for label, count in counts.items()), f"-> {args.out}")

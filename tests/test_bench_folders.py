@@ -34,6 +34,19 @@ def test_unbalanced_keeps_a_share_of_one_class_and_all_of_the_others(two_classes
     assert {path.name for path in (again / "cats").iterdir()} == kept          # the same seed, the same photos
 
 
+def test_fewer_keeps_a_share_of_every_class_each_smaller_share_inside_every_larger(two_classes: Path,
+                                                                                  tmp_path: Path) -> None:
+    before = _digests(two_classes)
+    shares = {keep: folders.fewer(two_classes, tmp_path / str(keep), keep=keep) for keep in (0.25, 0.5, 1.0)}
+    assert shares == {0.25: {"cats": 5, "dogs": 6}, 0.5: {"cats": 10, "dogs": 12}, 1.0: {"cats": 20, "dogs": 25}}
+    kept = {keep: _digests(tmp_path / str(keep)) for keep in shares}
+    assert kept[1.0] == before and _digests(two_classes) == before       # copies byte for byte; the source only read
+    assert kept[0.25].items() <= kept[0.5].items() <= kept[1.0].items()   # a learning curve's points are nested
+    with pytest.raises(SystemExit):
+        folders.main(["fewer", "--keep", "1.5", "--source", str(two_classes), "--out", str(tmp_path / "too_many")])
+    assert not (tmp_path / "too_many").exists()
+
+
 def test_five_classes_use_every_photo_once_and_differ_visibly(two_classes: Path, tmp_path: Path) -> None:
     out = tmp_path / "five"
     counts = folders.five_classes(two_classes, out)
