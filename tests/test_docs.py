@@ -16,6 +16,7 @@ from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -159,9 +160,25 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
 def test_the_recipe_tables_are_what_their_command_writes() -> None:
     page = crossval_table.PAGE.read_text(encoding="utf-8")
     for results in (REPO_ROOT / "bench").glob("crossval-*.json"):     # every cross-validation has its table
+        if results == crossval_table.CURVE:
+            assert crossval_table.CURVE_BEGIN in page
+            continue
         folder = results.stem.removeprefix("crossval-")
         assert folder in crossval_table.FOLDERS and crossval_table.begin(folder) in page, results.name
     assert crossval_table.rewrite(page) == page, "docs/choosing-a-recipe.md is stale: run python -m docs.crossval_table"
+
+
+def test_the_learning_curve_gain_per_doubling_is_the_slope_over_every_fold() -> None:
+    """Folds whose flip-averaged score rises by exactly 5 points per doubling of the training photos,
+    around it by +-1 point: the slope is 5 points, inside its interval, from all 15 folds."""
+    def recipe(photos: int) -> dict:
+        base = 0.60 + 0.05 * np.log2(photos / 100)
+        return {"folds": [{"test_score": 0.0, "test_score_flip": base + noise, "sizes": {"train": photos}}
+                          for noise in (-0.01, 0.0, 0.01, 0.0, 0.0)]}
+
+    rate = crossval_table.doubling_rate([(str(n), recipe(n)) for n in (100, 200, 400)])
+    assert rate["slope"] == pytest.approx(0.05) and rate["folds"] == 15
+    assert rate["low"] < 0.05 < rate["high"] and rate["high"] - rate["low"] < 0.02
 
 
 def test_a_stopped_cross_validation_is_listed_fold_by_fold_beside_its_reference_not_in_the_table() -> None:
