@@ -19,7 +19,8 @@ import numpy as np
 
 from docs import generated
 from pipeline.crossval import (compare_recipes, figure, metric_of, pooled, recipe_params, score_key, stopped_early,
-                               summarise, worst_fold)
+                               summarise, worst_fold, worst_fold_verdict)
+from pipeline.decision import DEPLOY
 from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def render_presets() -> str:
             continue
         gate = preset_params(about.presets).gate
         worst = worst_folds(folder)
-        passes = worst["train"] >= gate.min_train_score and worst["test"] >= gate.min_test_score
+        passes = worst_fold_verdict(worst, gate) == DEPLOY
         lines.append(f"| {about.kind} | `python -m pipeline.preset {' '.join(about.presets)}` "
                      f"| {gate.metric.replace('_', ' ')} | {gate.min_train_score:.2f} / {gate.min_test_score:.2f} "
                      f"| {worst['train']:.4f} / {worst['test']:.4f} (`bench/crossval-{folder}.json`) "

@@ -39,7 +39,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.manifest import SplitImages
 from pipeline.model_table import ModelSpec
-from pipeline.params import FitParams, Params, params_from_dict
+from pipeline.params import FitParams, GateParams, Params, params_from_dict
 
 log = logging.getLogger("pipeline.crossval")
 
@@ -306,6 +306,15 @@ def suggested_thresholds(worst: dict[str, float]) -> dict[str, float]:
     return {"min_train_score": under(worst["train"]), "min_test_score": under(worst["test"])}
 
 
+def worst_fold_verdict(worst: dict[str, float], gate: GateParams) -> str:
+    """The gate's verdict (``deploy``, ``overfit``, ``underfit``) on a model as good as the worst fold,
+    judged on the scores themselves: a fold's score has no interval for ``gate.confidence`` to use."""
+    from pipeline import decision
+
+    return decision.judge(decision.Estimate(worst["train"]), decision.Estimate(worst["test"]),
+                          dataclasses.replace(gate, confidence=None)).verdict
+
+
 def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     """What a recipe's worst fold says about the gate: the thresholds that would let a model as good
     as it deploy, and the verdict params.yaml's own gate would give such a model."""
@@ -315,8 +324,7 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     worst, gate = worst_fold(result, flip), params.gate
     suggested = suggested_thresholds(worst)
     metric = metric_of(result).replace("_", " ")
-    as_is = decision.judge(decision.Estimate(worst["train"]), decision.Estimate(worst["test"]),
-                           dataclasses.replace(gate, confidence=None)).verdict
+    as_is = worst_fold_verdict(worst, gate)
     lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f} "
              f"({'with flip averaging, as the saved model answers' if flip else 'as trained'})",
              f"  gate thresholds for folders like this one (worst fold rounded down, less one point): "

@@ -174,9 +174,8 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
     assert held["sizes"] == {"train": 15, "validation": 5, "test": 6}   # a quarter stops early and len(held["test_right"]) == 6
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--name", "unknown", "--holdout", str(holdout)]) == EXIT_USER_ERROR
-    # The table is printed again from the file without training; a misspelt key fails in one line,
-    # writing nothing.
-    # The folder itself is not needed for that (a results file can travel without its photos).
+    # The table is printed again from the file without training, and without the folder (a results
+    # file can travel without its photos); a misspelt key fails in one line, writing nothing.
     capsys.readouterr()
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--name", "tiny", "--report-only", "--against", "tiny",
