@@ -44,9 +44,9 @@ from pipeline.params import FitParams, GateParams, Params, params_from_dict
 log = logging.getLogger("pipeline.crossval")
 
 STAGE = "crossval"
-# Gate thresholds for a folder are set this far under its cross-validation's worst fold (after rounding
-# that down to the hundredth): a model as good as the worst fold deploys, one a few points worse does not.
-THRESHOLD_MARGIN = 0.01
+# Gate thresholds for a folder: the score that one more run of the recipe reaches with this
+# probability (a one-sided prediction bound from the folds' mean and spread), never above the worst fold.
+THRESHOLD_CONFIDENCE = 0.95
 PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"
 
 
@@ -290,20 +290,43 @@ def pooled(result: dict, flip: bool = False) -> dict[str, Any]:
     return {"right": right, "score": statistics.score(metric, actual, predicted), "ci95": [interval.low, interval.high]}
 
 
-def worst_fold(result: dict, flip: bool) -> dict[str, float]:
-    """A recipe's worst fold on its training and its test photos (each split's own worst), in its
-    metric, with flip averaging or as trained."""
-    return {split: summarise(result["folds"], figure(result, split, flip))["min"] for split in ("train", "test")}
+def fold_scores(result: dict, flip: bool) -> dict[str, list[float]]:
+    """A recipe's score on each fold's training and test photos, in its metric, with flip averaging or
+    as trained."""
+    return {split: [fold[figure(result, split, flip)] for fold in result["folds"]] for split in ("train", "test")}
 
 
-def suggested_thresholds(worst: dict[str, float]) -> dict[str, float]:
-    """``gate.min_train_score`` and ``gate.min_test_score`` for folders like the one cross-validated:
-    each split's worst fold rounded down to the hundredth, less :data:`THRESHOLD_MARGIN` (0 at least)."""
-    def under(score: float) -> float:
-        hundredths = math.floor(round(score * 100, 6))     # 0.57 * 100 is 56.99999999999999
-        return max(0.0, round(hundredths / 100 - THRESHOLD_MARGIN, 2))
+def fold_shares(folds: int) -> list[float]:
+    """``split.ratios`` that give the pipeline's one split the shares each fold had (train, validation,
+    test): with 5 folds 0.7, 0.1 and 0.2. Thresholds measured on folds hold for a split like them."""
+    parts = 2 * folds
+    return [round((parts - 3) / parts, 6), round(1 / parts, 6), round(2 / parts, 6)]
 
-    return {"min_train_score": under(worst["train"]), "min_test_score": under(worst["test"])}
+
+def prediction_bound(scores: Sequence[float], confidence: float = THRESHOLD_CONFIDENCE) -> float:
+    """The score that one more run of the recipe (another split, another start) reaches with
+    probability ``confidence``, from the folds' scores: the lower end of the one-sided Student t
+    prediction interval for a new observation, mean - t(confidence, n - 1) * sd * sqrt(1 + 1/n)
+    (``scipy.stats.t``). Folds that all scored alike give their score."""
+    from scipy import stats
+
+    values = np.asarray(scores, dtype=float)     # at least 2: --folds is 2 or more
+    spread = values.std(ddof=1) * math.sqrt(1 + 1 / len(values))
+    if spread == 0:
+        return float(values.mean())
+    return float(stats.t(df=len(values) - 1, loc=values.mean(), scale=spread).ppf(1 - confidence))
+
+
+def suggested_thresholds(scores: dict[str, Sequence[float]]) -> dict[str, float]:
+    """``gate.min_train_score`` and ``gate.min_test_score`` for folders like the one cross-validated,
+    from each split's fold scores: the :func:`prediction_bound` for one more run, or the worst fold
+    where that is lower, rounded down to the hundredth. So a run as good as the recipe usually is
+    passes (19 times in 20 by the bound), and so does one as good as its worst fold."""
+    def under(values: Sequence[float]) -> float:
+        lowest = min(prediction_bound(values), min(values))
+        return max(0.0, math.floor(round(lowest * 100, 6)) / 100)     # 0.57 * 100 is 56.99999999999999
+
+    return {"min_train_score": under(scores["train"]), "min_test_score": under(scores["test"])}
 
 
 def worst_fold_verdict(worst: dict[str, float], gate: GateParams) -> str:
@@ -321,17 +344,25 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     from pipeline import decision
 
     flip = params.augment.flip_average
-    worst, gate = worst_fold(result, flip), params.gate
-    suggested = suggested_thresholds(worst)
+    scores, gate = fold_scores(result, flip), params.gate
+    worst = {split: min(values) for split, values in scores.items()}
+    suggested = suggested_thresholds(scores)
+    bounds = {split: prediction_bound(values) for split, values in scores.items()}
     metric = metric_of(result).replace("_", " ")
     as_is = worst_fold_verdict(worst, gate)
-    lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f} "
+    shares = fold_shares(len(result["folds"]))
+    lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f}; "
+             f"one more run reaches {bounds['train']:.4f} and {bounds['test']:.4f} "
+             f"{THRESHOLD_CONFIDENCE:.0%} of the time "
              f"({'with flip averaging, as the saved model answers' if flip else 'as trained'})",
-             f"  gate thresholds for folders like this one (worst fold rounded down, less one point): "
+             f"  gate thresholds for folders like this one (that bound or the worst fold, rounded down): "
              f"-S gate.min_train_score={suggested['min_train_score']:.2f} "
-             f"-S gate.min_test_score={suggested['min_test_score']:.2f}",
-             f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
-             f"would call a model as good as the worst fold: {as_is}"]
+             f"-S gate.min_test_score={suggested['min_test_score']:.2f}"]
+    if not all(math.isclose(mine, fold) for mine, fold in zip(params.split.ratios, shares)):
+        lines.append(f"  they hold for a split like the folds': -S 'split.ratios=[{','.join(map(str, shares))}]' "
+                     f"(these params split {list(params.split.ratios)})")
+    lines.append(f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
+                 f"would call a model as good as the worst fold: {as_is}")
     if as_is != decision.DEPLOY:
         lines.append("  lower thresholds would describe this recipe, not make its models good enough for your use: "
                      "more photos or pretrained weights do that (docs/choosing-a-recipe.md)")

@@ -89,36 +89,58 @@ def test_a_recipe_scored_in_balanced_accuracy_pools_it_over_the_folds() -> None:
     assert crossval.pooled({"folds": result["folds"]})["score"] == pytest.approx(0.8)   # old files: accuracy
 
 
-@pytest.mark.parametrize(("worst", "thresholds"), [
-    ({"train": 0.880, "test": 0.7329}, (0.87, 0.72)),
-    ({"train": 0.57, "test": 0.5999}, (0.56, 0.58)),       # 0.57 * 100 is 56.99999999999999 in floats
-    ({"train": 1.0, "test": 0.005}, (0.99, 0.0)),           # never below 0
+def test_the_prediction_bound_is_beaten_by_one_more_run_nineteen_times_in_twenty() -> None:
+    """Five folds' scores and a sixth drawn alike: the sixth falls under the bound about 5 % of the time
+    (with the normal distribution's z in place of Student's t, almost twice as often)."""
+    draws = np.random.default_rng(0).normal(0.8, 0.03, size=(2000, 6))
+    under = np.mean([sixth < crossval.prediction_bound(five) for *five, sixth in draws])
+    assert 0.035 < under < 0.065
+
+
+@pytest.mark.parametrize(("scores", "threshold"), [
+    ([0.70, 0.72, 0.74, 0.76, 0.78], 0.66),        # mean 0.74 - t(0.95, 4) * sd * sqrt(1.2) = 0.666
+    ([0.57] * 5, 0.57),                            # no spread: the score itself (0.57 * 100 is 56.99999999999999)
+    ([0.90] * 29 + [0.80], 0.80),                  # the bound (0.865) is above the worst fold: the worst fold
+    ([0.0, 0.1], 0.0),                             # never below 0
 ])
-def test_suggested_thresholds_are_the_worst_fold_rounded_down_less_one_point(worst, thresholds) -> None:
-    suggested = crossval.suggested_thresholds(worst)
-    assert (suggested["min_train_score"], suggested["min_test_score"]) == thresholds
+def test_suggested_thresholds_are_the_prediction_bound_or_the_worst_fold_rounded_down(scores, threshold) -> None:
+    suggested = crossval.suggested_thresholds({"train": scores, "test": scores})
+    assert suggested == {"min_train_score": threshold, "min_test_score": threshold}
 
 
-def test_the_threshold_lines_say_what_the_worst_fold_needs_and_what_params_yaml_would_say() -> None:
+def test_the_threshold_lines_say_what_the_folds_need_and_what_params_yaml_would_say() -> None:
     def fold(train: float, test: float) -> dict:
         return {"train_score": train, "test_score": test, "train_score_flip": train + 0.01,
                 "test_score_flip": test + 0.01}
 
     result = {"metric": "accuracy", "folds": [fold(0.95, 0.80), fold(0.90, 0.78), fold(0.97, 0.83)]}
     params = crossval.recipe_params(REPO_ROOT / "params.yaml", ["photos"], [])[0]    # flip averaging on
-    worst, suggestion, verdict, advice = crossval.threshold_lines("preset", result, params)
-    assert "worst fold accuracy train 0.9100, test 0.7900 (with flip averaging" in worst
-    assert "-S gate.min_train_score=0.90 -S gate.min_test_score=0.78" in suggestion
+    worst, suggestion, split, verdict, advice = crossval.threshold_lines("preset", result, params)
+    assert "worst fold accuracy train 0.9100, test 0.7900; one more run reaches 0.8284 and 0.7285 95% " in worst
+    assert worst.endswith("(with flip averaging, as the saved model answers)")
+    assert "-S gate.min_train_score=0.82 -S gate.min_test_score=0.72" in suggestion
+    # Three folds test a third each: the thresholds hold for a split of those shares.
+    assert "-S 'split.ratios=[0.5,0.166667,0.333333]' (these params split [0.8, 0.1, 0.1])" in split
     assert verdict.endswith("(train 0.85, test 0.80) would call a model as good as the worst fold: overfit")
     assert "pretrained weights" in advice
-    params = crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["gate.min_train_score=0.95"])[0]
+    params = crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["gate.min_train_score=0.95",
+                                                                     "split.ratios=[0.5,0.166667,0.333333]"])[0]
     worst, suggestion, verdict, _ = crossval.threshold_lines("digits", result, params)
-    assert "train 0.9000, test 0.7800 (as trained)" in worst and verdict.endswith(": underfit")
+    assert "train 0.9000, test 0.7800; one more run" in worst and worst.endswith("(as trained)")
+    assert verdict.endswith(": underfit")
     # Exactly at a bound passes; a gate that decides on intervals judges the worst fold by its score.
     params = crossval.recipe_params(REPO_ROOT / "params.yaml", [],
                                     ["gate.min_test_score=0.78", "gate.confidence=0.95"])[0]
     *_, verdict = crossval.threshold_lines("digits", result, params)
     assert verdict.endswith(": deploy")
+
+
+def test_fold_shares_are_what_each_fold_trains_stops_early_and_tests_on() -> None:
+    assert crossval.fold_shares(5) == [0.7, 0.1, 0.2]
+    manifest = pd.DataFrame({"label": ["a", "b"] * 50, "group": range(100)})
+    parts = crossval.assign_folds(manifest, 5, seed=0)
+    counts = crossval.fold_split(manifest, parts, 0, 5)["split"].value_counts(normalize=True)
+    assert [counts["train"], counts["validation"], counts["test"]] == pytest.approx(crossval.fold_shares(5))
 
 
 def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:

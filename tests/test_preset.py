@@ -11,7 +11,7 @@ import yaml
 
 from docs import crossval_table
 from pipeline.cli import EXIT_USER_ERROR
-from pipeline.crossval import suggested_thresholds
+from pipeline import crossval
 from pipeline.params import load_params
 from pipeline.preset import PresetError, apply_preset, check_preset, preset_names, read_preset, run
 from tests.conftest import REPO_ROOT
@@ -174,13 +174,16 @@ CLEARLY_WORSE = 0.05
 def test_a_folder_presets_gate_passes_its_worst_fold_and_stops_a_clearly_worse_model(folder: str) -> None:
     """The thresholds of the unbalanced and five-class presets come from their cross-validation: a
     model as good as the worst fold deploys, one five points worse does not."""
-    gate = crossval_table.preset_params(crossval_table.FOLDERS[folder].presets).gate
-    worst = crossval_table.worst_folds(folder)
-    for split, threshold in (("train", gate.min_train_score), ("test", gate.min_test_score)):
-        assert worst[split] - CLEARLY_WORSE < threshold <= worst[split], (split, threshold, worst[split])
-    # They are what pipeline.crossval suggests to a user for a folder of their own, by the same rule.
-    assert suggested_thresholds(worst) == {"min_train_score": gate.min_train_score,
-                                           "min_test_score": gate.min_test_score}
+    params = crossval_table.preset_params(crossval_table.FOLDERS[folder].presets)
+    scores = crossval_table.fold_scores_of(folder)
+    for split, threshold in (("train", params.gate.min_train_score), ("test", params.gate.min_test_score)):
+        worst = min(scores[split])
+        assert worst - CLEARLY_WORSE < threshold <= worst, (split, threshold, worst)
+    # They are what pipeline.crossval suggests to a user for a folder of their own, by the same rule,
+    # for a split with the folds' shares.
+    assert crossval.suggested_thresholds(scores) == {"min_train_score": params.gate.min_train_score,
+                                                     "min_test_score": params.gate.min_test_score}
+    assert list(params.split.ratios) == crossval.fold_shares(len(scores["test"]))
 
 
 def test_the_photo_preset_keeps_the_bar_of_a_good_photo_model() -> None:
