@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from docs import generated
-from pipeline.crossval import (compare_recipes, figure, metric_of, pooled, recipe_params, score_key, stopped_early,
-                               fold_scores, prediction_bound, summarise, worst_fold_verdict)
+from pipeline.crossval import (as_percent, chance_to_pass, compare_recipes, figure, fold_scores, metric_of, pooled,
+                               prediction_bound, recipe_params, score_key, stopped_early, summarise,
+                               worst_fold_verdict)
 from pipeline.decision import DEPLOY
 from pipeline.params import Params
 
@@ -73,8 +74,9 @@ def render_presets() -> str:
     """The block that says which presets fit which folder, with their gate and the worst fold."""
     lines = [PRESETS_BEGIN, "",
              "| folder | presets | gate metric | thresholds: train / test | cross-validated worst fold: train / test "
-             "| one more run, 19 times in 20: train / test | does the worst fold deploy? |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| one more run, 19 times in 20: train / test | does the worst fold deploy? "
+             "| how often one more run clears the thresholds: train / test |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for folder, about in FOLDERS.items():
         if not results_file(folder).exists():
             continue
@@ -83,11 +85,12 @@ def render_presets() -> str:
         worst = {split: min(values) for split, values in scores.items()}
         bound = {split: prediction_bound(values) for split, values in scores.items()}
         passes = worst_fold_verdict(worst, gate) == DEPLOY
+        chance = {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
         lines.append(f"| {about.kind} | `python -m pipeline.preset {' '.join(about.presets)}` "
                      f"| {gate.metric.replace('_', ' ')} | {gate.min_train_score:.2f} / {gate.min_test_score:.2f} "
                      f"| {worst['train']:.4f} / {worst['test']:.4f} (`bench/crossval-{folder}.json`) "
                      f"| {bound['train']:.4f} / {bound['test']:.4f} "
-                     f"| {'yes' if passes else 'no'} |")
+                     f"| {'yes' if passes else 'no'} | {as_percent(chance['train'])} / {as_percent(chance['test'])} |")
     lines += ["", END]
     return "\n".join(lines)
 

@@ -303,18 +303,33 @@ def fold_shares(folds: int) -> list[float]:
     return [round((parts - 3) / parts, 6), round(1 / parts, 6), round(2 / parts, 6)]
 
 
-def prediction_bound(scores: Sequence[float], confidence: float = THRESHOLD_CONFIDENCE) -> float:
-    """The score that one more run of the recipe (another split, another start) reaches with
-    probability ``confidence``, from the folds' scores: the lower end of the one-sided Student t
-    prediction interval for a new observation, mean - t(confidence, n - 1) * sd * sqrt(1 + 1/n)
-    (``scipy.stats.t``). Folds that all scored alike give their score."""
+def next_run(scores: Sequence[float]) -> Any:
+    """What one more run of the recipe (another split, another start) may score, from the folds' scores:
+    Student's t prediction distribution for a new observation, centred on their mean, scaled by
+    sd * sqrt(1 + 1/n), with n - 1 degrees of freedom (``scipy.stats.t``, frozen). At least 2 folds
+    (--folds is 2 or more); folds that all scored alike give None: one more run scores the same."""
     from scipy import stats
 
-    values = np.asarray(scores, dtype=float)     # at least 2: --folds is 2 or more
+    values = np.asarray(scores, dtype=float)
     spread = values.std(ddof=1) * math.sqrt(1 + 1 / len(values))
-    if spread == 0:
-        return float(values.mean())
-    return float(stats.t(df=len(values) - 1, loc=values.mean(), scale=spread).ppf(1 - confidence))
+    return stats.t(df=len(values) - 1, loc=values.mean(), scale=spread) if spread > 0 else None
+
+
+def prediction_bound(scores: Sequence[float], confidence: float = THRESHOLD_CONFIDENCE) -> float:
+    """The score that one more run of the recipe reaches with probability ``confidence``: the lower end
+    of the one-sided prediction interval, mean - t(confidence, n - 1) * sd * sqrt(1 + 1/n)."""
+    distribution = next_run(scores)
+    return float(np.mean(scores)) if distribution is None else float(distribution.ppf(1 - confidence))
+
+
+def chance_to_pass(scores: Sequence[float], threshold: float) -> float:
+    """How often one more run of the recipe would score at least ``threshold`` (the gate's ``>=``)."""
+    from pipeline.decision import at_least
+
+    distribution = next_run(scores)
+    if distribution is None:
+        return float(at_least(float(np.mean(scores)), threshold))
+    return float(distribution.sf(threshold))
 
 
 def suggested_thresholds(scores: dict[str, Sequence[float]]) -> dict[str, float]:
@@ -352,7 +367,7 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     as_is = worst_fold_verdict(worst, gate)
     shares = fold_shares(len(result["folds"]))
     lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f}; "
-             f"one more run reaches {bounds['train']:.4f} and {bounds['test']:.4f} "
+             f"one more run scores at least train {bounds['train']:.4f}, test {bounds['test']:.4f} "
              f"{THRESHOLD_CONFIDENCE:.0%} of the time "
              f"({'with flip averaging, as the saved model answers' if flip else 'as trained'})",
              f"  gate thresholds for folders like this one (that bound or the worst fold, rounded down): "
@@ -361,12 +376,19 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     if not all(math.isclose(mine, fold) for mine, fold in zip(params.split.ratios, shares)):
         lines.append(f"  they hold for a split like the folds': -S 'split.ratios=[{','.join(map(str, shares))}]' "
                      f"(these params split {list(params.split.ratios)})")
+    chances = {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
     lines.append(f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
-                 f"would call a model as good as the worst fold: {as_is}")
+                 f"would call a model as good as the worst fold: {as_is}; one more run clears its train threshold "
+                 f"{as_percent(chances['train'])} of the time, its test threshold {as_percent(chances['test'])}")
     if as_is != decision.DEPLOY:
         lines.append("  lower thresholds would describe this recipe, not make its models good enough for your use: "
                      "more photos or pretrained weights do that (docs/choosing-a-recipe.md)")
     return lines
+
+
+def as_percent(probability: float) -> str:
+    """A probability as a percentage that does not round a small chance to never or always."""
+    return "over 99%" if probability > 0.99 else "under 1%" if probability < 0.01 else f"{probability:.0%}"
 
 
 def compare_recipes(first: dict, second: dict, flip: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
