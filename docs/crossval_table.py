@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from docs import generated
-from pipeline.crossval import (as_percent, chance_to_pass, compare_recipes, figure, fold_scores, metric_of, pooled,
+from pipeline.crossval import (as_percent, compare_recipes, figure, fold_scores, gate_pass_rates, metric_of, pooled,
                                prediction_bound, recipe_params, score_key, stopped_early, summarise,
                                worst_fold_verdict)
 from pipeline.decision import DEPLOY
@@ -85,7 +85,7 @@ def render_presets() -> str:
         worst = {split: min(values) for split, values in scores.items()}
         bound = {split: prediction_bound(values) for split, values in scores.items()}
         passes = worst_fold_verdict(worst, gate) == DEPLOY
-        chance = {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
+        chance = gate_pass_rates(scores, gate)
         lines.append(f"| {about.kind} | `python -m pipeline.preset {' '.join(about.presets)}` "
                      f"| {gate.metric.replace('_', ' ')} | {gate.min_train_score:.2f} / {gate.min_test_score:.2f} "
                      f"| {worst['train']:.4f} / {worst['test']:.4f} (`bench/crossval-{folder}.json`) "

@@ -332,6 +332,11 @@ def chance_to_pass(scores: Sequence[float], threshold: float) -> float:
     return float(distribution.sf(threshold))
 
 
+def gate_pass_rates(scores: dict[str, Sequence[float]], gate: GateParams) -> dict[str, float]:
+    """How often one more run clears ``gate.min_train_score`` and ``gate.min_test_score``, by split."""
+    return {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
+
+
 def suggested_thresholds(scores: dict[str, Sequence[float]]) -> dict[str, float]:
     """``gate.min_train_score`` and ``gate.min_test_score`` for folders like the one cross-validated,
     from each split's fold scores: the :func:`prediction_bound` for one more run, or the worst fold
@@ -376,7 +381,7 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     if not all(math.isclose(mine, fold) for mine, fold in zip(params.split.ratios, shares)):
         lines.append(f"  they hold for a split like the folds': -S 'split.ratios=[{','.join(map(str, shares))}]' "
                      f"(these params split {list(params.split.ratios)})")
-    chances = {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
+    chances = gate_pass_rates(scores, gate)
     lines.append(f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
                  f"would call a model as good as the worst fold: {as_is}; one more run clears its train threshold "
                  f"{as_percent(chances['train'])} of the time, its test threshold {as_percent(chances['test'])}")

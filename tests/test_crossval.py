@@ -124,7 +124,8 @@ def test_the_threshold_lines_say_what_the_folds_need_and_what_params_yaml_would_
     result = {"metric": "accuracy", "folds": [fold(0.95, 0.80), fold(0.90, 0.78), fold(0.97, 0.83)]}
     params = crossval.recipe_params(REPO_ROOT / "params.yaml", ["photos"], [])[0]    # flip averaging on
     worst, suggestion, split, verdict, advice = crossval.threshold_lines("preset", result, params)
-    assert "worst fold accuracy train 0.9100, test 0.7900; one more run scores at least train 0.8284, test 0.7285 95% " in worst
+    assert ("worst fold accuracy train 0.9100, test 0.7900; one more run scores at least train 0.8284, "
+            "test 0.7285 95% ") in worst
     assert worst.endswith("(with flip averaging, as the saved model answers)")
     assert "-S gate.min_train_score=0.82 -S gate.min_test_score=0.72" in suggestion
     # Three folds test a third each: the thresholds hold for a split of those shares.
@@ -136,7 +137,8 @@ def test_the_threshold_lines_say_what_the_folds_need_and_what_params_yaml_would_
                                                                      "split.ratios=[0.5,0.166667,0.333333]"])[0]
     worst, suggestion, verdict, _ = crossval.threshold_lines("digits", result, params)
     assert "train 0.9000, test 0.7800; one more run" in worst and worst.endswith("(as trained)")
-    assert verdict.endswith(": underfit; one more run clears its train threshold 42% of the time, its test threshold 12%")
+    assert verdict.endswith(": underfit; one more run clears its train threshold 42% of the time, "
+                            "its test threshold 12%")
     # Exactly at a bound passes; a gate that decides on intervals judges the worst fold by its score.
     params = crossval.recipe_params(REPO_ROOT / "params.yaml", [],
                                     ["gate.min_test_score=0.78", "gate.confidence=0.95"])[0]
