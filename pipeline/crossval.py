@@ -378,7 +378,7 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
              f"  gate thresholds for folders like this one (that bound or the worst fold, rounded down): "
              f"-S gate.min_train_score={suggested['min_train_score']:.2f} "
              f"-S gate.min_test_score={suggested['min_test_score']:.2f}"]
-    if not all(math.isclose(mine, fold, ) for mine, fold in zip(params.split.ratios, shares)):
+    if not all(math.isclose(mine, fold, abs_tol=1e-3) for mine, fold in zip(params.split.ratios, shares)):
         lines.append(f"  they hold for a split like the folds': -S 'split.ratios=[{','.join(map(str, shares))}]' "
                      f"(these params split {list(params.split.ratios)})")
     chances = gate_pass_rates(scores, gate)
