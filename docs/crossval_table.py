@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from docs import generated
-from pipeline.crossval import (as_percent, compare_recipes, figure, fold_scores, gate_pass_rates, metric_of, pooled,
-                               prediction_bound, recipe_params, score_key, stopped_early, summarise,
-                               worst_fold_verdict)
+from pipeline.crossval import (as_percent, compare_recipes, figure, fold_scores, gate_evidence, metric_of, pooled,
+                               recipe_params, score_key, stopped_early, summarise)
 from pipeline.decision import DEPLOY
 from pipeline.params import Params
 
@@ -81,16 +80,14 @@ def render_presets() -> str:
         if not results_file(folder).exists():
             continue
         gate = preset_params(about.presets).gate
-        scores = fold_scores_of(folder)
-        worst = {split: min(values) for split, values in scores.items()}
-        bound = {split: prediction_bound(values) for split, values in scores.items()}
-        passes = worst_fold_verdict(worst, gate) == DEPLOY
-        chance = gate_pass_rates(scores, gate)
+        evidence = gate_evidence(fold_scores_of(folder), gate)
+        worst, bound, rates = evidence.worst, evidence.bound, evidence.pass_rates
         lines.append(f"| {about.kind} | `python -m pipeline.preset {' '.join(about.presets)}` "
                      f"| {gate.metric.replace('_', ' ')} | {gate.min_train_score:.2f} / {gate.min_test_score:.2f} "
                      f"| {worst['train']:.4f} / {worst['test']:.4f} (`bench/crossval-{folder}.json`) "
                      f"| {bound['train']:.4f} / {bound['test']:.4f} "
-                     f"| {'yes' if passes else 'no'} | {as_percent(chance['train'])} / {as_percent(chance['test'])} |")
+                     f"| {'yes' if evidence.verdict == DEPLOY else 'no'} "
+                     f"| {as_percent(rates['train'])} / {as_percent(rates['test'])} |")
     lines += ["", END]
     return "\n".join(lines)
 

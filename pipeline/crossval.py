@@ -332,21 +332,21 @@ def chance_to_pass(scores: Sequence[float], threshold: float) -> float:
     return float(distribution.sf(threshold))
 
 
-def gate_pass_rates(scores: dict[str, Sequence[float]], gate: GateParams) -> dict[str, float]:
-    """How often one more run clears ``gate.min_train_score`` and ``gate.min_test_score``, by split."""
-    return {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
-
-
 def suggested_thresholds(scores: dict[str, Sequence[float]]) -> dict[str, float]:
     """``gate.min_train_score`` and ``gate.min_test_score`` for folders like the one cross-validated,
     from each split's fold scores: the :func:`prediction_bound` for one more run, or the worst fold
     where that is lower, rounded down to the hundredth. So a run as good as the recipe usually is
     passes (19 times in 20 by the bound), and so does one as good as its worst fold."""
-    def under(values: Sequence[float]) -> float:
-        lowest = min(prediction_bound(values), min(values))
+    bound = {split: prediction_bound(values) for split, values in scores.items()}
+    return _thresholds_under(bound, {split: min(values) for split, values in scores.items()})
+
+
+def _thresholds_under(bound: dict[str, float], worst: dict[str, float]) -> dict[str, float]:
+    def under(split: str) -> float:
+        lowest = min(bound[split], worst[split])
         return max(0.0, math.floor(round(lowest * 100, 6)) / 100)     # 0.57 * 100 is 56.99999999999999
 
-    return {"min_train_score": under(scores["train"]), "min_test_score": under(scores["test"])}
+    return {"min_train_score": under("train"), "min_test_score": under("test")}
 
 
 def worst_fold_verdict(worst: dict[str, float], gate: GateParams) -> str:
@@ -358,21 +358,40 @@ def worst_fold_verdict(worst: dict[str, float], gate: GateParams) -> str:
                           dataclasses.replace(gate, confidence=None)).verdict
 
 
+@dataclasses.dataclass(frozen=True)
+class GateEvidence:
+    """What a recipe's folds say about a gate, by split (train, test): the worst fold, the score one more
+    run reaches 19 times in 20, the thresholds that follow (:func:`suggested_thresholds`), how often one
+    more run clears the gate's own thresholds, and the gate's verdict on a model as good as the worst fold."""
+
+    worst: dict[str, float]
+    bound: dict[str, float]
+    suggested: dict[str, float]
+    pass_rates: dict[str, float]
+    verdict: str
+
+
+def gate_evidence(scores: dict[str, Sequence[float]], gate: GateParams) -> GateEvidence:
+    """:class:`GateEvidence` from each split's fold scores, for ``gate``."""
+    worst = {split: min(values) for split, values in scores.items()}
+    bound = {split: prediction_bound(values) for split, values in scores.items()}
+    rates = {split: chance_to_pass(values, getattr(gate, f"min_{split}_score")) for split, values in scores.items()}
+    return GateEvidence(worst, bound, _thresholds_under(bound, worst), rates, worst_fold_verdict(worst, gate))
+
+
 def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     """What a recipe's worst fold says about the gate: the thresholds that would let a model as good
     as it deploy, and the verdict params.yaml's own gate would give such a model."""
     from pipeline import decision
 
     flip = params.augment.flip_average
-    scores, gate = fold_scores(result, flip), params.gate
-    worst = {split: min(values) for split, values in scores.items()}
-    suggested = suggested_thresholds(scores)
-    bounds = {split: prediction_bound(values) for split, values in scores.items()}
+    gate = params.gate
+    evidence = gate_evidence(fold_scores(result, flip), gate)
+    worst, bound, suggested = evidence.worst, evidence.bound, evidence.suggested
     metric = metric_of(result).replace("_", " ")
-    as_is = worst_fold_verdict(worst, gate)
     shares = fold_shares(len(result["folds"]))
     lines = [f"{name}: worst fold {metric} train {worst['train']:.4f}, test {worst['test']:.4f}; "
-             f"one more run scores at least train {bounds['train']:.4f}, test {bounds['test']:.4f} "
+             f"one more run scores at least train {bound['train']:.4f}, test {bound['test']:.4f} "
              f"{THRESHOLD_CONFIDENCE:.0%} of the time "
              f"({'with flip averaging, as the saved model answers' if flip else 'as trained'})",
              f"  gate thresholds for folders like this one (that bound or the worst fold, rounded down): "
@@ -381,11 +400,11 @@ def threshold_lines(name: str, result: dict, params: Params) -> list[str]:
     if not all(math.isclose(mine, fold, abs_tol=1e-3) for mine, fold in zip(params.split.ratios, shares)):
         lines.append(f"  they hold for a split like the folds': -S 'split.ratios=[{','.join(map(str, shares))}]' "
                      f"(these params split {list(params.split.ratios)})")
-    chances = gate_pass_rates(scores, gate)
+    rates = evidence.pass_rates
     lines.append(f"  the gate of these params (train {gate.min_train_score:.2f}, test {gate.min_test_score:.2f}) "
-                 f"would call a model as good as the worst fold: {as_is}; one more run clears its train threshold "
-                 f"{as_percent(chances['train'])} of the time, its test threshold {as_percent(chances['test'])}")
-    if as_is != decision.DEPLOY:
+                 f"would call a model as good as the worst fold: {evidence.verdict}; one more run clears its train "
+                 f"threshold {as_percent(rates['train'])} of the time, its test threshold {as_percent(rates['test'])}")
+    if evidence.verdict != decision.DEPLOY:
         lines.append("  lower thresholds would describe this recipe, not make its models good enough for your use: "
                      "more photos or pretrained weights do that (docs/choosing-a-recipe.md)")
     return lines

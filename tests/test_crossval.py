@@ -133,8 +133,9 @@ def test_the_threshold_lines_say_what_the_folds_need_and_what_params_yaml_would_
     assert verdict.endswith("(train 0.85, test 0.80) would call a model as good as the worst fold: overfit; "
                             "one more run clears its train threshold 93% of the time, its test threshold 65%")
     assert "pretrained weights" in advice
+    # Split as the folds were, to four places: no split line.
     params = crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["gate.min_train_score=0.95",
-                                                                     "split.ratios=[0.5,0.1667,0.3333]"])[0]   # as the folds, to 4 places
+                                                                     "split.ratios=[0.5,0.1667,0.3333]"])[0]
     worst, suggestion, verdict, _ = crossval.threshold_lines("digits", result, params)
     assert "train 0.9000, test 0.7800; one more run" in worst and worst.endswith("(as trained)")
     assert verdict.endswith(": underfit; one more run clears its train threshold 42% of the time, "

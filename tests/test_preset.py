@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from docs import crossval_table
-from pipeline.cli import EXIT_USER_ERROR
 from pipeline import crossval
+from pipeline.cli import EXIT_USER_ERROR
 from pipeline.params import load_params
 from pipeline.preset import PresetError, apply_preset, check_preset, preset_names, read_preset, run
 from tests.conftest import REPO_ROOT
