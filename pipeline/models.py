@@ -50,6 +50,11 @@ def augmentation_layers(augment: AugmentParams | None) -> list[keras.layers.Laye
                                                   **common))
     if augment.hue > 0:
         layers.append(keras.layers.RandomHue(augment.hue, value_range=(0, 255), name="augment_hue", **common))
+    if augment.rand_augment > 0:
+        # Keras's RandAugment: num_ops=2 as in the paper's ImageNet recipe; every image of a batch gets
+        # the same two changes, each at its own random strength up to the factor.
+        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=augment.rand_augment,
+                                               name="augment_rand_augment", **common))
     return layers
 
 

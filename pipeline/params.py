@@ -104,11 +104,12 @@ class AugmentParams:
     translation: float
     contrast: float
     hue: float
+    rand_augment: float
     mixup: float
     cutmix: float
     flip_average: bool
 
-    FACTORS = ("rotation", "zoom", "translation", "contrast", "hue")  # a class constant, not a key
+    FACTORS = ("rotation", "zoom", "translation", "contrast", "hue", "rand_augment")  # a class constant, not a key
 
     @property
     def batch_mixing(self) -> dict[str, float]:
@@ -130,6 +131,9 @@ class AugmentParams:
         for key in ("zoom", "translation", "contrast", "hue"):
             value = getattr(self, key)
             _require(value < 1, f"{where}.{key}", f"must be below 1 (a fraction of the image), got {value}")
+        _require(self.rand_augment <= 1, f"{where}.rand_augment",
+                 f"is RandAugment's strength, a fraction of each change's largest, and must be 0 (off) to 1, "
+                 f"got {self.rand_augment}")
         _require(0 <= self.mixup <= 1, f"{where}.mixup",
                  f"is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got {self.mixup}")
         _require(0 <= self.cutmix <= 1, f"{where}.cutmix",

@@ -90,7 +90,7 @@ def test_heatmaps_follow_each_image_in_a_batch() -> None:
 
 def test_the_feature_map_of_each_trainer_is_its_last_convolution() -> None:
     custom = build_custom_cnn((32, 32, 3), 3, [4, 8], [], 0.0, batch_norm=True, pooling="global_average",
-                              augment=AugmentParams(True, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, False))
+                              augment=AugmentParams(True, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, False))
     assert feature_layer(custom).name == "block2_conv2_relu"
     resnet, base = build_resnet50((32, 32, 1), 2, None, [], 0.0)
     assert feature_layer(resnet) is base

@@ -324,7 +324,7 @@ def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> No
 # --- augmentation and the photo recipe -----------------------------------------------------------
 
 PHOTO_AUGMENT = AugmentParams(horizontal_flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.2, hue=0.05,
-                              mixup=0.2, cutmix=0.0, flip_average=False)
+                              rand_augment=0.2, mixup=0.2, cutmix=0.0, flip_average=False)
 
 
 def _photo_cnn(augment: AugmentParams | None = PHOTO_AUGMENT) -> keras.Model:
@@ -345,13 +345,24 @@ def test_augmentation_changes_images_in_training_only() -> None:
     np.testing.assert_allclose(model.predict(images, verbose=0), plain.predict(images, verbose=0), rtol=1e-6)
 
 
+def test_rand_augment_alone_changes_images_in_training_only() -> None:
+    alone = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0,
+                          rand_augment=0.5, mixup=0.0, cutmix=0.0, flip_average=False)
+    [layer] = augmentation_layers(alone)
+    assert isinstance(layer, keras.layers.RandAugment) and layer.num_ops == 2 and layer.value_range == (0, 255)
+    images = _raw_images(4, (24, 24, 3), seed=5)
+    changed = [not np.allclose(keras.ops.convert_to_numpy(layer(images, training=True)), images) for _ in range(5)]
+    assert any(changed)                   # two of eleven changes per batch, each at a random strength
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+
+
 def test_no_augmentation_layer_unless_switched_on() -> None:
     off = AugmentParams(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, hue=0.0,
-                         mixup=0.0, cutmix=0.0, flip_average=False)
+                         rand_augment=0.0, mixup=0.0, cutmix=0.0, flip_average=False)
     assert augmentation_layers(off) == [] and augmentation_layers(None) == []
     names = [layer.name for layer in augmentation_layers(PHOTO_AUGMENT)]
     assert names == ["augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast",
-                     "augment_hue"]
+                     "augment_hue", "augment_rand_augment"]
 
 
 def test_batch_norm_and_global_average_pooling_are_built_when_asked() -> None:
@@ -396,7 +407,7 @@ def test_separable_blocks_keep_a_plain_first_convolution_and_save_in_safe_mode(b
 def test_augmented_cnn_saves_and_loads_in_safe_mode_with_same_predictions(tmp_path: Path) -> None:
     loaded = saved_and_loaded(_photo_cnn(), tmp_path)
     assert [layer.name for layer in loaded.layers if layer.name.startswith("augment_")] == [
-        "augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast", "augment_hue"]
+        "augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast", "augment_hue", "augment_rand_augment"]
 
 
 def test_cosine_schedule_and_label_smoothing_reach_the_optimizer_and_loss() -> None:

@@ -347,6 +347,9 @@ def test_to_flat_dict_prefixes_keys_and_lists_tuples(raw_params: dict) -> None:
     ("mixup", 2, "augment.mixup: is the alpha of MixUp's Beta(alpha, alpha) and must be 0 (off) to 1, got 2"),
     ("cutmix", -0.5, "augment.cutmix: is the largest alpha of CutMix's Beta(alpha, alpha) and must be 0 (off) to 1"),
     ("cutmix", 1.5, "augment.cutmix: is the largest alpha of CutMix's Beta(alpha, alpha) and must be 0 (off) to 1"),
+    ("rand_augment", -0.1, "augment.rand_augment: must be 0 (off) or more, got -0.1"),
+    ("rand_augment", 1.2, "augment.rand_augment: is RandAugment's strength, a fraction of each change's largest, "
+                          "and must be 0 (off) to 1, got 1.2"),
 ])
 def test_augmentation_factors_out_of_range_are_refused(raw_params: dict, key: str, value: object,
                                                        message: str) -> None:
