@@ -38,8 +38,8 @@ from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.manifest import SplitImages
-from pipeline.model_table import ModelSpec
-from pipeline.params import FitParams, GateParams, Params, params_from_dict
+from pipeline.model_table import ModelSpec, model_spec
+from pipeline.params import FitParams, GateParams, Params, params_from_dict, to_flat_dict
 
 log = logging.getLogger("pipeline.crossval")
 
@@ -116,8 +116,6 @@ def run_fold(params: Params, model_name: str, root: Path, frame: pd.DataFrame,
     ``holdout`` (its rows all ``test``) replaces the test part: a folder kept out of every choice.
     """
     import keras
-
-    from pipeline.model_table import model_spec
 
     spec = model_spec(model_name)
     section = getattr(params, spec.params_section)
@@ -233,8 +231,28 @@ def stopped_early(result: dict) -> bool:
     return len(result["folds"]) < result.get("folds_planned", len(result["folds"]))
 
 
-# What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold.
-RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned")
+# What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold;
+# "params" (the resolved settings) is compared only where the entry has it (entries before 2026-12-03 do not).
+RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned", "params")
+
+
+def resolved_settings(params: Params, model_name: str) -> dict[str, Any]:
+    """Every setting the folds train and score with, as flat ``section.key`` values: what the preset
+    named in the results said when the recipe ran (a preset file changes over time; this does not)."""
+    sections = ("base", "ingest", "augment", model_spec(model_name).params_section)
+    flat = {key: value for name in sections for key, value in to_flat_dict(getattr(params, name), name).items()}
+    flat.pop("ingest.source")      # the folder is the entry's "source"
+    return flat
+
+
+def differing_settings(earlier: dict, settings: dict[str, Any]) -> list[str]:
+    """The keys of ``RESUME_KEYS`` that differ between a stopped entry and a rerun, the params by name."""
+    differing = [key for key in RESUME_KEYS if key != "params" and earlier.get(key) != settings[key]]
+    if "params" in earlier:
+        mine = settings["params"]
+        differing += [key for key in sorted(set(earlier["params"]) | set(mine))
+                      if earlier["params"].get(key) != mine.get(key)]
+    return differing
 
 
 def folds_to_keep(results: dict[str, dict], name: str, settings: dict[str, Any], out: Path) -> list[dict]:
@@ -244,10 +262,11 @@ def folds_to_keep(results: dict[str, dict], name: str, settings: dict[str, Any],
     earlier = results.get(name)
     if earlier is None or not stopped_early(earlier):
         return []
-    differing = [key for key in RESUME_KEYS if earlier.get(key) != settings[key]]
+    differing = differing_settings(earlier, settings)
     if differing:
         raise PipelineError(f"crossval: recipe '{name}' in {out} was stopped after {len(earlier['folds'])} of "
-                            f"{earlier['folds_planned']} folds with other settings ({', '.join(differing)} differ); "
+                            f"{earlier['folds_planned']} folds with other settings ({', '.join(differing)} "
+                            f"{'differs' if len(differing) == 1 else 'differ'}); "
                             "give this one another --name, or run the stopped one's command again to finish it")
     log.info("recipe '%s': going on from fold %d of %d (the folds before it are in %s)", name,
              len(earlier["folds"]) + 1, earlier["folds_planned"], out)
@@ -485,7 +504,8 @@ def main(args: argparse.Namespace) -> None:
         from pipeline.devices import machine_summary
 
         settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
-                    "metric": params.gate.metric, "folds_planned": args.folds}
+                    "metric": params.gate.metric, "folds_planned": args.folds,
+                    "params": resolved_settings(params, args.model)}
         done = folds_to_keep(results, name, settings, out)
         # Going on, the first start's time and machine describe the folds kept.
         first = results[name] if done else {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -190,6 +190,9 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
                                   [*argv, "--name", "tiny"]) == 0
     recipe = json.loads(out.read_text())["recipes"]["tiny"]
     assert recipe["images"] == 20 and len(recipe["folds"]) == 2
+    # Every setting the folds trained with is kept, whatever the params or a preset say later.
+    assert recipe["params"]["base.image_size"] == 32 and recipe["params"]["train_custom.blocks"] == [4]
+    assert "augment.rand_augment" in recipe["params"] and "ingest.source" not in recipe["params"]
     # The precision the folds trained in (mixed bfloat16 where the CPU has it) does not outlive them.
     assert keras.mixed_precision.global_policy().name == "float32"
     tested = sorted(path for fold in recipe["folds"] for path in fold["test_paths"])
@@ -248,6 +251,17 @@ def test_a_stopped_cross_validation_keeps_its_folds_and_the_same_command_goes_on
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
                                   [*argv, "--set", "train_custom.epochs=2"]) == EXIT_USER_ERROR
     assert out.read_bytes() == before
+    # Nor is the same command once the params it resolves to have changed (a preset edited since):
+    # the message names the key.
+    results = json.loads(before)
+    results["recipes"]["tiny"]["params"]["train_custom.dropout"] = 0.25
+    out.write_text(json.dumps(results))
+    before = out.read_bytes()
+    with pytest.raises(PipelineError, match=r"other settings \(train_custom.dropout differs\)"):
+        crossval.main(crossval.build_parser().parse_args(argv))
+    assert out.read_bytes() == before
+    results["recipes"]["tiny"]["params"]["train_custom.dropout"] = stopped["params"]["train_custom.dropout"]
+    out.write_text(json.dumps(results))
     # Nor is a stopped recipe scored on a held-out folder: it has not been cross-validated.
     holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
     assert crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(),
