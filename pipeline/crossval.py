@@ -232,7 +232,7 @@ def stopped_early(result: dict) -> bool:
 
 
 # What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold;
-# "params" (the resolved settings) is compared only where the entry has it (entries before 2026-12-03 do not).
+# "params" (the resolved settings) is compared only where the entry has it (older entries do not).
 RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned", "params")
 
 
