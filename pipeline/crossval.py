@@ -231,9 +231,9 @@ def stopped_early(result: dict) -> bool:
     return len(result["folds"]) < result.get("folds_planned", len(result["folds"]))
 
 
-# What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold;
-# "params" (the resolved settings) is compared only where the entry has it (older entries do not).
-RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned", "params")
+# What a recipe's entry must share with a rerun for the rerun to go on from its last finished fold; its
+# "params" (the resolved settings) too, key by key, where the entry has them (older entries do not).
+RESUME_KEYS = ("preset", "overrides", "model", "source", "metric", "folds_planned")
 
 
 def resolved_settings(params: Params, model_name: str) -> dict[str, Any]:
@@ -246,13 +246,10 @@ def resolved_settings(params: Params, model_name: str) -> dict[str, Any]:
 
 
 def differing_settings(earlier: dict, settings: dict[str, Any]) -> list[str]:
-    """The keys of ``RESUME_KEYS`` that differ between a stopped entry and a rerun, the params by name."""
-    differing = [key for key in RESUME_KEYS if key != "params" and earlier.get(key) != settings[key]]
-    if "params" in earlier:
-        mine = settings["params"]
-        differing += [key for key in sorted(set(earlier["params"]) | set(mine))
-                      if earlier["params"].get(key) != mine.get(key)]
-    return differing
+    """The keys of ``RESUME_KEYS`` that differ between a stopped entry and a rerun, then the params by name."""
+    differing = [key for key in RESUME_KEYS if earlier.get(key) != settings[key]]
+    theirs, mine = earlier.get("params", settings["params"]), settings["params"]
+    return differing + [key for key in sorted(set(theirs) | set(mine)) if theirs.get(key) != mine.get(key)]
 
 
 def folds_to_keep(results: dict[str, dict], name: str, settings: dict[str, Any], out: Path) -> list[dict]:

@@ -407,7 +407,8 @@ def test_separable_blocks_keep_a_plain_first_convolution_and_save_in_safe_mode(b
 def test_augmented_cnn_saves_and_loads_in_safe_mode_with_same_predictions(tmp_path: Path) -> None:
     loaded = saved_and_loaded(_photo_cnn(), tmp_path)
     assert [layer.name for layer in loaded.layers if layer.name.startswith("augment_")] == [
-        "augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast", "augment_hue", "augment_rand_augment"]
+        "augment_flip", "augment_rotation", "augment_zoom", "augment_translation", "augment_contrast", "augment_hue",
+        "augment_rand_augment"]
 
 
 def test_cosine_schedule_and_label_smoothing_reach_the_optimizer_and_loss() -> None:
