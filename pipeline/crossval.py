@@ -431,20 +431,45 @@ def as_percent(probability: float) -> str:
     return "over 99%" if probability > 0.99 else "under 1%" if probability < 0.01 else f"{probability:.0%}"
 
 
+def require_same_folds(first: dict, second: dict) -> None:
+    """Refuse to pair two recipes' answers unless they were tested on the same folds. Every image is
+    tested once whatever the folds, so the same images are not enough: one folder, one seed and one
+    ``--folds`` are what make two recipes' answers on an image a paired comparison."""
+    if [set(fold["test_paths"]) for fold in first["folds"]] != [set(fold["test_paths"]) for fold in second["folds"]]:
+        raise PipelineError("crossval: the two recipes were not tested on the same folds (other folder, "
+                            "seed or --folds); compare only results of one folder, one seed and one --folds")
+
+
 def compare_recipes(first: dict, second: dict, flip: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
     """Image-by-image comparison of two recipes cross-validated on the same folds (same paths)."""
     from pipeline import statistics
 
+    require_same_folds(first, second)
     a, b = pooled(first, flip[0])["right"], pooled(second, flip[1])["right"]
-    if set(a) != set(b):
-        raise PipelineError("crossval: the two recipes were not tested on the same images (other folder, "
-                            "seed or folds); compare only results of one folder and one --folds")
     paths = sorted(a)
     first_right = np.array([a[p] for p in paths], dtype=bool)
     second_right = np.array([b[p] for p in paths], dtype=bool)
     first_only, second_only = int(np.sum(first_right & ~second_right)), int(np.sum(~first_right & second_right))
     return {"difference": float(first_right.mean() - second_right.mean()), "first_only_right": first_only,
             "second_only_right": second_only, "mcnemar_p_value": statistics.mcnemar_exact(first_only, second_only)}
+
+
+def compare_repeated(pairs: list[tuple[dict, dict]], flip: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
+    """Two recipes over one or more repetitions of cross-validation (one results file per seed, both
+    recipes on each repetition's folds): the mean of their fold-by-fold score differences and the
+    corrected repeated k-fold t-test on them, which, unlike McNemar on one repetition's images, takes
+    in how much the scores move when the photos are dealt into folds another way."""
+    from pipeline import statistics
+
+    differences, test_per_train = [], []
+    for first, second in pairs:
+        require_same_folds(first, second)
+        for mine, theirs in zip(first["folds"], second["folds"]):
+            differences.append(mine[figure(first, flip=flip[0])] - theirs[figure(second, flip=flip[1])])
+            sizes = mine["sizes"]
+            test_per_train.append(sizes["test"] / (sizes["train"] + sizes["validation"]))
+    return {"difference": float(np.mean(differences)), "folds": len(differences), "repetitions": len(pairs),
+            "p_value": statistics.repeated_cv_p_value(np.array(differences), float(np.mean(test_per_train)))}
 
 
 def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:

@@ -141,6 +141,29 @@ def mcnemar_exact(first_only_right: int, second_only_right: int, alternative: st
     return float(stats.binomtest(first_only_right, discordant, 0.5, alternative=alternative).pvalue)
 
 
+def repeated_cv_p_value(differences: np.ndarray, test_per_train: float) -> float:
+    """Two-sided p-value that two recipes do equally well, from their score differences on the same
+    folds of one or more repetitions of cross-validation: the corrected repeated k-fold t-test
+    (Nadeau and Bengio 2003, in the form of Bouckaert and Frank 2004). Folds share most of their
+    training photos, so their differences are not independent; the test widens the variance of the
+    mean from 1/n to 1/n + test/train photos, with n - 1 degrees of freedom (``scipy.stats.t``).
+
+    Identical differences (no spread) decide nothing unless they are all zero: p = 1 then, 0 otherwise.
+    """
+    from scipy import stats
+
+    differences = np.asarray(differences, dtype=float)
+    n = len(differences)
+    if n < 2:
+        raise ValueError("the corrected t-test needs the differences of at least two folds")
+    spread = float(np.var(differences, ddof=1))
+    mean = float(differences.mean())
+    if spread == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / np.sqrt((1 / n + test_per_train) * spread)
+    return float(2 * stats.t.sf(abs(t), df=n - 1))
+
+
 @dataclass(frozen=True)
 class OneSidedTest:
     """Whether the first model is better than the second in the metric: which test, its p-value."""

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import crossval
+from pipeline import crossval, statistics
 from pipeline.cli import EXIT_USER_ERROR
 from pipeline.errors import PipelineError
 from pipeline.params import ParamsError
@@ -155,7 +155,7 @@ def test_fold_shares_are_what_each_fold_trains_stops_early_and_tests_on() -> Non
     assert [counts["train"], counts["validation"], counts["test"]] == pytest.approx(crossval.fold_shares(5))
 
 
-def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
+def test_recipes_are_compared_image_by_image_only_on_the_same_folds() -> None:
     def result(right: list[int], paths: list[str]) -> dict:
         return {"folds": [{"test_paths": paths, "test_right": right}]}
 
@@ -165,8 +165,33 @@ def test_recipes_are_compared_image_by_image_only_on_the_same_images() -> None:
     assert comparison["difference"] == pytest.approx(0.4)
     assert (comparison["first_only_right"], comparison["second_only_right"]) == (4, 0)
     assert comparison["mcnemar_p_value"] == pytest.approx(0.125)             # 2 * 0.5**4
-    with pytest.raises(PipelineError, match="not tested on the same images"):
+    with pytest.raises(PipelineError, match="not tested on the same folds"):
         crossval.compare_recipes(better, result([1] * 10, [f"other{i}.png" for i in range(10)]))
+    # The same images dealt into other folds (another seed or --folds): not a paired comparison either.
+    dealt_otherwise = {"folds": [{"test_paths": paths[5:], "test_right": [1] * 5},
+                                 {"test_paths": paths[:5], "test_right": [1] * 5}]}
+    same_deal = {"folds": [{"test_paths": paths[:5], "test_right": [1] * 5},
+                           {"test_paths": paths[5:], "test_right": [0] * 5}]}
+    assert crossval.compare_recipes(same_deal, same_deal)["difference"] == 0
+    with pytest.raises(PipelineError, match="seed or --folds"):
+        crossval.compare_recipes(same_deal, dealt_otherwise)
+
+
+def test_repetitions_are_compared_fold_by_fold_with_the_corrected_t_test() -> None:
+    def result(scores: list[float], deals: list[list[str]]) -> dict:
+        return {"folds": [{"test_paths": deal, "test_score": score, "sizes": {"train": 7, "validation": 1, "test": 2}}
+                          for deal, score in zip(deals, scores)]}
+
+    seed0, seed1 = [["a", "b"], ["c", "d"]], [["a", "c"], ["b", "d"]]
+    pairs = [(result([0.8, 0.9], seed0), result([0.7, 0.85], seed0)),
+             (result([0.75, 0.8], seed1), result([0.75, 0.7], seed1))]
+    comparison = crossval.compare_repeated(pairs)
+    assert (comparison["folds"], comparison["repetitions"]) == (4, 2)
+    assert comparison["difference"] == pytest.approx((0.1 + 0.05 + 0.0 + 0.1) / 4)
+    # Folds that share training photos: the test's variance grows by test/train = 2/8.
+    assert comparison["p_value"] == pytest.approx(statistics.repeated_cv_p_value([0.1, 0.05, 0.0, 0.1], 0.25))
+    with pytest.raises(PipelineError, match="seed or --folds"):
+        crossval.compare_repeated([(result([0.8, 0.9], seed0), result([0.7, 0.85], seed1))])
 
 
 def _tiny_crossval(tmp_path: Path) -> tuple[Path, Path, list[str]]:

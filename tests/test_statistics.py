@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.statistics import batched_score, better_test, compare, interval, mcnemar_exact, score
+from pipeline.statistics import (batched_score, better_test, compare, interval, mcnemar_exact, repeated_cv_p_value,
+                                 score)
 
 CATS_AND_DOGS = np.array(["cat"] * 6 + ["dog"] * 4)
 
@@ -137,3 +138,18 @@ def test_the_one_sided_test_on_hand_computed_tables() -> None:
     result = better_test("balanced_accuracy", actual, actual, champion, seed=0)
     assert result.test == "paired permutation, one-sided" and result.p_value == pytest.approx(1 / 8)
     assert better_test("macro_f1", actual, actual, actual.copy(), seed=0).p_value == 1.0
+
+
+def test_repeated_cv_p_value_widens_the_t_test_by_the_test_share() -> None:
+    from scipy import stats
+
+    differences = np.array([0.01, 0.02, 0.03, 0.00, 0.04])
+    # Without the correction it is the one-sample t-test of the differences against zero.
+    assert repeated_cv_p_value(differences, 0.0) == pytest.approx(stats.ttest_1samp(differences, 0.0).pvalue)
+    # By hand: mean 0.02, variance 0.00025, t = 0.02 / sqrt((1/5 + 0.25) * 0.00025) = 1.8856, 4 degrees of freedom.
+    assert repeated_cv_p_value(differences, 0.25) == pytest.approx(2 * stats.t.sf(1.8856, 4), rel=1e-4)
+    assert repeated_cv_p_value(differences, 0.25) > repeated_cv_p_value(differences, 0.0)
+    assert repeated_cv_p_value(-differences, 0.25) == pytest.approx(repeated_cv_p_value(differences, 0.25))
+    assert repeated_cv_p_value(np.zeros(4), 0.25) == 1.0
+    with pytest.raises(ValueError, match="at least two folds"):
+        repeated_cv_p_value(np.array([0.01]), 0.25)
