@@ -21,6 +21,10 @@ STAMP := $(VENV)/.synced-from-lock$(EXTRAS:%=-%)
 UV_VERSION := 0.13.9
 UV_HOME := $(abspath .tools/uv)
 UV_BOOTSTRAP := $(UV_HOME)/bin/uv
+# There from the start of a set-up to its end: a set-up stopped part-way (Ctrl-C during uv sync) can
+# leave a package half installed that uv, seeing its metadata, would not install again; the next
+# set-up reinstalls every package from uv's cache instead (seconds, no download).
+UNFINISHED := .tools/set-up-unfinished
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(UV_BOOTSTRAP))
 
 # Stages call `python` and `dvc`: make them the virtual environment's. uv never downloads a Python
@@ -39,9 +43,13 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
 	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV), with $$($(UV) --version)"
 	rm -f $(VENV)/.synced-from-lock*
-	$(UV) sync --locked --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %)
+	@mkdir -p $(dir $(UNFINISHED)); if [ -e $(UNFINISHED) ]; then \
+		echo "set-up: the last set-up stopped part-way (interrupted?): every package is installed again"; \
+		echo --reinstall > $(UNFINISHED); else : > $(UNFINISHED); fi
+	$(UV) sync --locked --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %) $$(cat $(UNFINISHED))
 	$(BIN)/python -m compileall -q -j 0 -x '/tests?/' "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null \
 		|| echo "set-up: some files did not compile to bytecode; Python compiles them as they are imported"
+	rm -f $(UNFINISHED)
 	touch $@
 
 # Only when uv is not on PATH: this Python's pip installs it into .tools/, once.
