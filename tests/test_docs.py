@@ -165,6 +165,8 @@ def test_the_recipe_tables_are_what_their_command_writes() -> None:
             continue
         folder = results.stem.removeprefix("crossval-")
         assert folder in crossval_table.FOLDERS and crossval_table.begin(folder) in page, results.name
+        repeat_of = crossval_table.FOLDERS[folder].repeat_of    # a second deal of the folds: pooled with the first
+        assert repeat_of is None or crossval_table.repetitions_begin(repeat_of) in page, results.name
     assert crossval_table.rewrite(page) == page, "docs/choosing-a-recipe.md is stale: run python -m docs.crossval_table"
 
 
