@@ -187,12 +187,14 @@ def render_repetitions(folder: str) -> str:
     common = [name for name in runs[-1] if all(name in recipes for recipes in runs)]
     lines = [repetitions_begin(folder), "",
              f"| recipe | folds | test accuracy: mean | spread (sd) | worst fold | with flip averaging: mean / worst "
-             f"| against {reference}, fold by fold: as trained | with flip averaging |",
+             f"(against as trained, fold by fold) | against {reference}, fold by fold: as trained "
+             f"| with flip averaging |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in common:
         folds = [fold for recipes in runs for fold in recipes[name]["folds"]]
         test = summarise(folds, figure(runs[0][name]))
         flip = summarise(folds, figure(runs[0][name], flip=True))
+        mirrored = compare_repeated([(recipes[name], recipes[name]) for recipes in runs], flip=(True, False))
         against, with_flip = "-", "-"
         if name != reference and reference in common:
             pairs = [(recipes[name], recipes[reference]) for recipes in runs]
@@ -200,7 +202,8 @@ def render_repetitions(folder: str) -> str:
             against = f"{trained['difference'] * 100:+.1f} points, {p_value(trained['p_value'])}"
             with_flip = f"{flipped['difference'] * 100:+.1f} points, {p_value(flipped['p_value'])}"
         lines.append(f"| {name} | {len(runs)} x {len(folds) // len(runs)} | {test['mean']:.3f} | {test['std']:.3f} "
-                     f"| {test['min']:.3f} | {flip['mean']:.3f} / {flip['min']:.3f} | {against} | {with_flip} |")
+                     f"| {test['min']:.3f} | {flip['mean']:.3f} / {flip['min']:.3f} ({mirrored['difference'] * 100:+.1f} "
+                     f"points, {p_value(mirrored['p_value'])}) | {against} | {with_flip} |")
     lines += ["", END]
     return "\n".join(lines)
 
