@@ -170,7 +170,9 @@ def test_list_names_the_presets(project: Path, capsys: pytest.CaptureFixture[str
 CLEARLY_WORSE = 0.05
 
 
-@pytest.mark.parametrize("folder", [name for name in crossval_table.FOLDERS if name != "catsdogs-small"])
+# Every folder but those of the photo preset alone, whose bar is fixed (the test after this one).
+@pytest.mark.parametrize("folder", [name for name, about in crossval_table.FOLDERS.items()
+                                    if about.presets != ("photos",)])
 def test_a_folder_presets_gate_passes_its_worst_fold_and_stops_a_clearly_worse_model(folder: str) -> None:
     """The thresholds of the unbalanced and five-class presets come from their cross-validation: a
     model as good as the worst fold deploys, one five points worse does not."""
