@@ -17,6 +17,9 @@ may be, and whether one model's lead over another on the same images is more tha
 - Whether a challenger beats the champion is one-sided, on the gated metric (:func:`better_test`):
   exact McNemar (``binomtest``, alternative ``greater``) for accuracy, a paired permutation test
   (``scipy.stats.permutation_test``) of the metric's difference for the others.
+- Two recipes cross-validated on the same folds, in one or more deals of the folds, are compared
+  fold by fold (:func:`repeated_cv_p_value`): the corrected repeated k-fold t-test, SciPy's t
+  distribution with the variance widened for folds that share their training photos.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def repeated_cv_p_value(differences: np.ndarray, test_per_train: float) -> float
     training photos, so their differences are not independent; the test widens the variance of the
     mean from 1/n to 1/n + test/train photos, with n - 1 degrees of freedom (``scipy.stats.t``).
 
-    Identical differences (no spread) decide nothing unless they are all zero: p = 1 then, 0 otherwise.
+    Differences all equal (no spread): p = 1 when they are zero, 0 when every fold moved by the same amount.
     """
     from scipy import stats
 
