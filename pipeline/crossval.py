@@ -464,8 +464,9 @@ def compare_repeated(pairs: list[tuple[dict, dict]], flip: tuple[bool, bool] = (
     differences, test_per_train = [], []
     for first, second in pairs:
         require_same_folds(first, second)
+        first_key, second_key = figure(first, flip=flip[0]), figure(second, flip=flip[1])
         for mine, theirs in zip(first["folds"], second["folds"]):
-            differences.append(mine[figure(first, flip=flip[0])] - theirs[figure(second, flip=flip[1])])
+            differences.append(mine[first_key] - theirs[second_key])
             sizes = mine["sizes"]
             test_per_train.append(sizes["test"] / (sizes["train"] + sizes["validation"]))
     return {"difference": float(np.mean(differences)), "folds": len(differences), "repetitions": len(pairs),
