@@ -34,6 +34,10 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export UV
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON_DOWNLOADS := never
+# MLflow's usage reports to its makers stay off for `make ui` as for the stages (pipeline/__init__.py),
+# unless the caller's environment says otherwise.
+MLFLOW_DISABLE_TELEMETRY ?= true
+export MLFLOW_DISABLE_TELEMETRY
 
 .PHONY: setup lock upgrade repro test test-fast bench check-deploy ui docs plots plots-diff clean-venv
 
