@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import end_process
 from pipeline.cpu import cpu_isa, cpuinfo_field, isa_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -400,9 +401,11 @@ def emit_result(result: dict) -> None:
 
 
 def worker_main(body: Callable[[dict], dict]) -> None:
-    """``if __name__ == '__main__'`` of a row module that runs workers: ``--worker JSON``."""
+    """``if __name__ == '__main__'`` of a row module that runs workers: ``--worker JSON``. The
+    worker ends as a stage does (:func:`pipeline.cli.end_process`), so its process time is a stage's."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         emit_result(body(json.loads(sys.argv[2])))
+        end_process(0)
     else:
         print(f"usage: python -m {body.__module__} --worker JSON (run by python -m bench)", file=sys.stderr)
         sys.exit(2)
