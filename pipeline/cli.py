@@ -73,10 +73,12 @@ def end_process(code: int) -> NoReturn:
     multiprocessing's clean-up), stdout and stderr are flushed, and the process ends there. Every
     file a stage writes is closed (and renamed into place) before its body returns. Where a
     non-daemon thread is alive (a thread pool, an upload), the interpreter's own exit runs instead:
-    it stops pools and waits for threads in the order their libraries expect.
+    it stops pools and waits for threads in the order their libraries expect; so it does under a
+    profiler or a debugger (``python -m cProfile`` writes its file after the module returns).
     """
     main_thread = threading.main_thread()
-    if any(thread is not main_thread and not thread.daemon for thread in threading.enumerate()):
+    if any(thread is not main_thread and not thread.daemon for thread in threading.enumerate()) \
+            or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()  # what the interpreter itself calls at exit; atexit has no public name for it
     for stream in (sys.stdout, sys.stderr):

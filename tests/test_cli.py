@@ -75,6 +75,17 @@ def test_a_stage_ends_with_its_code_after_its_threads_exit_handlers_and_buffered
     assert "Traceback" not in result.stderr
 
 
+def test_a_profiled_stage_still_writes_its_profile(tmp_path: Path) -> None:
+    """``python -m cProfile`` writes its file once the stage's module returns: the short exit waits."""
+    script = tmp_path / "demo_stage.py"
+    script.write_text(DEMO_STAGE)
+    profile = tmp_path / "demo.prof"
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), str(script)], cwd=tmp_path,
+                            env=_clean_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert profile.stat().st_size > 0
+
+
 def test_mlflow_reports_nothing_to_its_makers_unless_the_user_asks(tmp_path: Path) -> None:
     # As a user's stage starts it: no CI or pytest variable that would turn MLflow's telemetry off.
     probe = ("import pipeline, mlflow\n"

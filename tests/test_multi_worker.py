@@ -69,6 +69,8 @@ REFERENCE_SCRIPT = textwrap.dedent("""
     model.fit(train, steps_per_epoch=steps, epochs=section.epochs, callbacks=[stopper], verbose=2,
               validation_data=make_fit_data(data, params.base, section.batch_size).validation)
     np.savez(out, *model.get_weights())
+    from pipeline.cli import end_process
+    end_process(0)   # as a stage ends: without the interpreter's seconds of teardown
 """)
 
 
