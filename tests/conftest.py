@@ -44,9 +44,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # The test files that take longest, longest first, as `pytest --durations=0` adds them up on two cores:
-# the server and its pipeline ~180 s; the sweep ~100 s after the shared reproduced project (~100 s,
-# built by whichever test asks first); the gate's registry ~80 s; then 20-75 s each. Only the order
-# of the run depends on it.
+# the server and its pipeline 115-140 s; the sweep 80-110 s after the shared reproduced project
+# (75-85 s, built by whichever test asks first); then 20-100 s each. Only the order of the run
+# depends on it.
 # (pytest-xdist's --dist loadgroup, which could split a file, does not group under pytest 9.)
 LONGEST_FIRST = ["test_mlflow_server", "test_sweep", "test_gate_registry", "test_training", "test_bench_smoke",
                  "test_faults", "test_multi_worker", "test_end_to_end", "test_distribution", "test_models",
