@@ -3,14 +3,13 @@ that skips the interpreter's teardown but keeps what the teardown would have fin
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.stage_runner import stage_env
 
 # A stage's shell around a body that leaves work for the exit: output still in stdout's buffer (a
 # pipe, so block-buffered) and an exit handler; with --thread also a non-daemon thread that writes
@@ -48,12 +47,12 @@ print("after main_entry: never printed")
 
 
 def _clean_env(**overrides: str) -> dict[str, str]:
-    """This environment without what would hide the behaviour: unbuffered output, and the
-    variables by which MLflow recognises a test or CI run (pytest's, CI providers')."""
+    """A stage's environment (:func:`tests.stage_runner.stage_env`: no MLFLOW_* of the caller's)
+    without what would hide the behaviour: unbuffered output, and the variables by which MLflow
+    recognises a test or CI run (pytest's, CI providers')."""
     hidden = {"PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL",
-              "TRAVIS", "CIRCLECI", "TF_BUILD", "BUILDKITE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
-    env = {key: value for key, value in os.environ.items() if key not in hidden}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+              "TRAVIS", "CIRCLECI", "TF_BUILD", "BUILDKITE", "DO_NOT_TRACK"}
+    env = {key: value for key, value in stage_env().items() if key not in hidden}
     env.update(overrides)
     return env
 
