@@ -104,6 +104,10 @@ def read_predictions(path: Path) -> dict[str, SplitPredictions]:
             paths.append(row["path"])
             actual.append(row["actual"])
             predicted.append(row["predicted"])
+    missing = [split for split in ("train", "test") if split not in columns]
+    if missing:
+        raise PipelineError(f"{path} has no answers for the {' and '.join(missing)} split: rerun the evaluate "
+                            "stage (dvc repro -f evaluate)")
     return {split: SplitPredictions(tuple(p), tuple(a), tuple(q)) for split, (p, a, q) in columns.items()}
 
 

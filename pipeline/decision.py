@@ -8,7 +8,7 @@ passes but test below ``min_test_score`` -> ``overfit`` (it memorised the traini
 score's confidence interval clears it. With ``gate.max_calibration_error`` set, a model that passes
 both but whose expected calibration error on the test set is above it -> ``miscalibrated``.
 
-Among the models that pass, the best test score is the challenger. When the registry already holds
+Among the models that pass, the best validation score is the challenger. When the registry already holds
 a ``champion``, the challenger replaces it only if it is worse on the same test images by at most
 ``max_regression`` (at ``confidence``, when set: the interval of the difference must lie above
 ``-max_regression``). The statistics are in :mod:`pipeline.statistics`; :mod:`pipeline.gate` fetches
@@ -242,8 +242,14 @@ def best_passing(candidates: dict[str, Verdict]) -> str | None:
     to the first (the smaller custom CNN). Choosing on the test set and then judging on it would
     favour whichever model was luckiest on those images: the test set decides the thresholds and the
     champion comparison only."""
-    passing = [name for name, verdict in candidates.items() if verdict.verdict == DEPLOY]
-    return max(passing, key=lambda name: (candidates[name].validation or candidates[name].test).score, default=None)
+    chosen, best = None, 0.0
+    for name, verdict in candidates.items():
+        if verdict.verdict != DEPLOY:
+            continue
+        score = (verdict.validation or verdict.test).score
+        if chosen is None or not at_least(best, score):   # a tie within float noise keeps the first
+            chosen, best = name, score
+    return chosen
 
 
 def compare_models(predictions: dict[str, dict[str, SplitPredictions]], gate: GateParams,
@@ -277,7 +283,7 @@ def challenge(challenger: str, answers: SplitPredictions, champion_version: str,
                 else "at least as good")
     else:
         low = comparison.difference_interval.low if comparison.difference_interval else None
-        replaces = low is not None and low > -gate.max_regression
+        replaces = low is not None and above(low, -gate.max_regression)
         rule = f"the {level:.0%} interval of the difference above {-gate.max_regression:g}"
         if not gate.max_regression:
             # "Better beyond doubt" is also what the one-sided test says: with few images where the two
@@ -317,6 +323,11 @@ def cannot_score(champion_version: str, champion_model: str | None, why: str, re
 def at_least(value: float, bound: float) -> bool:
     """``value >= bound`` for scores, within :data:`SCORE_TOLERANCE` (exactly at a bound passes)."""
     return value >= bound - SCORE_TOLERANCE
+
+
+def above(value: float, bound: float) -> bool:
+    """``value > bound`` for scores, beyond :data:`SCORE_TOLERANCE` (exactly at a bound does not pass)."""
+    return value > bound + SCORE_TOLERANCE
 
 
 def comparison_words(comparison: PairedComparison) -> str:

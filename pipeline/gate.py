@@ -63,8 +63,8 @@ log = logging.getLogger("pipeline.gate")
 TEST_SPLIT_TAG = "gate.test_split"
 
 
-# Fault-injection hook, for tests only: PIPELINE_GATE_FAULT=after-register | after-alias | after-deploy
-# makes the gate SIGKILL itself right after that step of a promotion, to show that the alias and
+# Fault-injection hook, for tests only: PIPELINE_GATE_FAULT=after-register | after-alias | between-renames |
+# after-deploy makes the gate SIGKILL itself right after that step of a promotion, to show that the alias and
 # deploy/ end up naming the same run (or in a state the next run repairs).
 FAULT_VARIABLE = "PIPELINE_GATE_FAULT"
 
@@ -95,6 +95,7 @@ def swap_in(staged: Path, deploy_dir: Path) -> None:
     if deploy_dir.exists():
         old = Path(tempfile.mkdtemp(dir=deploy_dir.parent, prefix=f".{deploy_dir.name}.old-"))
         os.replace(deploy_dir, old)   # onto an empty folder: allowed
+    _fault_point("between-renames")
     os.replace(staged, deploy_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -116,10 +117,15 @@ def read_calibration(report_file: Path) -> dict[str, CalibrationNote]:
     report, notes = read_json(report_file), {}
     for spec in MODELS:
         measured = (report.get(spec.name) or {}).get("calibration")
-        if measured:
+        if not measured:
+            continue
+        try:
             notes[spec.name] = CalibrationNote(float(measured["test"]["ece"]), float(measured["test"]["brier"]),
                                                float(measured.get("temperature", 1.0)),
                                                str(measured.get("pictures", {}).get("gradcam", "")))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PipelineError(f"{report_file}: {spec.name}'s calibration cannot be read ({error!r}): rerun the "
+                                "evaluate stage (dvc repro -f evaluate)") from None
     return notes
 
 
@@ -152,18 +158,24 @@ def main(args: argparse.Namespace) -> None:
     deploy_dir = Path(args.deploy)
     _sweep_leftovers(deploy_dir)
     registry_reached = _connect(params)
-    if registry_reached:
+    if registry_reached and gate.promote:   # compare only leaves deploy/ as it is, repaired or not
         _restore_champion(gate.registered_model_name, deploy_dir)
     champion = (_check_champion(best_passing(candidates), predictions, run_records, params, Path(args.ingest))
                 if registry_reached else ChampionCheck(UNKNOWN, reasons=[registry_reached.problem]))
     reuse = _test_reuse(predictions, run_records, gate, registry_reached.experiment_id) if registry_reached else None
     decision = decide(candidates, comparisons, champion, gate, reuse)
-    deploy_dir.mkdir(parents=True, exist_ok=True)
+    deploy_dir.mkdir(parents=True, exist_ok=True)   # dvc.yaml's output: DVC fails a stage that leaves it absent
     if decision.promoted:
         _promote(gate, decision, run_records[decision.model], model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
     if registry_reached:
-        _record_in_mlflow(gate, decision, run_records)
+        try:
+            _record_in_mlflow(gate, decision, run_records)
+        except Exception as error:   # after the decision took effect: say so, in one line
+            done = f"{decision.model} is deployed, but " if decision.promoted else ""
+            raise PipelineError(f"{done}the decision could not be recorded in the MLflow runs "
+                                f"({first_line(error)}); {args.out} holds it. Rerun the gate to record it: "
+                                "dvc repro gate") from None
     for line in summary_lines(decision):
         log.info("%s", line)
     log.info("next: make ui (the runs side by side in MLflow), make plots (curves, confusion matrices, mistakes, "
@@ -351,9 +363,14 @@ def _promote(gate: GateParams, decision: Decision, record: RunRecord, model_dir:
 
     staged = stage_deployment(model_dir / MODEL_FILE, DeployedModel.from_run(decision.model, record), deploy_dir)
     try:
-        version = _register(gate, decision, record, staged)
-        _fault_point("after-register")
-        tracking.move_champion_alias(gate.registered_model_name, version)
+        try:
+            version = _register(gate, decision, record, staged)
+            _fault_point("after-register")
+            tracking.move_champion_alias(gate.registered_model_name, version)
+        except Exception as error:   # refused (permissions, a name) or the store went away: one line
+            raise PipelineError(f"the registry did not take the promotion of {decision.model} to "
+                                f"{gate.registered_model_name}@{tracking.CHAMPION_ALIAS} ({first_line(error)}): "
+                                "the alias and deploy/ are left as they were") from None
         log.info("%s version %s is the %s", gate.registered_model_name, version, tracking.CHAMPION_ALIAS)
         _fault_point("after-alias")
         swap_in(staged, deploy_dir)
@@ -388,7 +405,14 @@ def _fault_point(step: str) -> None:
 
 
 def _sweep_leftovers(deploy_dir: Path) -> None:
-    """Remove staged or old deploy folders that a killed gate left beside deploy/."""
+    """Remove staged or old deploy folders that a killed gate left beside deploy/; a gate killed between
+    :func:`swap_in`'s two renames left deploy/ absent and the folder it held aside: put that back first."""
+    if not deploy_dir.exists():
+        for old in sorted(deploy_dir.parent.glob(f".{deploy_dir.name}.old-*")):
+            if (old / DEPLOY_INFO_FILE).exists():
+                os.replace(old, deploy_dir)
+                log.warning("deploy/ was missing (a gate stopped half-way): put back from %s", old.name)
+                break
     for pattern in (f".{deploy_dir.name}.staged-*", f".{deploy_dir.name}.old-*"):
         for leftover in deploy_dir.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -267,7 +267,13 @@ class GateParams:
             _require(0.0 <= value <= 1.0, f"{where}.{key}", f"must be between 0 and 1, got {value}")
         _require(self.confidence is None or 0.5 <= self.confidence < 1.0, f"{where}.confidence",
                  f"must be null or a level from 0.5 up to (not including) 1, such as 0.9 or 0.95; got {self.confidence}")
-        _require(bool(self.registered_model_name.strip()), f"{where}.registered_model_name", "must not be empty")
+        name = self.registered_model_name
+        _require(bool(name.strip()), f"{where}.registered_model_name", "must not be empty")
+        # MLflow's own rule for model names (mlflow.utils.validation): checked here, before any training,
+        # instead of failing at the first registration, after the models are trained and judged.
+        _require(not any(char in name for char in "/:") and name != "." and not name.startswith(".."),
+                 f"{where}.registered_model_name",
+                 f"must not contain '/' or ':' nor be '.' or start with '..' (MLflow's rule), got {name!r}")
         _require(isinstance(self.max_test_reuse, int) and not isinstance(self.max_test_reuse, bool)
                  and self.max_test_reuse >= 1, f"{where}.max_test_reuse",
                  f"must be a whole number of models, 1 or more, got {self.max_test_reuse!r}")

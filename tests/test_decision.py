@@ -26,6 +26,8 @@ from pipeline.decision import (
     Decision,
     Estimate,
     SplitReuse,
+    above,
+    at_least,
     best_passing,
     cannot_score,
     challenge,
@@ -176,6 +178,15 @@ def test_without_a_validation_split_the_test_score_chooses() -> None:
 
 def test_a_tie_goes_to_the_first_model() -> None:
     assert best_passing(verdicts(custom=(0.95, 0.9), resnet50=(0.99, 0.9))) == "custom"
+    # A tie in a metric that averages over classes can differ in the last bits: (0.1 + 0.1 + 1.0) / 3
+    # against (1.0 + 0.1 + 0.1) / 3 is 0.39999999999999997 against 0.4000000000000001.
+    candidates = verdicts(custom=(0.95, 0.9), resnet50=(0.99, 0.9))
+    noisy = {"custom": replace(candidates["custom"], validation=Estimate((0.1 + 0.1 + 1.0) / 3)),
+             "resnet50": replace(candidates["resnet50"], validation=Estimate((1.0 + 0.1 + 0.1) / 3))}
+    assert noisy["custom"].validation.score < noisy["resnet50"].validation.score
+    assert best_passing(noisy) == "custom"
+    ahead = {**noisy, "resnet50": replace(candidates["resnet50"], validation=Estimate(0.41))}
+    assert best_passing(ahead) == "resnet50"
 
 
 def test_nothing_deploys_when_no_model_passes() -> None:
@@ -325,6 +336,14 @@ def test_at_a_confidence_the_challenger_must_be_better_beyond_doubt() -> None:
     # Fifteen points better is.
     clear = challenge("custom", answers(190, 200), "3", "", champion_answers(160), confident, 0)
     assert clear.outcome == REPLACED and clear.comparison.difference_interval.low > 0
+
+
+def test_an_interval_lies_above_a_bound_only_beyond_float_noise() -> None:
+    # The interval's low end of a loss of exactly 6 images in 100 can come out as -0.06000000000000005 or
+    # -0.05999999999999995: "above -max_regression" must not hang on those last bits.
+    assert not above(-0.06 + 1e-15, -0.06) and not above(-0.06 - 1e-15, -0.06)
+    assert above(-0.05, -0.06) and not above(-0.07, -0.06)
+    assert at_least(-0.06 - 1e-15, -0.06)
 
 
 def test_at_a_confidence_the_test_is_one_sided_for_the_challenger() -> None:

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel, RunRecord
+from pipeline.artifacts import (
+    DEPLOY_INFO_FILE,
+    MODEL_FILE,
+    DeployedModel,
+    RunRecord,
+    SplitPredictions,
+    read_predictions,
+    write_predictions,
+)
 from pipeline.decision import STAYS, CalibrationNote, ChampionCheck, Decision
+from pipeline.errors import PipelineError
 from pipeline.gate import check, deploy_model, read_calibration
 from tests.conftest import REPO_ROOT
 from tests.test_decision import decision_of
@@ -27,6 +36,23 @@ def test_the_calibration_of_each_model_comes_from_evaluates_report(tmp_path: Pat
                                   "resnet50": {"test": {}}}))   # resnet50: a report from before calibration
     (custom,) = read_calibration(report).items()
     assert custom == ("custom", CalibrationNote(0.04, 0.06, 1.5, "metrics/plots/gradcam_custom.png"))
+    # A damaged report (a figure written as null, by hand or by a broken run) is one line, not a traceback.
+    measured["test"]["ece"] = None
+    report.write_text(json.dumps({"class_names": ["cat", "dog"], "custom": {"calibration": measured}}))
+    with pytest.raises(PipelineError, match=r"evaluate_report.json: custom's calibration cannot be read .*: "
+                                            r"rerun the evaluate stage \(dvc repro -f evaluate\)$"):
+        read_calibration(report)
+
+
+def test_predictions_without_the_test_split_are_refused_in_one_line(tmp_path: Path) -> None:
+    answers = SplitPredictions(("cat/1.png",), ("cat",), ("cat",))
+    path = tmp_path / "custom.csv"
+    write_predictions(path, {"train": answers, "validation": answers})
+    with pytest.raises(PipelineError, match=r"custom.csv has no answers for the test split: rerun the evaluate "
+                                            r"stage \(dvc repro -f evaluate\)$"):
+        read_predictions(path)
+    write_predictions(path, {"train": answers, "test": answers})   # no validation split: the gate copes
+    assert set(read_predictions(path)) == {"train", "test"}
 
 
 # --- check (the CI exit code) --------------------------------------------------------------------

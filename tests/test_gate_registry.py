@@ -179,11 +179,51 @@ def test_compare_only_decides_but_registers_and_deploys_nothing(project: GatePro
     capsys.readouterr()
     assert gate.check(project.root / "metrics/gate.json") == 0
     assert "compare only" in capsys.readouterr().out
+    # A deploy/ that disagrees with the alias (here: gone) is left as it is too: repairing it is promoting.
+    shutil.rmtree(project.root / "deploy")
+    assert project.gate()["promoted"] is False
+    assert list((project.root / "deploy").iterdir()) == []
 
     params["gate"]["promote"] = True     # the same models, now promoted
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     promoted = project.gate()
     assert promoted["promoted"] is True and project.versions() == 2 and str(project.champion().version) == "2"
+    assert project.deployed() != deployed
+
+
+def test_a_registry_that_refuses_the_promotion_or_the_record_fails_the_gate_in_one_line(
+        project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A team server may refuse a write (permissions) or go away after answering the reads: the stage
+    fails with one line, the alias and deploy/ as they were. A SQLite store cannot refuse a write made
+    as root, so the refusal is MLflow's own exception, raised where the registry would raise it."""
+    from mlflow.exceptions import MlflowException
+
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    project.gate()
+    deployed = project.deployed()
+    project.train(custom=PERFECT)
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("Permission denied for registered model image-classifier\n(server log follows)",
+                              error_code="PERMISSION_DENIED")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "move_champion_alias", refuse)
+        with pytest.raises(PipelineError) as refused:
+            project.gate()
+    assert str(refused.value) == ("the registry did not take the promotion of custom to image-classifier@champion "
+                                  "(Permission denied for registered model image-classifier): the alias and deploy/ "
+                                  "are left as they were")
+    assert str(project.champion().version) == "1" and project.deployed() == deployed
+    assert not list(project.root.glob(".deploy*"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gate, "_record_in_mlflow", refuse)
+        with pytest.raises(PipelineError, match=r"^custom is deployed, but the decision could not be recorded in "
+                                                r"the MLflow runs \(Permission denied .*\); metrics/gate.json holds "
+                                                r"it. Rerun the gate to record it: dvc repro gate$"):
+            project.gate()
+    assert json.loads((project.root / "metrics/gate.json").read_text())["promoted"] is True
     assert project.deployed() != deployed
 
 
@@ -242,7 +282,7 @@ GATE_ARGUMENTS = ("--predictions", "data/predictions", "--ingest", "data/ingest"
                   "--deploy", "deploy", "--out", "metrics/gate.json")
 
 
-@pytest.mark.parametrize("step", ["after-register", "after-alias", "after-deploy"])
+@pytest.mark.parametrize("step", ["after-register", "after-alias", "between-renames", "after-deploy"])
 def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(project: GateProject, step: str) -> None:
     project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
     project.gate()
@@ -252,11 +292,21 @@ def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(proje
         champion = project.champion()
         return gate.deployed_run_id(project.root / "deploy") == champion.tags["source.run_id"]
 
+    deployed_before = (project.root / "deploy" / MODEL_FILE).read_bytes()
     project.train(custom=PERFECT)     # a better challenger, promoted by a gate that is killed half-way
     killed = run_stage(project.root, "gate", *GATE_ARGUMENTS, env={**env, gate.FAULT_VARIABLE: step})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    if step != "after-alias":     # after the alias moved, deploy/ is repaired by the next run
+    if step not in ("after-alias", "between-renames"):   # after the alias moved, the next run repairs deploy/
         assert agree()
+    if step == "between-renames":
+        # deploy/ is gone, its files set aside: a next run that cannot reach the registry puts them back
+        # (the old champion, as before the promotion) instead of sweeping them away with the leftovers.
+        assert not (project.root / "deploy").exists()
+        unreachable = run_stage(project.root, "gate", *GATE_ARGUMENTS,
+                                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+        assert unreachable.returncode == 0, unreachable.stderr[-2000:]
+        assert "put back from .deploy.old-" in unreachable.stderr
+        assert (project.root / "deploy" / MODEL_FILE).read_bytes() == deployed_before
     rerun = run_stage(project.root, "gate", *GATE_ARGUMENTS, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert agree()

@@ -234,6 +234,26 @@ def test_a_confidence_level_or_null_is_accepted(raw_params: dict, value: float |
     assert params_from_dict(raw_params).gate.confidence == value
 
 
+@pytest.mark.parametrize("name", ["team/classifier", "cats:dogs", ".", "..", "../up", "..hidden", "image-classifier",
+                                  "Cats & dogs v2", ".classifier", "a..b"])
+def test_a_registered_model_name_is_refused_exactly_when_mlflow_would(raw_params: dict, name: str) -> None:
+    """Refused before any training, by the rule MLflow applies at the first registration (after it)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    raw_params["gate"]["registered_model_name"] = name
+    if mlflow_accepts:
+        assert params_from_dict(raw_params).gate.registered_model_name == name
+    else:
+        with pytest.raises(ParamsError, match=r"gate\.registered_model_name: must not contain '/' or ':'"):
+            params_from_dict(raw_params)
+
+
 def test_the_gated_metric_is_one_of_three(raw_params: dict) -> None:
     raw_params["gate"]["metric"] = "f2"
     with pytest.raises(ParamsError, match=r"gate\.metric: must be one of accuracy \| balanced_accuracy \| macro_f1, "
