@@ -47,9 +47,13 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     NaN and infinities as empty cells (which DVC's plot renderer skips), written atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    # With "\n" line ends, the csv module quotes a field holding "\n" but not one holding "\r" (a file
+    # named "Icon\r", as macOS makes): readers would split the row there. Such rows are quoted whole.
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(header)
-    writer.writerows([None if isinstance(value, float) and not math.isfinite(value) else value for value in row]
-                     for row in rows)
+    for row in rows:
+        cells = [None if isinstance(value, float) and not math.isfinite(value) else value for value in row]
+        (quoted if any(isinstance(cell, str) and "\r" in cell for cell in cells) else writer).writerow(cells)
     atomic_write_text(path, buffer.getvalue())
 
 

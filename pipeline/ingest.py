@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import write_csv, write_json
-from pipeline.images import ImageRejected, decode_file, describe
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_file, describe
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_FILE,
@@ -137,7 +137,11 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
     root_real = root.resolve()
     candidates: list[tuple[str, str]] = []
     rejected: list[tuple[str, str]] = []
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+    try:
+        entries = sorted(root.iterdir(), key=lambda p: p.name)
+    except OSError as error:
+        raise PipelineError(f"ingest.source: {root} cannot be read ({error.strerror or error})") from None
+    for entry in entries:
         relative = _printable(entry.name)
         if entry.name.startswith("."):
             rejected.append((relative, "hidden file or folder"))
@@ -148,6 +152,10 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
         elif entry.is_dir():
             label = entry.name
             for rel, file_entry in _walk_files(str(entry), entry.name):
+                if isinstance(file_entry, OSError):
+                    rejected.append((_printable(rel), f"folder cannot be read ({file_entry.strerror or file_entry}); "
+                                                      "its files are left out"))
+                    continue
                 if not _is_utf8(rel):
                     rejected.append((_printable(rel), "name is not valid UTF-8 (rename it)"))
                     continue
@@ -324,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
     write_csv(out / REJECTED_FILE, REJECTED_COLUMNS, result.rejected_files)
     write_csv(out / QUALITY_FILE, QUALITY_COLUMNS, result.quality)
     write_json(out / SOURCE_FILE, {"source": source, "root": stored_root})
-    drawn = draw_largest_group(result.images, root, out / LARGEST_GROUP_FILE)
+    drawn = draw_largest_group(result.images, root, out / LARGEST_GROUP_FILE, params.ingest.max_image_pixels)
     summary = summarise(result)
     write_json(Path(args.metrics), summary)
     check_classes(result, root)
@@ -364,9 +372,10 @@ def log_health(summary: dict, report: Path, drawing: Path | None = None) -> None
             log.warning("health: %d %s (see %s)", summary[key], what, report)
 
 
-def _walk_files(folder: str, relative: str) -> Iterable[tuple[str, os.DirEntry]]:
+def _walk_files(folder: str, relative: str) -> Iterable[tuple[str, os.DirEntry | OSError]]:
     """Every entry under a class folder that is not a real folder (files, links, pipes), nested
-    folders included, as ``(path relative to the source root, entry)`` in a stable order.
+    folders included, as ``(path relative to the source root, entry)`` in a stable order; a folder
+    that cannot be listed comes as ``(its path, the error)``, so the report says which files are missing.
 
     ``os.scandir`` entries carry the file type from the directory listing, so a regular file
     costs no ``stat`` call here: the walk stays a small part of ingest on large folders.
@@ -374,7 +383,8 @@ def _walk_files(folder: str, relative: str) -> Iterable[tuple[str, os.DirEntry]]
     try:
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda e: e.name)
-    except OSError:      # a folder that cannot be listed is skipped, as os.walk skips it
+    except OSError as error:
+        yield relative, error
         return
     subfolders = []
     for entry in entries:
@@ -396,7 +406,10 @@ def _path_problem(entry: os.DirEntry, relative: str, root_real: Path) -> str | N
         return None
     path = Path(entry.path)
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):   # a loop of links: RuntimeError before Python 3.13, OSError after
+            return "broken symbolic link (it loops)"
         if not target.exists():
             return "broken symbolic link"
         if not target.is_relative_to(root_real):
@@ -557,7 +570,8 @@ def largest_near_group(images: list[ManifestRow]) -> list[ManifestRow]:
     return max(near, key=len, default=[])
 
 
-def draw_largest_group(images: list[ManifestRow], root: Path, target: Path) -> Path | None:
+def draw_largest_group(images: list[ManifestRow], root: Path, target: Path,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Path | None:
     """Draw the members of the largest group of near copies (:func:`largest_near_group`) side by
     side at ``target`` (PNG), each under its file name, so a user can see whether it is one scene.
 
@@ -578,7 +592,7 @@ def draw_largest_group(images: list[ManifestRow], root: Path, target: Path) -> P
     draw.text((4, 3), f"largest group of near copies: {len(members)} files{drawn} (group {members[0].group[:12]})",
               fill="black")
     for index, row in enumerate(shown):
-        tile = decode_file(root / row.path).image.convert("RGB")
+        tile = decode_file(root / row.path, max_pixels).image.convert("RGB")
         tile.thumbnail((SHEET_TILE, SHEET_TILE))
         left = (index % SHEET_COLUMNS) * SHEET_TILE
         top = title + (index // SHEET_COLUMNS) * (SHEET_TILE + caption)

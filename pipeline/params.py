@@ -43,6 +43,8 @@ class BaseParams:
     experiment_name: str
 
     def check(self, where: str) -> None:
+        # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers.
+        _require(0 <= self.seed <= 2**32 - 1, f"{where}.seed", f"must be from 0 to 4294967295, got {self.seed}")
         _require(self.image_size >= RESNET50_MIN_IMAGE_SIZE, f"{where}.image_size",
                  f"must be at least {RESNET50_MIN_IMAGE_SIZE} (the smallest input ResNet50 accepts), "
                  f"got {self.image_size}")
@@ -327,6 +329,11 @@ def _check_across_sections(params: Params) -> None:
     """Rules that tie two sections together."""
     _require(params.base.channels == 3 or params.augment.hue == 0, "augment.hue",
              "changes colours and needs base.channels: 3 (grayscale images have no hue); set it to 0")
+    blocks = len(params.train_custom.blocks)
+    # Each block halves the image (2x2 pooling): with more blocks than halvings, nothing is left to see.
+    _require(params.base.image_size >= 2**blocks, "train_custom.blocks",
+             f"{blocks} blocks halve the image {blocks} times, which needs base.image_size of at least "
+             f"{2**blocks}, got {params.base.image_size}: use fewer blocks or larger images")
 
 
 def to_flat_dict(section: Any, prefix: str = "") -> dict[str, Any]:

@@ -42,3 +42,12 @@ def test_csv_is_what_pandas_writes(tmp_path: Path) -> None:
     write_csv(ours, ["path", "label", "width", "score"], rows)
     pd.DataFrame(rows, columns=["path", "label", "width", "score"]).to_csv(theirs, index=False, lineterminator="\n")
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_file_name_with_a_carriage_return_stays_one_row(tmp_path: Path) -> None:
+    """macOS makes files named "Icon\\r"; a line break in a name must not split its row either."""
+    rows = [("cats/Icon\r", "cats", 1.5), ("cats/two\nlines.png", "cats", 2.0), ("dogs/plain.png", "dogs", 3.0)]
+    path = tmp_path / "manifest.csv"
+    write_csv(path, ["path", "label", "size"], rows)
+    read = pd.read_csv(path, dtype={"path": str, "label": str}, keep_default_na=False)
+    assert list(read.itertuples(index=False, name=None)) == rows

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.images import ImageRejected
 from pipeline.ingest import (
     IngestResult,
     check_classes,
@@ -177,6 +178,47 @@ def test_symlink_to_a_folder_is_rejected(image_folder: Path) -> None:
     result = _ingest(image_folder)
     assert _reasons(result) == {"circle/linked": "symbolic link to a folder"}
     assert len(result.manifest) == 36
+
+
+def test_a_loop_of_symbolic_links_is_a_broken_link_not_a_crash(image_folder: Path) -> None:
+    (image_folder / "circle" / "loop_a.png").symlink_to(image_folder / "circle" / "loop_b.png")
+    (image_folder / "circle" / "loop_b.png").symlink_to(image_folder / "circle" / "loop_a.png")
+    result = _ingest(image_folder)
+    assert _reasons(result) == {"circle/loop_a.png": "broken symbolic link (it loops)",
+                                "circle/loop_b.png": "broken symbolic link (it loops)"}
+    assert len(result.manifest) == 36
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(image_folder: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its files are named in the report as missing, as a file that cannot be read is. (As root, which
+    reads every folder whatever its mode, the refusal is the one the kernel gives a user without rights.)"""
+    locked = image_folder / "circle" / "locked"
+    locked.mkdir()
+    for index in range(3):
+        shutil.copyfile(image_folder / "circle" / "circle_000.png", locked / f"copy_{index}.png")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr("pipeline.ingest.os.scandir", scandir)
+    result = _ingest(image_folder)
+    assert _reasons(result) == {"circle/locked": "folder cannot be read (Permission denied); its files are left out"}
+    assert len(result.manifest) == 36
+    # The source folder itself: one line, not a traceback.
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == image_folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(PipelineError, match=r"^ingest.source: .* cannot be read \(Permission denied\)$"):
+        _ingest(image_folder)
 
 
 def test_symlink_to_a_file_inside_the_source_is_accepted(image_folder: Path) -> None:
@@ -367,6 +409,9 @@ def test_the_largest_group_of_near_copies_is_drawn(tmp_path: Path) -> None:
     expected.thumbnail((SHEET_TILE, SHEET_TILE))
     top = (SHEET_TILE - expected.height) // 2
     assert np.abs(tile[top:top + expected.height, :expected.width] - np.asarray(expected, dtype=int)).mean() < 2
+    # Drawing decodes with the stage's own pixel limit (ingest.max_image_pixels), not Pillow's default.
+    with pytest.raises(ImageRejected, match="too large"):
+        draw_largest_group(result.images, root, target, max_pixels=100)
     # Without near copies there is nothing to draw, and an old drawing goes.
     plain = _ingest(_scene_folder(tmp_path / "plain"), near_duplicate_distance=10)
     assert draw_largest_group(plain.images, tmp_path / "plain", target) is None and not target.exists()

@@ -18,6 +18,7 @@ from pipeline.params import (
     params_from_dict,
     to_flat_dict,
 )
+from pipeline.seeding import seed_everything
 from tests.conftest import REPO_ROOT
 
 
@@ -251,6 +252,32 @@ def test_a_registered_model_name_is_refused_exactly_when_mlflow_would(raw_params
         assert params_from_dict(raw_params).gate.registered_model_name == name
     else:
         with pytest.raises(ParamsError, match=r"gate\.registered_model_name: must not contain '/' or ':'"):
+            params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(-1, False), (0, True), (2**32 - 1, True), (2**32, False)])
+def test_a_seed_is_an_unsigned_32_bit_number(raw_params: dict, seed: int, ok: bool) -> None:
+    raw_params["base"]["seed"] = seed
+    if ok:
+        assert params_from_dict(raw_params).base.seed == seed
+        seed_everything(seed, tensorflow=False)   # what every stage does first with it
+    else:
+        with pytest.raises(ParamsError, match=r"base\.seed: must be from 0 to 4294967295"):
+            params_from_dict(raw_params)
+
+
+@pytest.mark.parametrize(("blocks", "ok"), [(5, True), (6, False)])
+def test_no_more_custom_cnn_blocks_than_the_image_can_be_halved(raw_params: dict, blocks: int, ok: bool) -> None:
+    raw_params["base"]["image_size"] = 32
+    raw_params["train_custom"]["blocks"] = [8] * blocks
+    if ok:
+        params = params_from_dict(raw_params)
+        from pipeline.models import build_custom_cnn
+
+        build_custom_cnn((32, 32, 1), 3, params.train_custom.blocks, [], 0.0)   # builds: 32 halved 5 times is 1
+    else:
+        with pytest.raises(ParamsError, match=r"train_custom\.blocks: 6 blocks halve the image 6 times, which needs "
+                                              r"base\.image_size of at least 64, got 32"):
             params_from_dict(raw_params)
 
 
