@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import sys
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -636,6 +637,23 @@ def check_classes(result: IngestResult, root: Path) -> None:
     if empty:
         raise PipelineError(f"ingest.source: class folder {root / empty[0]} has no usable image "
                             "(remove it or add images; see the rejected-files report)")
+    alike = _alike_names(labels)
+    if alike:
+        raise PipelineError(f"ingest.source: class folders {' and '.join(repr(name) for name in alike)} under {root} "
+                            "differ only in letter case or Unicode form, so they look like one class but would "
+                            "train as two: merge them or rename one")
+
+
+def _alike_names(labels: list[str]) -> list[str]:
+    """The first class names that read the same (``Dog`` and ``dog``; ``café`` written with one code point
+    or two), or an empty list."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        key = unicodedata.normalize("NFC", label).casefold()
+        if key in seen:
+            return [seen[key], label]
+        seen[key] = label
+    return []
 
 
 if __name__ == "__main__":

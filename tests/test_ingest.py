@@ -525,6 +525,19 @@ def test_check_classes_rejects_a_class_folder_of_only_bad_files(image_folder: Pa
         check_classes(result, image_folder)
 
 
+@pytest.mark.parametrize(("first", "second"), [("Dog", "dog"), ("caf\u00e9", "cafe\u0301")])
+def test_check_classes_rejects_class_folders_that_read_the_same(tmp_path: Path, first: str, second: str) -> None:
+    """"café" typed on two systems (one code point or e + accent) or "Dog" and "dog": one class to a
+    reader, two to the model."""
+    root = make_image_folder(tmp_path / "photos", {first: 4, second: 4, "cat": 4})
+    result = _ingest(root)
+    assert len(result.manifest) == 12
+    with pytest.raises(PipelineError, match=r"class folders .* differ only in letter case or Unicode form"):
+        check_classes(result, root)
+    assert check_classes(_ingest(make_image_folder(tmp_path / "fine", {first: 4, "cat": 4})),
+                         tmp_path / "fine") is None
+
+
 def test_check_classes_rejects_a_single_class(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "one", {"only": 4})
     result = _ingest(root)
