@@ -62,6 +62,12 @@ def write_frame_csv(path: Path, frame: Any) -> None:
     write_csv(path, [str(column) for column in frame.columns], frame.itertuples(index=False, name=None))
 
 
+def printable(name: str | Path) -> str:
+    """A file name safe to print or write in a UTF-8 report: bytes that are not UTF-8 (names from old
+    zip archives, Windows code pages) shown as \\xNN instead of raising UnicodeEncodeError."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file written by an earlier stage."""
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF"})
+# MPO is a JPEG with a multi-picture header (phones: Ultra HDR gain maps, Samsung and Apple
+# multi-picture): its first picture is the photo, as an animated GIF's first frame is.
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
+EXIF_ORIENTATION = 0x0112
+# The turn or mirror for each EXIF orientation, as Pillow's ImageOps.exif_transpose makes it.
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageRejected(Exception):
@@ -126,11 +139,8 @@ def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
                 raise ImageRejected(
                     f"too large: {image.width}x{image.height} pixels is over the limit of {max_pixels} "
                     "(ingest.max_image_pixels)")
-            image.load()
-            # Photos from phones store their rotation in EXIF; apply it so the pixels are upright.
-            # in_place: most photos need no turn, and a copy of every decoded image is not free.
-            ImageOps.exif_transpose(image, in_place=True)
-            return image
+            image.load()   # an MPO's first picture, a GIF's first frame
+            return _upright(image)
     except ImageRejected:
         raise
     except UnidentifiedImageError:
@@ -139,6 +149,20 @@ def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
         raise ImageRejected("too large: decompression bomb (ingest.max_image_pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageRejected(f"corrupt image: {error}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (phones store their rotation there).
+
+    Not ``ImageOps.exif_transpose``: it also rewrites the EXIF block, which raises on a tag whose
+    stored type does not match its value. The pixels are the same; the EXIF is left as read.
+    """
+    try:
+        method = ORIENTATION_TRANSPOSE.get(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:   # Pillow raises many types on a damaged EXIF block: no orientation, as stored
+        return image
+    # Most photos need no turn, and a copy of every decoded image is not free.
+    return image if method is None else image.transpose(method)
 
 
 def _flatten_mode(image: Image.Image, channels: int) -> Image.Image:

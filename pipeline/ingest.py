@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.files import write_csv, write_json
+from pipeline.files import printable, write_csv, write_json
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_file, describe
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
@@ -143,7 +143,7 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
     except OSError as error:
         raise PipelineError(f"ingest.source: {root} cannot be read ({error.strerror or error})") from None
     for entry in entries:
-        relative = _printable(entry.name)
+        relative = printable(entry.name)
         if entry.name.startswith("."):
             rejected.append((relative, "hidden file or folder"))
         elif not _is_utf8(entry.name):
@@ -154,11 +154,11 @@ def find_candidates(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
             label = entry.name
             for rel, file_entry in _walk_files(str(entry), entry.name):
                 if isinstance(file_entry, OSError):
-                    rejected.append((_printable(rel), f"folder cannot be read ({file_entry.strerror or file_entry}); "
+                    rejected.append((printable(rel), f"folder cannot be read ({file_entry.strerror or file_entry}); "
                                                       "its files are left out"))
                     continue
                 if not _is_utf8(rel):
-                    rejected.append((_printable(rel), "name is not valid UTF-8 (rename it)"))
+                    rejected.append((printable(rel), "name is not valid UTF-8 (rename it)"))
                     continue
                 reason = _path_problem(file_entry, rel, root_real)
                 if reason:
@@ -434,11 +434,6 @@ def _is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _printable(name: str) -> str:
-    """A name safe to write in a UTF-8 report, undecodable bytes shown as \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _inspect_one(root: Path, max_pixels: int, relative: str) -> Inspected | str:

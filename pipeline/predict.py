@@ -18,6 +18,7 @@ import numpy as np
 from pipeline import cli
 from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.errors import PipelineError
+from pipeline.files import printable
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
 from pipeline.serving import classify, decoder_pool
 
@@ -25,7 +26,11 @@ log = logging.getLogger("pipeline.predict")
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:
-    """Files as given; folders walked recursively in sorted order, hidden entries skipped."""
+    """Files as given; folders walked recursively in sorted order, hidden entries skipped.
+
+    Raises ``PipelineError`` when there is no file at all: an empty answer would look like success.
+    """
+    paths = list(paths)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -35,7 +40,10 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
         elif path.exists():
             files.append(path)
         else:
-            raise PipelineError(f"{raw}: no such file or folder")
+            raise PipelineError(f"{printable(raw)}: no such file or folder")
+    if not files:
+        raise PipelineError(f"no files to predict in {', '.join(map(printable, paths))} "
+                            "(hidden files and folders are skipped)")
     return files
 
 
@@ -59,14 +67,14 @@ def main(args: argparse.Namespace) -> None:
     good, pixels, failed = [], [], 0
     for path, result in zip(files, decoder_pool().map(decoded, files)):   # on every core, in order
         if isinstance(result, ImageRejected):
-            print(f"{path}\terror: {result.reason}", file=sys.stderr)
+            print(f"{printable(path)}\terror: {result.reason}", file=sys.stderr)
             failed += 1
         else:
             pixels.append(result)
             good.append(path)
     batch = np.stack(pixels) if pixels else np.zeros((0, info.image_size, info.image_size, info.channels))
     for path, prediction in zip(good, classify(model, batch, info)):
-        print(f"{path}\t{prediction.label}\t{prediction.probability:.4f}")
+        print(f"{printable(path)}\t{prediction.label}\t{prediction.probability:.4f}")
     if failed:
         raise PipelineError(f"{failed} of {len(files)} files could not be read as images")
 

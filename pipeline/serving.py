@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
+from pipeline.errors import first_line
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_bytes
+
+log = logging.getLogger("pipeline.serving")
 
 IMAGE_COLUMN = "image"
 # What one request may hold, checked before any decoding: enough for a batch of phone photos, not
@@ -83,11 +87,27 @@ def pixels_from_request(model_input: Any, info: DeployedModel) -> np.ndarray:
     array = np.asarray(model_input)
     if array.ndim == 3:
         array = array[np.newaxis]
-    if array.ndim != 4 or array.shape[1:] != expected or not np.issubdtype(array.dtype, np.number):
+    # Integers or floats only: complex numbers and timedelta64 (a NumPy integer) are not pixels.
+    if array.ndim != 4 or array.shape[1:] != expected or array.dtype.kind not in "iuf":
         raise ValueError(f"expected images of shape (n, {', '.join(map(str, expected))}) with pixel values 0-255, "
                          f"got shape {array.shape} of {array.dtype}")
     _check_count(len(array))
+    _check_pixel_values(array)
     return array
+
+
+def _check_pixel_values(array: np.ndarray) -> None:
+    """Refuse values no image holds: the model would answer them with made-up (or NaN) probabilities.
+
+    Floats from 0 to 1 pass: that is a dark image, not a wrong one.
+    """
+    if not array.size:
+        return
+    if not np.isfinite(array).all():
+        raise ValueError("pixel values must be numbers 0-255, got NaN or infinity")
+    low, high = array.min(), array.max()
+    if low < 0 or high > 255:
+        raise ValueError(f"pixel values must be 0-255, got values from {low:g} to {high:g}")
 
 
 def _decode_row(row: tuple[int, Any], info: DeployedModel) -> np.ndarray:
@@ -97,6 +117,9 @@ def _decode_row(row: tuple[int, Any], info: DeployedModel) -> np.ndarray:
         return load_pixels_from_bytes(_as_bytes(value), info.image_size, info.channels, DEFAULT_MAX_PIXELS)
     except ImageRejected as rejected:
         raise ValueError(f"row {number}: {rejected.reason}") from None
+    except Exception as error:   # a decoder's own failure on a damaged file: the client's bad row, not a 500
+        log.warning("row %d could not be decoded", number, exc_info=True)
+        raise ValueError(f"row {number}: corrupt image: {first_line(error)}") from None
 
 
 @cache

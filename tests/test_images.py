@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.images import (
     ImageInfo,
     ImageRejected,
+    decode_file,
     inspect_image,
     load_pixels,
     load_pixels_from_bytes,
@@ -265,6 +268,58 @@ def test_exif_rotated_jpeg_pixels_are_upright(tmp_path: Path) -> None:
     assert pixels[22:38].mean() > 235  # bottom half white
     # Not merely left/right as stored.
     assert abs(pixels[:, 2:18].mean() - pixels[:, 22:38].mean()) < 20
+
+
+@pytest.mark.parametrize("extension", ["jpg", "png"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_gives_the_pixels_pillow_s_exif_transpose_gives(
+        tmp_path: Path, orientation: int, extension: str) -> None:
+    """Training and serving share these pixels (and fingerprints and hashes depend on them)."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    path = _save(Image.fromarray(_noise(6, 10)), tmp_path / f"o{orientation}.{extension}", exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(path))
+    decoded = decode_file(path).image
+    assert decoded.size == expected.size
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def _jpeg_with_mistyped_exif_tag() -> bytes:
+    """Orientation 6, and XResolution (a RATIONAL tag) stored as ASCII "72": Pillow reads it, but
+    cannot write it back (ImageOps.exif_transpose raised TypeError on rewriting the EXIF)."""
+    tiff = bytes.fromhex("4d4d002a00000008" "0002" "011a00020000000337320000" "01120003000000010006000000000000")
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(20, 40)).save(buffer, "JPEG", exif=b"Exif\0\0" + tiff)
+    return buffer.getvalue()
+
+
+def test_a_mistyped_exif_tag_still_decodes_upright(tmp_path: Path) -> None:
+    path = tmp_path / "odd-exif.jpg"
+    path.write_bytes(_jpeg_with_mistyped_exif_tag())
+    assert Image.open(path).getexif()[EXIF_ORIENTATION] == 6
+    assert (inspect_image(path).width, inspect_image(path).height) == (20, 40)
+    assert load_pixels_from_bytes(path.read_bytes(), 24, 3).shape == (24, 24, 3)
+
+
+def test_an_exif_block_that_cannot_be_read_leaves_the_pixels_as_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _rotated_jpeg(tmp_path / "phone.jpg")
+
+    def unreadable(self):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image.Image, "getexif", unreadable)
+    assert (inspect_image(path).width, inspect_image(path).height) == (40, 20)
+
+
+def test_a_multi_picture_jpeg_decodes_its_first_picture() -> None:
+    """Phones write JPEGs with an MPF header (gain maps, multi-picture): Pillow calls them MPO."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 0, 0)).save(buffer, "MPO", save_all=True,
+                                                 append_images=[Image.new("RGB", (30, 20), (0, 0, 200))])
+    assert Image.open(buffer).format == "MPO"
+    pixels = load_pixels_from_bytes(buffer.getvalue(), 8, 3).astype(int)
+    assert np.abs(pixels - [200, 0, 0]).max() < 8
 
 
 def test_load_pixels_from_bytes_matches_load_pixels(tmp_path: Path) -> None:

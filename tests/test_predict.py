@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.predict import expand_paths
+from pipeline.predict import expand_paths, main
 from tests.stage_runner import run_stage
 
 
@@ -24,13 +26,50 @@ def test_folders_are_walked_in_sorted_order_without_hidden_entries(tmp_path: Pat
         expand_paths([str(tmp_path / "nowhere.png")])
 
 
+def test_nothing_to_predict_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
+    (tmp_path / "empty" / ".cache").mkdir(parents=True)
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(PipelineError) as raised:
+        expand_paths([str(tmp_path / "empty")])
+    assert str(raised.value) == f"no files to predict in {tmp_path / 'empty'} (hidden files and folders are skipped)"
+
+
+def test_an_empty_folder_on_the_command_line_exits_2_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "model.keras").write_bytes(b"")   # never loaded: the folder is checked first
+    (tmp_path / "empty").mkdir()
+    done = run_stage(tmp_path, "predict", "empty")
+    assert done.returncode == 2
+    assert "no files to predict in empty (hidden files and folders are skipped)" in done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def _deploy(folder: Path) -> Path:
+    """A tiny deployed model: 8x8 grayscale in, two classes out."""
+    folder.mkdir()
+    keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                      keras.layers.Dense(2, activation="softmax")]).save(folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps({"class_names": ["cat", "dog"], "image_size": 8, "channels": 1}))
+    return folder
+
+
+def test_a_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """capsys's streams are strict UTF-8, as stdout is under PYTHONIOENCODING=utf-8."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("L", (8, 8), 200).save(photos / os.fsdecode(b"caf\xe9.png"), format="PNG")
+    (photos / os.fsdecode(b"not\xff.jpg")).write_text("not an image")
+
+    with pytest.raises(PipelineError, match="1 of 2 files could not be read as images"):
+        main(argparse.Namespace(paths=[str(photos)], model_dir=str(_deploy(tmp_path / "deploy"))))
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{photos}/caf\\xe9.png\t")
+    assert f"{photos}/not\\xff.jpg\terror: not an image" in err
+
+
 @pytest.mark.slow  # two real CLI runs, each loading TensorFlow
 def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
-    deploy = tmp_path / "deploy"
-    deploy.mkdir()
-    keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                      keras.layers.Dense(2, activation="softmax")]).save(deploy / "model.keras")
-    (deploy / "model.json").write_text(json.dumps({"class_names": ["cat", "dog"], "image_size": 8, "channels": 1}))
+    _deploy(tmp_path / "deploy")
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (30, 20), "red").save(photos / "a.jpg")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 from pathlib import Path
 
 import keras
@@ -16,6 +17,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+import pipeline.serving
 from pipeline.artifacts import DeployedModel
 from pipeline.serving import (
     MAX_IMAGE_BYTES,
@@ -44,6 +46,8 @@ def test_image_bytes_and_base64_text_become_pixels_of_the_model_s_size() -> None
 
 def test_arrays_of_pixels_pass_and_a_single_image_gets_a_batch_axis() -> None:
     assert pixels_from_request(np.zeros((4, 8, 8, 3)), INFO).shape == (4, 8, 8, 3)
+    assert pixels_from_request(np.full((1, 8, 8, 3), 255, dtype=np.uint8), INFO).shape == (1, 8, 8, 3)
+    assert pixels_from_request(np.full((1, 8, 8, 3), 0.5), INFO).shape == (1, 8, 8, 3)  # dark, not wrong
     assert pixels_from_request(np.zeros((8, 8, 3)).tolist(), INFO).shape == (1, 8, 8, 3)
     assert pixels_from_request(pd.DataFrame({"image": []}), INFO).shape == (0, 8, 8, 3)
 
@@ -55,6 +59,12 @@ def test_arrays_of_pixels_pass_and_a_single_image_gets_a_batch_axis() -> None:
     (pd.DataFrame({"image": [3]}), "row 0: expected image bytes or base64 text, got int"),
     (np.zeros((2, 16, 16, 3)), "expected images of shape (n, 8, 8, 3)"),
     (np.array([[["a"] * 3] * 8] * 8), "expected images of shape (n, 8, 8, 3)"),
+    (np.zeros((1, 8, 8, 3), dtype=complex), "with pixel values 0-255, got shape (1, 8, 8, 3) of complex128"),
+    (np.zeros((1, 8, 8, 3), dtype="m8[s]"), "with pixel values 0-255, got shape (1, 8, 8, 3) of timedelta64[s]"),
+    (np.full((1, 8, 8, 3), np.nan), "pixel values must be numbers 0-255, got NaN or infinity"),
+    (np.full((8, 8, 3), np.inf).tolist(), "pixel values must be numbers 0-255, got NaN or infinity"),
+    (np.full((1, 8, 8, 3), -1.5), "pixel values must be 0-255, got values from -1.5 to -1.5"),
+    (np.arange(192).reshape(1, 8, 8, 3) * 2, "pixel values must be 0-255, got values from 0 to 382"),
     (np.zeros((MAX_IMAGES_PER_REQUEST + 1, 8, 8, 3)), f"{MAX_IMAGES_PER_REQUEST + 1} images in one request is over"),
     (pd.DataFrame({"image": [_png()] * (MAX_IMAGES_PER_REQUEST + 1)}), "images in one request is over the limit"),
     (pd.DataFrame({"image": [b"\0" * (MAX_IMAGE_BYTES + 1)]}), "row 0: an image file of 20 MB is over the limit"),
@@ -64,6 +74,17 @@ def test_a_bad_request_says_what_is_wrong(request_body, message: str) -> None:
     with pytest.raises(ValueError) as raised:
         pixels_from_request(request_body, INFO)
     assert message in str(raised.value)
+
+
+def test_a_row_the_decoder_fails_on_is_a_bad_request_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's decoders raise more than the types pipeline.images turns into reasons."""
+    def failing(*args, **kwargs):
+        raise struct.error("required argument is not an integer")
+
+    monkeypatch.setattr(pipeline.serving, "load_pixels_from_bytes", failing)
+    with pytest.raises(ValueError) as raised:
+        pixels_from_request(pd.DataFrame({"image": [_png()]}), INFO)
+    assert str(raised.value) == "row 0: corrupt image: required argument is not an integer"
 
 
 # --- classify -----------------------------------------------------------------------------------
