@@ -225,23 +225,51 @@ def near_pairs(phashes: Sequence[str], pixels: Sequence[bytes], max_distance: in
     A pair is a candidate when its perceptual hashes are at most ``max_distance`` bits apart
     (:func:`hamming_pairs`; ``max_distance`` 0: no search, no pairs), and confirmed when the SSIM of
     the rows' 16x16 thumbnails (:func:`similarity`) is at least ``min_similarity``. A row with an
-    empty ``phash`` takes part in neither. Rows whose hashes are identical are compared with the
-    first of them (a thousand copies of one frame cost a thousand comparisons, not half a million),
-    and two different hash values by the first row of each.
+    empty ``phash`` takes part in neither. Every pair of rows whose hashes are that close is measured,
+    rows that share one hash value included (a look-alike can have the very hash of a picture and
+    its copy), with one shortcut: rows with the same hash and the same thumbnail (exact copies,
+    mostly) are one picture to both measures, so each is compared with the first of them only (a
+    thousand copies of one frame cost a thousand comparisons, not half a million) and that first row
+    stands for them in every other pair. The confirmed pairs join the same groups as all pairs would.
     """
     hashed = np.array([index for index, text in enumerate(phashes) if text], dtype=np.int64)
     if max_distance <= 0 or len(hashed) < 2:
         empty = np.empty(0, dtype=np.int64)
         return NearPairs(np.empty((0, 2), dtype=np.int64), empty, empty.astype(np.float64), empty.astype(bool))
-    values = hash_values([phashes[index] for index in hashed])
-    unique, representative, inverse = np.unique(values, return_index=True, return_inverse=True)
-    same = hashed[representative[inverse]]
+    first_of: dict[tuple[str, bytes], int] = {}
+    same = np.array([first_of.setdefault((phashes[index], pixels[index]), index) for index in hashed],
+                    dtype=np.int64)
+    distinct = np.unique(same)
     candidates = np.concatenate([np.stack([same, hashed], axis=1)[same != hashed],
-                                 hashed[representative[hamming_pairs(unique, max_distance)]]])
+                                 _close_rows(hash_values([phashes[index] for index in distinct]), distinct,
+                                             max_distance)])
     candidates = np.sort(candidates, axis=1)
     candidates = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))]
     bits, scores = measure_pairs(phashes, pixels, candidates)
     return NearPairs(candidates, bits, scores, scores >= min_similarity)
+
+
+def _close_rows(values: np.ndarray, rows: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair of ``rows`` whose hash ``values`` are at most ``max_distance`` bits apart, equal values included.
+
+    The search runs on the distinct values; each pair of values it finds, and each value several
+    rows share, is then expanded to every pair of their rows. Distinct pictures that share a 64-bit
+    hash are few, so this costs about what the search alone costs.
+    """
+    unique, inverse, sizes = np.unique(values, return_inverse=True, return_counts=True)
+    by_value = rows[np.argsort(inverse, kind="stable")]
+    starts = np.cumsum(sizes) - sizes
+    shared = np.flatnonzero(sizes > 1)
+    value_pairs = np.concatenate([hamming_pairs(unique, max_distance), np.stack([shared, shared], axis=1)])
+    lefts, rights = value_pairs[:, 0], value_pairs[:, 1]
+    counts = sizes[lefts] * sizes[rights]
+    owner = np.repeat(np.arange(len(value_pairs)), counts)
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    left = by_value[starts[lefts[owner]] + offset // sizes[rights[owner]]]
+    right = by_value[starts[rights[owner]] + offset % sizes[rights[owner]]]
+    # A value paired with itself yields each pair of its rows twice, and each row with itself.
+    keep = (lefts[owner] != rights[owner]) | (left < right)
+    return np.stack([left[keep], right[keep]], axis=1)
 
 
 def measure_pairs(phashes: Sequence[str], pixels: Sequence[bytes], pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.near_duplicates import (
     HASH_SIDE,
     SSIM_SIDE,
+    _DCT_LOW,
     _all_pairs,
     choose_bands,
     fingerprint,
@@ -232,7 +233,7 @@ def test_near_pairs_links_close_hashes_only_when_the_thumbnails_agree() -> None:
     assert len(near_pairs(phashes, pixels, 0, 0.6).pairs) == 0       # distance 0: no search at all
 
 
-def test_near_pairs_compare_identical_hashes_with_their_first_row_and_skip_unhashed_rows() -> None:
+def test_near_pairs_compare_identical_rows_with_their_first_and_skip_unhashed_rows() -> None:
     a = _blob(1)
     phashes, pixels = _rows([0x5, 0x5, 0x5, 0x5], [a, a, _blob(9), a])
     phashes.append("")
@@ -240,6 +241,54 @@ def test_near_pairs_compare_identical_hashes_with_their_first_row_and_skip_unhas
     near = near_pairs(phashes, pixels, 4, 0.6)
     assert near.pairs.tolist() == [[0, 1], [0, 2], [0, 3]]         # a star, not every pair
     assert near.confirmed.tolist() == [True, False, True]
+
+
+def test_near_pairs_confirm_a_copy_behind_a_look_alike_with_the_same_hash() -> None:
+    # Rows 0-2 share one hash: a look-alike first, then a picture and its copy. Rows 3-5 likewise,
+    # the copy one bit away. Each pair of close hashes is measured, not only the first row's.
+    a, b = _blob(1), _blob(2)
+    copy_a, copy_b = np.clip(a.astype(int) + 8, 0, 255), np.clip(b.astype(int) - 8, 0, 255)
+    phashes, pixels = _rows([0x5, 0x5, 0x5, 0xF0, 0xF0, 0xF1], [_blob(7), a, copy_a, _blob(8), b, copy_b])
+    near = near_pairs(phashes, pixels, 4, 0.6)
+    assert near.pairs.tolist() == [[0, 1], [0, 2], [1, 2], [3, 4], [3, 5], [4, 5]]
+    assert near.confirmed.tolist() == [False, False, True, False, False, True]
+    assert group_rows([f"s{i}" for i in range(6)], near.pairs[near.confirmed]).tolist() == [0, 1, 1, 3, 4, 4]
+
+
+def _one_hash_three_pictures() -> list[Image.Image]:
+    """A look-alike, a picture and the picture's brighter copy, 128x128, all three with one perceptual hash.
+
+    The picture is made from the 64 frequencies the hash reads, each far from their median (a
+    stable hash); the look-alike adds noise with no part in them, so the hashes are the same but the
+    thumbnails differ (SSIM about 0.4; the copy's about 0.999).
+    """
+    low = np.kron(_DCT_LOW, _DCT_LOW)       # the hash's 64 frequencies, as rows over the 32x32 pixels
+    picture = 128 + np.linalg.pinv(low) @ np.random.default_rng(7).permutation([400.0] * 32 + [-400.0] * 32)
+    basis, _ = np.linalg.qr(low.T)
+    noise = np.random.default_rng(0).normal(0, 1, HASH_SIDE * HASH_SIDE)
+    noise -= basis @ (basis.T @ noise)
+    look_alike = picture + 25 * noise / noise.std()
+    return [Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8).reshape(HASH_SIDE, HASH_SIDE))
+            .resize((128, 128), Image.Resampling.NEAREST) for pixels in (look_alike, picture, picture + 5)]
+
+
+def test_ingest_finds_a_copy_under_two_labels_behind_a_look_alike_with_the_same_hash(tmp_path: Path) -> None:
+    from pipeline.ingest import ingest_folder
+
+    look_alike, picture, copy = _one_hash_three_pictures()
+    assert len({fingerprint(image).phash for image in (look_alike, picture, copy)}) == 1
+    for path, image in (("cats/a.png", look_alike), ("cats/b.png", picture), ("dogs/c.png", copy)):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        image.save(tmp_path / path)
+    for index in range(3):      # unrelated photos, so each class has more than one picture
+        for offset, label in enumerate(("cats", "dogs")):
+            _photo(100 + 10 * offset + index).save(tmp_path / label / f"f{index}.png")
+    result = ingest_folder(tmp_path, 10_000_000, workers=1, image_size=64, **_near_settings())
+    rejected = dict(zip(result.rejected["path"], result.rejected["reason"]))
+    # The copy is one picture under two labels; the look-alike, whose hash is the same, stays.
+    assert sorted(rejected) == ["cats/b.png", "dogs/c.png"]
+    assert "near copy of dogs/c.png (dogs): hashes 0 bits apart, SSIM 1.00" in rejected["cats/b.png"]
+    assert "cats/a.png" in set(result.manifest["path"])
 
 
 # --- groups ---------------------------------------------------------------------------------------
