@@ -18,17 +18,33 @@ from typing import Any
 def atomic_path(path: Path) -> Iterator[Path]:
     """The one atomic writer: yield a temporary path beside ``path`` (same suffix, so libraries
     that look at it write the right format); when the block ends, rename it into place. If the
-    block fails, the temporary file goes and any old ``path`` stays as it was."""
+    block fails, the temporary file goes and any old ``path`` stays as it was.
+
+    The new file gets the old one's permissions, or those a plain ``open`` would give (mkstemp's
+    are owner-only); a symbolic link stays a link, and the file it points at is the one replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, _mode_for(path))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a rewritten ``path`` keeps: its own, or a new file's under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

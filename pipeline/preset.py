@@ -171,7 +171,11 @@ def write_preset(params_path: Path, preset: dict, out: Path, name: str = "preset
     except PresetError as error:
         raise PresetError(f"preset {name}: {error}") from None
     rewritten = rewrite_values(text, changes)
-    if yaml.safe_load(rewritten) != merged:   # the line edit must mean exactly the merge
+    try:
+        means = yaml.safe_load(rewritten)
+    except yaml.YAMLError:   # a value written as a block (a "- item" list under the key) cut in two
+        means = None
+    if means != merged:   # the line edit must mean exactly the merge
         raise PresetError(f"{params_path}: could not rewrite the values in place; "
                           "is every changed key on a line of its own?")
     params_from_dict(merged, source=f"{params_path} with preset {name}")

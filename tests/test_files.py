@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -51,3 +52,25 @@ def test_a_file_name_with_a_carriage_return_stays_one_row(tmp_path: Path) -> Non
     write_csv(path, ["path", "label", "size"], rows)
     read = pd.read_csv(path, dtype={"path": str, "label": str}, keep_default_na=False)
     assert list(read.itertuples(index=False, name=None)) == rows
+
+
+def test_a_rewritten_file_keeps_its_permissions_and_a_link_stays_a_link(tmp_path: Path) -> None:
+    """Applying a preset rewrites params.yaml: it must not become owner-only, nor a link a copy."""
+    kept = tmp_path / "params.yaml"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "fresh.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o644
+    target, link = tmp_path / "shared" / "params.yaml", tmp_path / "linked.yaml"
+    target.parent.mkdir()
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(path.name for path in target.parent.iterdir()) == ["params.yaml"]

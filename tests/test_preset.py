@@ -161,6 +161,22 @@ def test_a_preset_that_makes_params_invalid_writes_nothing(project: Path, capsys
     assert not (project / "out.yaml").exists()
 
 
+def test_a_value_written_as_a_block_list_is_refused_in_one_line(project: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A list under its key ("blocks:" then "- 32" lines) cannot be rewritten on one line: say so, write nothing."""
+    params = project / "params.yaml"
+    text = params.read_text()
+    line = next(line for line in text.splitlines() if line.lstrip().startswith("blocks:"))
+    indent = line[:len(line) - len(line.lstrip())]
+    values = yaml.safe_load(line.split("#")[0])["blocks"]
+    block = f"{indent}blocks:\n" + "".join(f"{indent}  - {value}\n" for value in values)
+    params.write_text(text.replace(line + "\n", block, 1))
+    before = params.read_bytes()
+    assert run(["photos"]) == EXIT_USER_ERROR
+    assert "could not rewrite the values in place; is every changed key on a line of its own?" in _error_line(capsys)
+    assert params.read_bytes() == before
+
+
 def test_list_names_the_presets(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--list"]) == 0
     assert "photos" in capsys.readouterr().out.split()
