@@ -90,8 +90,10 @@ def _curve(correct: np.ndarray, confidence: np.ndarray, bins: int) -> tuple[np.n
     return calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
 
 
-def fit_temperature(logits: Logits, true_indices) -> float:
-    """The temperature T that minimises the negative log-likelihood of ``logits / T``.
+def fit_temperature(logits: Logits, true_indices) -> float | None:
+    """The temperature T that minimises the negative log-likelihood of ``logits / T``; None when the
+    likelihood has no minimum inside :data:`TEMPERATURE_RANGE` (every validation image answered right
+    drives T towards 0, which would serve every answer as certain).
 
     ``logits`` are the output layer's inputs to its activation: ``(n, 1)`` or ``(n,)`` for one
     sigmoid unit (two classes), ``(n, classes)`` for a softmax; or a list of such arrays, one per view
@@ -103,8 +105,13 @@ def fit_temperature(logits: Logits, true_indices) -> float:
     if len(true) == 0:
         raise PipelineError("temperature scaling needs validation images, and the validation split is empty")
     low, high = np.log(TEMPERATURE_RANGE)
-    result = minimize_scalar(lambda log_t: negative_log_likelihood([view / np.exp(log_t) for view in views], true),
-                             bounds=(low, high), method="bounded", options={"xatol": 1e-6})
+    def loss(log_t: float) -> float:
+        return negative_log_likelihood([view / np.exp(log_t) for view in views], true)
+
+    result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-6})
+    # No lower loss than at a bound (where the answers may be saturated to 0 and 1): no minimum inside.
+    if min(loss(low), loss(high)) <= result.fun + 1e-12:
+        return None
     return float(np.exp(result.x))
 
 

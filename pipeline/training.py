@@ -385,6 +385,11 @@ def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_siz
     logits = [calibration.output_logits(model, view, batch_size) for view in views]
     labels = np.asarray(data.label_indices("validation"))
     temperature = calibration.fit_temperature(logits, labels)
+    if temperature is None:
+        log.warning("temperature scaling: no temperature fits the %d validation images (their log loss only "
+                    "falls as T nears a bound of %g-%g: all or nearly all answered right), so the model keeps "
+                    "T = 1; more validation images would let it be fitted", len(labels), *calibration.TEMPERATURE_RANGE)
+        temperature = 1.0
     before = calibration.negative_log_likelihood(logits, labels)
     after = calibration.negative_log_likelihood([view / temperature for view in logits], labels)
     calibration.apply_temperature(model, temperature)

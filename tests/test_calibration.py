@@ -85,6 +85,17 @@ def test_for_a_model_that_averages_two_views_the_temperature_of_the_average_is_f
     assert negative_log_likelihood([image, image], labels) == pytest.approx(negative_log_likelihood(image, labels))
 
 
+def test_no_temperature_is_fitted_when_every_validation_image_is_answered_right() -> None:
+    """Then the log loss falls all the way to T -> 0: the bound would serve every answer as certain."""
+    assert fit_temperature(np.array([[0.4], [0.9], [0.2]]), [1, 1, 1]) is None
+    assert fit_temperature(np.array([[0.3], [-0.2]]), [1, 0]) is None
+    assert fit_temperature(np.array([[2.0, 0.0], [0.0, 1.0]]), [0, 1]) is None
+    # Every one wrong, or no better than chance: the loss falls towards T -> infinity (answers of one half).
+    assert fit_temperature(np.array([[0.3], [-0.2], [0.5]]), [0, 1, 1]) is None
+    # One sure mistake among right answers: a minimum inside the range.
+    assert fit_temperature(np.array([[3.0], [-3.0], [2.0], [-1.0]]), [1, 0, 0, 0]) == pytest.approx(1.99, abs=0.01)
+
+
 def test_an_empty_validation_split_cannot_fit_a_temperature() -> None:
     with pytest.raises(PipelineError, match="validation split is empty"):
         fit_temperature(np.zeros((0, 3)), [])
