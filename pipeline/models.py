@@ -7,6 +7,7 @@ Preprocessing lives inside each model, as built-in Keras layers, so a saved mode
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def _resnet50_base(input_shape: tuple[int, int, int], weights: str | None) -> ke
     base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=input_shape)
     try:
         base.load_weights(Path(weights).expanduser())   # params accept "~/..." as check_paths does
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:   # .keras files are zip archives
         raise PipelineError(f"train_resnet50.weights: {weights} could not be loaded as ResNet50 (no top) "
                             f"weights: {str(error).splitlines()[0][:200]}") from None
     return base

@@ -220,6 +220,11 @@ class TrainResnet50Params(FitParams):
                  "must be null (from scratch), imagenet, or the path of a weights file")
         _require(self.fine_tune_layers >= 0, f"{where}.fine_tune_layers", "must be 0 or more")
         _require(self.fine_tune_epochs >= 0, f"{where}.fine_tune_epochs", "must be 0 or more")
+        # The fine-tuning phase's early stopping reuses start_from_epoch: from there on it keeps the best weights.
+        _require(self.fine_tune_epochs == 0 or self.start_from_epoch < self.fine_tune_epochs,
+                 f"{where}.start_from_epoch",
+                 f"must be below fine_tune_epochs ({self.fine_tune_epochs}) too, since the fine-tuning phase's early "
+                 f"stopping counts from it; got {self.start_from_epoch}")
         _require(self.fine_tune_learning_rate > 0, f"{where}.fine_tune_learning_rate", "must be greater than 0")
 
     def check_paths(self, where: str) -> None:

@@ -52,7 +52,15 @@ def parent_run_name(commit: str, environ: dict[str, str] | None = None) -> str:
 
 def join_or_start(experiment_id: str, key: str, stage: str) -> str:
     """The id of the open parent run with ``key`` that has no finished run of ``stage`` yet, newest
-    first; else a new one (open parents of the key that it supersedes are closed)."""
+    first; else a new one (open parents of the key that it supersedes are closed). A store that refuses
+    (a read-only user) or fails is one line."""
+    try:
+        return _join_or_start(experiment_id, key, stage)
+    except Exception as error:
+        raise tracking.refused(error, "start or join the parent run") from None
+
+
+def _join_or_start(experiment_id: str, key: str, stage: str) -> str:
     client = MlflowClient()
     open_parents = client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = "
                                       f"'{_RUNNING}'", order_by=["attributes.start_time DESC"])

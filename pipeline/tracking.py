@@ -87,10 +87,16 @@ def connect(experiment_name: str) -> str:
                 artifact_location = (project_root() / DEFAULT_ARTIFACT_DIR).as_uri()
             experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location,
                                                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        elif experiment.lifecycle_stage == "deleted":   # in the UI's trash: MLflow refuses to use it
+            raise PipelineError(f"MLflow experiment '{experiment_name}' in {uri} was deleted: restore it "
+                                f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set "
+                                "base.experiment_name to another name")
         else:
             experiment_id = experiment.experiment_id
             if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version of the pipeline
                 client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except PipelineError:
+        raise
     except Exception as error:  # MLflow raises many types (MlflowException, OperationalError, ConnectionError)
         raise PipelineError(f"MLflow tracking store {uri} cannot be used ({_store_problem(error)}). "
                             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)") from None
@@ -172,8 +178,13 @@ def start_run(run_name: str, tags: dict[str, str], parent_run_id: str | None = N
     try:
         return mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent_run_id)
     except Exception as error:
-        raise PipelineError(_access_problem(error) or f"MLflow could not start a run in {tracking_uri()} "
-                            f"({first_line(error)})") from None
+        raise refused(error, "start a run") from None
+
+
+def refused(error: BaseException, doing: str) -> PipelineError:
+    """One line for a store that refused (a read-only user) or failed while ``doing`` something."""
+    return PipelineError(_access_problem(error) or f"MLflow could not {doing} in {tracking_uri()} "
+                         f"({first_line(error)})")
 
 
 @contextlib.contextmanager

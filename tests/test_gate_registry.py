@@ -197,6 +197,7 @@ def test_a_registry_that_refuses_the_promotion_or_the_record_fails_the_gate_in_o
     fails with one line, the alias and deploy/ as they were. A SQLite store cannot refuse a write made
     as root, so the refusal is MLflow's own exception, raised where the registry would raise it."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
     project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
     project.gate()
@@ -205,7 +206,7 @@ def test_a_registry_that_refuses_the_promotion_or_the_record_fails_the_gate_in_o
 
     def refuse(*args, **kwargs):
         raise MlflowException("Permission denied for registered model image-classifier\n(server log follows)",
-                              error_code="PERMISSION_DENIED")
+                              error_code=PERMISSION_DENIED)
 
     with monkeypatch.context() as patch:
         patch.setattr(tracking, "move_champion_alias", refuse)

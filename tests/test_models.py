@@ -312,9 +312,17 @@ def test_resnet50_from_scratch_on_grayscale() -> None:
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.weights.h5"
-    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+@pytest.mark.parametrize("name", ["garbage.weights.h5", "garbage.keras", "empty.keras"])
+def test_resnet50_garbage_weights_file_is_a_pipeline_error(tmp_path: Path, name: str) -> None:
+    """A truncated download, a renamed file, a .keras archive without the weights inside: one line each."""
+    garbage = tmp_path / name
+    if name == "empty.keras":
+        import zipfile
+
+        with zipfile.ZipFile(garbage, "w") as archive:
+            archive.writestr("config.json", "{}")
+    else:
+        garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(PipelineError) as info:
         build_resnet50((32, 32, 3), num_classes=3, weights=str(garbage), dense_units=(), dropout=0.0)
     assert str(garbage) in str(info.value)

@@ -281,6 +281,19 @@ def test_no_more_custom_cnn_blocks_than_the_image_can_be_halved(raw_params: dict
             params_from_dict(raw_params)
 
 
+@pytest.mark.parametrize(("fine_tune_epochs", "ok"), [(0, True), (4, True), (3, False)])
+def test_fine_tuning_counts_early_stopping_from_start_from_epoch_too(raw_params: dict, fine_tune_epochs: int,
+                                                                   ok: bool) -> None:
+    """A warm-up longer than the fine-tuning phase would leave it without early stopping or its best weights."""
+    raw_params["train_resnet50"].update(epochs=5, start_from_epoch=3, fine_tune_epochs=fine_tune_epochs)
+    if ok:
+        assert params_from_dict(raw_params).train_resnet50.fine_tune_epochs == fine_tune_epochs
+    else:
+        with pytest.raises(ParamsError,
+                           match=r"train_resnet50\.start_from_epoch: must be below fine_tune_epochs \(3\)"):
+            params_from_dict(raw_params)
+
+
 def test_the_gated_metric_is_one_of_three(raw_params: dict) -> None:
     raw_params["gate"]["metric"] = "f2"
     with pytest.raises(ParamsError, match=r"gate\.metric: must be one of accuracy \| balanced_accuracy \| macro_f1, "

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow.tracking import MlflowClient
 
 from pipeline import parent_run, tracking
 from pipeline.artifacts import RunRecord
+from pipeline.errors import PipelineError
 
 DECISION = {"deploy": True, "model": "custom", "metric": "accuracy",
             "thresholds": {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0},
@@ -54,6 +57,33 @@ def test_an_older_experiment_without_a_kind_is_tagged_but_a_chosen_kind_is_kept(
     client.set_experiment_tag(store, "mlflow.experimentKind", "finetuning")
     tracking.connect("image-classification")
     assert client.get_experiment(store).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_a_deleted_experiment_is_one_line_that_says_how_to_restore_it(store: str) -> None:
+    """Deleted in the UI, it still answers by name, and MLflow then refuses to use it."""
+    MlflowClient().delete_experiment(store)
+    with pytest.raises(PipelineError, match=rf"^MLflow experiment 'image-classification' in sqlite:///.* was deleted: "
+                                            rf"restore it \(mlflow experiments restore --experiment-id {store}\) or "
+                                            r"set base.experiment_name to another name$"):
+        tracking.connect("image-classification")
+    MlflowClient().restore_experiment(store)
+    assert tracking.connect("image-classification") == store
+
+
+def test_a_store_that_refuses_the_parent_run_is_one_line(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only user on a team server: the parent run is the first write, so its refusal is the one seen.
+    (A SQLite store written as root cannot refuse: the refusal is MLflow's own exception, raised there.)"""
+    def refuse(*args, **kwargs):
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+    monkeypatch.setattr(MlflowClient, "create_run", refuse)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    with pytest.raises(PipelineError, match=r"refused user reader \(PERMISSION_DENIED\): training needs EDIT"):
+        parent_run.join_or_start(store, parent_run.execution_key(Path("split.csv")), "train_custom")
+    monkeypatch.setattr(MlflowClient, "create_run", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(PipelineError, match=r"^MLflow could not start or join the parent run in sqlite:///.* "
+                                            r"\(division by zero\)$"):
+        parent_run.join_or_start(store, parent_run.execution_key(Path("split.csv")), "train_custom")
 
 
 def test_both_training_stages_of_one_repro_share_a_parent_and_the_gate_closes_it(store: str) -> None:
