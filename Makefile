@@ -82,9 +82,10 @@ bench: setup  ## the benchmark suite: one table, figures in bench/results.json (
 check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
 	python -m pipeline.gate --check --out metrics/gate.json
 
+UI_PORT ?= 5000
 ui: setup  ## the MLflow UI for this project's runs; prints the address of the training runs view first
-	@python -m pipeline.ui --store mlflow.db --url http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@python -m pipeline.ui --store mlflow.db --url http://127.0.0.1:$(UI_PORT)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 docs: setup  ## the documentation site: regenerate the params reference, the benchmark and cross-validation tables, then mkdocs build --strict into site/
 	python -m docs.params_reference

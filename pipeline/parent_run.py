@@ -81,6 +81,15 @@ def _join_or_start(experiment_id: str, key: str, stage: str) -> str:
     return run.info.run_id
 
 
+def _live_run(run_id: str):
+    """The run, or None when it was deleted (or is gone from the store)."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
 def decision_record(decision: dict[str, Any], run_ids: dict[str, str]) -> tuple[dict[str, str], dict[str, float]]:
     """The gate's decision (``metrics/gate.json``) as the parent's tags and metrics: deployed or not,
     the chosen model, each model's verdict, scores and training run id."""
@@ -101,15 +110,22 @@ def decision_record(decision: dict[str, Any], run_ids: dict[str, str]) -> tuple[
 
 def record_decision(decision: dict[str, Any], run_records: dict[str, RunRecord]) -> str | None:
     """Record the gate's decision on the newest of the models' parent runs and close it; return its id
-    (None when the models were trained before there were parent runs)."""
+    (None when the models were trained before there were parent runs, or those were deleted). A DVC
+    experiment that trained neither model records it on a run of its own, named after it."""
     client = MlflowClient()
     parent_ids = dict.fromkeys(record.parent_run_id for record in run_records.values() if record.parent_run_id)
-    parents = [client.get_run(run_id) for run_id in parent_ids]
+    parents = [run for run in map(_live_run, parent_ids) if run is not None]
     if not parents:
-        log.warning("the training runs have no MLflow parent run (trained by an older pipeline): "
-                    "the gate's decision is on the training runs only")
+        log.warning("the training runs have no MLflow parent run (trained by an older pipeline, or the parent "
+                    "was deleted): the gate's decision is on the training runs only")
         return None
     parent = max(parents, key=lambda run: run.info.start_time)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and parent.info.run_name != experiment:
+        # A DVC experiment that only reran the gate (a pull request's compare-only check, say): its decision
+        # is its own, not a new ending for the execution that trained the models.
+        parent = client.create_run(parent.info.experiment_id, run_name=experiment,
+                                   tags={"gate.models_trained_in": parent.info.run_name or ""})
     tags, metrics = decision_record(decision, {name: record.run_id for name, record in run_records.items()})
     now = get_current_time_millis()
     client.log_batch(parent.info.run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],

@@ -40,6 +40,7 @@ DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # belong in the project's store, not in a copy that DVC deletes afterwards.
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
+_SQLITE_PREFIX = "sqlite:///"   # then the path: relative, or absolute with a fourth slash
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
@@ -50,8 +51,16 @@ RECORDED_PACKAGES = ("tensorflow", "keras", "mlflow", "dvc", "scikit-learn", "pa
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE_FILE}"
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store at the repository root. A relative
+    SQLite path (``sqlite:///mlflow.db``) is taken from the project root too: in a queued DVC
+    experiment's temporary copy it would name a store that DVC deletes with the copy."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{project_root() / DEFAULT_STORE_FILE}"
+    relative = uri.removeprefix(_SQLITE_PREFIX)
+    if uri.startswith(_SQLITE_PREFIX) and relative and not relative.startswith(("/", ":memory:")):
+        return f"{_SQLITE_PREFIX}{project_root() / relative}"
+    return uri
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -237,10 +246,14 @@ def lineage_tags(stage: str, manifest_path: Path | None = None) -> dict[str, str
     return tags
 
 
-def resume_run(run_id: str):
-    """Reopen a run that an earlier stage started (evaluate and gate add to the training runs)."""
+@contextlib.contextmanager
+def resume_run(run_id: str) -> Iterator[Any]:
+    """Reopen a run that an earlier stage started (evaluate and gate add to the training runs), and leave
+    it as it was found: a training run stays FINISHED with its own end time, whatever later stages do
+    (MLflow would mark it FAILED when one of them fails, and stretch its duration on every gate)."""
     try:
-        return mlflow.start_run(run_id=run_id)
+        found = MlflowClient().get_run(run_id).info
+        active = mlflow.start_run(run_id=run_id)
     except Exception as error:
         access = _access_problem(error)
         if access:
@@ -248,6 +261,12 @@ def resume_run(run_id: str):
         raise PipelineError(f"MLflow run {run_id} was not found in {tracking_uri()} ({first_line(error)}); "
                             "was the store changed since training? Rerun training: dvc repro -f train_custom "
                             "train_resnet50") from None
+    try:
+        with active:
+            yield active
+    finally:
+        if found.end_time is not None and found.status != "RUNNING":
+            MlflowClient().set_terminated(run_id, found.status, end_time=found.end_time)
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:

@@ -9,9 +9,11 @@ read from the project's SQLite store directly: importing MLflow would cost secon
 from __future__ import annotations
 
 import argparse
+import socket
 import sqlite3
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
@@ -37,6 +39,18 @@ def runs_address(base_url: str, found: str | None) -> str:
     return f"{base_url}/#/experiments/{found}/runs" if found else base_url
 
 
+def port_in_use(url: str) -> bool:
+    """Whether something already listens where ``url`` says the UI will: ``mlflow ui`` would then log
+    an error and exit 0, and the printed address would open that other program."""
+    parsed = urlsplit(url)
+    with socket.socket() as probe:
+        try:
+            probe.bind((parsed.hostname or "127.0.0.1", parsed.port or 80))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ui", description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=Path("mlflow.db"), help="the project's SQLite store")
@@ -47,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         name = load_params(args.params).base.experiment_name
     except PipelineError as error:
         print(f"make ui: {error}", file=sys.stderr)
+        return 2
+    if port_in_use(args.url):
+        print(f"make ui: {args.url} is in use (another MLflow UI or server?): stop it, or choose another port, "
+              "e.g. make ui UI_PORT=5001", file=sys.stderr)
         return 2
     found = experiment_id(args.store, name)
     if found:

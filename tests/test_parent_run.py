@@ -59,6 +59,23 @@ def test_an_older_experiment_without_a_kind_is_tagged_but_a_chosen_kind_is_kept(
     assert client.get_experiment(store).tags["mlflow.experimentKind"] == "finetuning"
 
 
+def test_a_resumed_training_run_keeps_its_status_and_end_time(store: str) -> None:
+    """Evaluate and the gate add to the training runs: a failure there, or one more gate, must not turn a
+    finished training into a failed one or stretch its duration."""
+    record = train(store, "train_custom")
+    client = MlflowClient()
+    finished = client.get_run(record.run_id).info
+    assert finished.status == "FINISHED"
+    with pytest.raises(RuntimeError), tracking.resume_run(record.run_id):
+        mlflow.log_metric("test_accuracy", 0.5)
+        raise RuntimeError("evaluate failed half-way")
+    with tracking.resume_run(record.run_id):
+        mlflow.set_tag("gate.verdict", "deploy")
+    after = client.get_run(record.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", finished.end_time)
+    assert after.data.metrics["test_accuracy"] == 0.5 and after.data.tags["gate.verdict"] == "deploy"
+
+
 def test_a_deleted_experiment_is_one_line_that_says_how_to_restore_it(store: str) -> None:
     """Deleted in the UI, it still answers by name, and MLflow then refuses to use it."""
     MlflowClient().delete_experiment(store)
@@ -140,6 +157,32 @@ def test_dvc_experiments_get_a_parent_each_named_after_them(store: str, monkeypa
         parents.append(client.get_run(custom.parent_run_id))
     assert [p.info.run_name for p in parents] == ["bushy-tern", "lusty-oryx"]
     assert parents[0].info.run_id != parents[1].info.run_id
+
+
+def test_a_dvc_experiment_that_only_reran_the_gate_records_its_decision_on_its_own_run(
+        store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull request's compare-only experiment (gate.promote: false) that retrained nothing must not
+    rewrite the decision of the execution that trained the models."""
+    client = MlflowClient()
+    monkeypatch.setenv("DVC_EXP_NAME", "trained-here")
+    models = {"custom": train(store, "train_custom"), "resnet50": train(store, "train_resnet50")}
+    trained_in = models["custom"].parent_run_id
+    assert parent_run.record_decision(DECISION, models) == trained_in
+    monkeypatch.setenv("DVC_EXP_NAME", "gate-only")
+    own = parent_run.record_decision({**DECISION, "promoted": False}, models)
+    assert own != trained_in
+    assert client.get_run(trained_in).data.tags["gate.promoted"] == "true"
+    run = client.get_run(own)
+    assert (run.info.run_name, run.info.status) == ("gate-only", "FINISHED")
+    assert run.data.tags["gate.promoted"] == "false" and run.data.tags["gate.models_trained_in"] == "trained-here"
+
+
+def test_a_deleted_parent_leaves_the_decision_on_the_training_runs(store: str, caplog) -> None:
+    models = {"custom": train(store, "train_custom"), "resnet50": train(store, "train_resnet50")}
+    MlflowClient().delete_run(models["custom"].parent_run_id)
+    with caplog.at_level(logging.WARNING, logger="pipeline.parent_run"):
+        assert parent_run.record_decision(DECISION, models) is None
+    assert "or the parent was deleted" in caplog.text
 
 
 def test_the_execution_key_follows_the_experiment_and_the_split(tmp_path: Path) -> None:

@@ -40,6 +40,24 @@ def test_the_default_store_is_mlflow_db_at_the_project_root(tmp_path: Path, monk
     assert tracking_uri() == "http://tracking.example:5000"
 
 
+def test_a_relative_sqlite_store_is_the_projects_even_in_a_queued_experiments_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db, as the docs show it: in DVC's temporary copy it must not
+    name a store inside the copy, which DVC deletes with it."""
+    project = tmp_path / "project"
+    workspace = project / ".dvc" / "tmp" / "exps" / "run" / "tmpab12cd"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/team.db")
+    assert tracking_uri() == f"sqlite:///{project.resolve() / 'stores' / 'team.db'}"
+    for kept in (f"sqlite:///{tmp_path / 'elsewhere.db'}", "sqlite:///:memory:", "http://tracking.example:5000"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
+        assert tracking_uri() == kept
+    monkeypatch.chdir(project)   # outside a copy, relative to the working directory as before
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert tracking_uri() == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+
+
 def test_an_artifact_folder_of_another_project_folder_is_seen_as_moved_from_there() -> None:
     here = Path("/work/new")
     assert moved_from("file:///work/old/mlartifacts", here) == Path("/work/old")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from bench.project import free_port
 from pipeline import ui
 
 
@@ -42,10 +44,25 @@ def test_a_missing_or_foreign_store_gives_no_id(tmp_path: Path) -> None:
 
 def test_main_prints_the_runs_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = make_store(tmp_path / "mlflow.db", [(7, "image-classification", "active")])
-    assert ui.main(["--store", str(store)]) == 0
-    assert "http://127.0.0.1:5000/#/experiments/7/runs" in capsys.readouterr().out
-    assert ui.main(["--store", str(tmp_path / "none.db")]) == 0
+    url = f"http://127.0.0.1:{free_port()}"
+    assert ui.main(["--store", str(store), "--url", url]) == 0
+    assert f"{url}/#/experiments/7/runs" in capsys.readouterr().out
+    assert ui.main(["--store", str(tmp_path / "none.db"), "--url", url]) == 0
     assert "run make repro first" in capsys.readouterr().out
+
+
+def test_a_port_already_taken_stops_before_the_ui_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mlflow ui would log the clash, exit 0, and leave the printed address opening the other program."""
+    store = make_store(tmp_path / "mlflow.db", [(7, "image-classification", "active")])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        assert ui.main(["--store", str(store), "--url", url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"make ui: {url} is in use (another MLflow UI or server?): stop it, or choose another "
+                            "port, e.g. make ui UI_PORT=5001\n")
 
 
 def test_a_bad_params_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
