@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from docs import generated
-from pipeline.crossval import (as_percent, compare_recipes, compare_repeated, figure, fold_scores, gate_evidence,
-                               metric_of, pooled, recipe_params, score_key, stopped_early, summarise)
+from pipeline.crossval import (DEFAULT_MODEL, as_percent, compare_recipes, compare_repeated, figure, fold_scores,
+                               gate_evidence, metric_of, pooled, recipe_params, score_key, stopped_early, summarise)
 from pipeline.decision import DEPLOY
 from pipeline.params import Params
 
@@ -229,6 +229,8 @@ def command_of(name: str, recipe: dict, out: str) -> str:
     presets = recipe.get("preset") or []
     for preset in [presets] if isinstance(presets, str) else presets:
         words += ["--preset", preset]
+    if recipe.get("model", DEFAULT_MODEL) != DEFAULT_MODEL:
+        words += ["--model", recipe["model"]]
     for key, value in recipe["overrides"].items():
         words += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     words += ["--folds", str(recipe.get("folds_planned", len(recipe["folds"]))), "--name", name, "--out", out]

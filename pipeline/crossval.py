@@ -21,12 +21,13 @@ tested exactly once. Nothing here touches the project's data/, models/, metrics/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ STAGE = "crossval"
 # probability (a one-sided prediction bound from the folds' mean and spread), never above the worst fold.
 THRESHOLD_CONFIDENCE = 0.95
 PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"
+DEFAULT_MODEL = "custom"
 
 
 def assign_folds(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
@@ -57,10 +59,17 @@ def assign_folds(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     if folds < 2:
         raise PipelineError(f"crossval: --folds must be at least 2, got {folds}")
     parts = 2 * folds
-    smallest = int(manifest["label"].value_counts().min())
-    if smallest < parts:
+    # Each part needs a group of copies of every class (a group stays whole in one part): fewer and some
+    # fold trains or tests without the class, or scikit-learn cannot deal the parts at all.
+    counts = manifest.groupby("label")["group"].agg(["size", "nunique"])
+    label, (images, groups) = min(counts.iterrows(), key=lambda row: (row[1]["nunique"], row[0]))
+    if groups < parts and groups == images:
         raise PipelineError(f"crossval: {folds} folds deal each class into {parts} parts, but the smallest class "
-                            f"has {smallest} images; use fewer folds or more images")
+                            f"has {images} images; use fewer folds or more images of '{label}'")
+    if groups < parts:
+        raise PipelineError(f"crossval: {folds} folds deal each class into {parts} parts, each group of copies whole "
+                            f"in one, but class '{label}' has {images} images in only {groups} groups of copies; "
+                            f"use fewer folds or more distinct images of '{label}'")
     assignment = np.full(len(manifest), -1)
     splitter = StratifiedGroupKFold(n_splits=parts, shuffle=True, random_state=seed)
     for part, (_, held) in enumerate(splitter.split(np.zeros(len(manifest)), manifest["label"], manifest["group"])):
@@ -103,7 +112,13 @@ def recipe_params(params_path: Path, presets: Sequence[str], overrides: Sequence
         section, _, name = key.partition(".")
         if not isinstance(raw.get(section), dict) or name not in raw[section]:
             raise PipelineError(f"crossval: --set {key}: no such key in {params_path}")
-        raw[section][name] = changes[key] = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise PipelineError(f"crossval: --set {override!r}: the value is not YAML ({problem}); "
+                                "quote it for the shell, e.g. --set 'augment.rotation=[0.1, 0.2]'") from None
+        raw[section][name] = changes[key] = value
     with_presets = f" with preset {' and '.join(presets)}" if presets else ""
     return params_from_dict(raw, source=f"{params_path}{with_presets}"), changes
 
@@ -138,7 +153,7 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
 
     seed_everything(params.base.seed, tensorflow=True, deterministic=params.base.deterministic)
     data = SplitImages(root, frame)
-    placement, setup = resolve_setup(params.base, section, spec)
+    placement, setup = resolve_setup(params.base, section, spec, params.augment)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
                              augment=params.augment)
     history = History()
@@ -172,21 +187,27 @@ def _train_and_score(params: Params, spec: ModelSpec, section: FitParams, train_
             "test_paths": scored["test"].subset("test")["path"].tolist(), "precision": setup.precision}
 
 
-def ingested(params: Params, root: Path) -> pd.DataFrame:
-    """The manifest the ingest stage would write for ``root`` (copies grouped, conflicts left out)."""
-    from pipeline.ingest import ingest_folder
+def ingested(params: Params, root: Path, training: bool = True) -> pd.DataFrame:
+    """The manifest the ingest stage would write for ``root`` (copies grouped, conflicts left out).
+
+    A ``training`` folder is checked as the ingest stage checks its source (two classes or more, no
+    class folder without images); a held-out folder may hold fewer classes than the training one."""
+    from pipeline.ingest import check_classes, ingest_folder
     from pipeline.manifest import MANIFEST_COLUMNS
 
     ingest = params.ingest
     result = ingest_folder(root, ingest.max_image_pixels, ingest.max_per_class, params.base.seed,
-                           near_duplicate_distance=ingest.near_duplicate_distance, image_size=params.base.image_size)
+                           near_duplicate_distance=ingest.near_duplicate_distance, image_size=params.base.image_size,
+                           near_duplicate_similarity=ingest.near_duplicate_similarity)
+    if training:
+        check_classes(result, root)
     return pd.DataFrame(result.images, columns=MANIFEST_COLUMNS)
 
 
 def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: Path, folds: int) -> dict:
     """Train once on all of ``root`` (a ``1 / (2 x folds)`` part for early stopping, as in every
     fold) and score the separate folder ``holdout_root``, which no choice has seen."""
-    manifest, holdout = ingested(params, root), ingested(params, holdout_root)
+    manifest, holdout = ingested(params, root), ingested(params, holdout_root, training=False)
     unknown = sorted(set(holdout["label"]) - set(manifest["label"]))
     if unknown:
         raise PipelineError(f"crossval: --holdout {holdout_root} has classes the training folder lacks: {unknown}")
@@ -208,6 +229,7 @@ def cross_validate(params: Params, model_name: str, root: Path, folds: int, done
     after each fold, for writing it down before the next one starts."""
     manifest = ingested(params, root)
     parts = assign_folds(manifest, folds, params.base.seed)
+    require_same_deal(done, manifest, parts, folds, root)
     outcomes = list(done)
     for fold in range(len(outcomes), folds):
         outcome = run_fold(params, model_name, root, fold_split(manifest, parts, fold, folds))
@@ -219,6 +241,19 @@ def cross_validate(params: Params, model_name: str, root: Path, folds: int, done
         if on_fold is not None:
             on_fold(_folds_result(manifest, outcomes))
     return _folds_result(manifest, outcomes)
+
+
+def require_same_deal(done: Sequence[dict], manifest: pd.DataFrame, parts: np.ndarray, folds: int,
+                      root: Path) -> None:
+    """Refuse to go on from folds that tested other images than today's deal of the folder gives
+    them (images added, removed or grouped otherwise since): images would be tested twice or never,
+    and some tested images trained on."""
+    for number, kept in enumerate(done):
+        frame = fold_split(manifest, parts, number, folds)
+        if set(kept["test_paths"]) != set(frame.loc[frame["split"] == "test", "path"]):
+            raise PipelineError(f"crossval: the folder {root} changed since the stopped run: its fold {number + 1} "
+                                "tested other images than that fold tests now, so going on would test some images "
+                                "twice or never; cross-validate the recipe afresh under a new --name or --out")
 
 
 def _folds_result(manifest: pd.DataFrame, outcomes: list[dict]) -> dict:
@@ -245,29 +280,113 @@ def resolved_settings(params: Params, model_name: str) -> dict[str, Any]:
     return flat
 
 
+def default_name(presets: Sequence[str], model_name: str, overrides: dict[str, Any]) -> str:
+    """A recipe's name when ``--name`` is not given: what sets it apart from params.yaml alone (its
+    presets, a model other than the default, its overrides), so that different runs do not share one."""
+    words = [f"preset={'+'.join(presets)}"] if presets else []
+    words += [f"model={model_name}"] if model_name != DEFAULT_MODEL else []
+    words += [f"{key}={value}" for key, value in overrides.items()]
+    return ",".join(words) or "params.yaml"
+
+
+def recorded_settings(entry: dict) -> dict[str, Any]:
+    """A recipe entry's ``RESUME_KEYS`` as a run states them today; older entries name their preset as
+    a string and lack the model, the metric or the planned folds (then all of their folds)."""
+    preset = entry.get("preset") or []
+    return {"preset": [preset] if isinstance(preset, str) else list(preset), "overrides": entry.get("overrides", {}),
+            "model": entry.get("model", DEFAULT_MODEL), "source": entry.get("source"), "metric": metric_of(entry),
+            "folds_planned": entry.get("folds_planned", len(entry["folds"]))}
+
+
 def differing_settings(earlier: dict, settings: dict[str, Any]) -> list[str]:
-    """The keys of ``RESUME_KEYS`` that differ between a stopped entry and a rerun, then the params by name."""
-    differing = [key for key in RESUME_KEYS if earlier.get(key) != settings[key]]
+    """The keys of ``RESUME_KEYS`` that differ between a recipe's entry and a rerun, then the params by name."""
+    recorded = recorded_settings(earlier)
+    differing = [key for key in RESUME_KEYS if recorded[key] != settings[key]]
     theirs, mine = earlier.get("params", settings["params"]), settings["params"]
     return differing + [key for key in sorted(set(theirs) | set(mine)) if theirs.get(key) != mine.get(key)]
 
 
+def _differ(keys: list[str]) -> str:
+    return f"{', '.join(keys)} {'differs' if len(keys) == 1 else 'differ'}"
+
+
 def folds_to_keep(results: dict[str, dict], name: str, settings: dict[str, Any], out: Path) -> list[dict]:
-    """The finished folds of recipe ``name`` to go on from: none when it is new or was completed (it
-    is then cross-validated again), its folds when it was stopped part-way with the same settings;
-    a different recipe stopped under the same name is an error, so no two recipes' folds mix."""
+    """The finished folds of recipe ``name`` to keep: none when it is new, its folds when it was stopped
+    part-way or completed with the same settings (a completed one then trains nothing). Other settings
+    under a recipe's name are an error, so no two recipes' folds mix and no finished recipe is lost."""
     earlier = results.get(name)
-    if earlier is None or not stopped_early(earlier):
+    if earlier is None:
         return []
     differing = differing_settings(earlier, settings)
-    if differing:
+    if differing and stopped_early(earlier):
         raise PipelineError(f"crossval: recipe '{name}' in {out} was stopped after {len(earlier['folds'])} of "
-                            f"{earlier['folds_planned']} folds with other settings ({', '.join(differing)} "
-                            f"{'differs' if len(differing) == 1 else 'differ'}); "
+                            f"{earlier['folds_planned']} folds with other settings ({_differ(differing)}); "
                             "give this one another --name, or run the stopped one's command again to finish it")
-    log.info("recipe '%s': going on from fold %d of %d (the folds before it are in %s)", name,
-             len(earlier["folds"]) + 1, earlier["folds_planned"], out)
+    if differing:
+        raise PipelineError(f"crossval: recipe '{name}' in {out} was cross-validated (every fold) with other settings "
+                            f"({_differ(differing)}); give this one another --name, or another --out")
+    if stopped_early(earlier):
+        log.info("recipe '%s': going on from fold %d of %d (the folds before it are in %s)", name,
+                 len(earlier["folds"]) + 1, earlier["folds_planned"], out)
+    else:
+        log.info("recipe '%s' in %s was cross-validated with these settings already (every fold): nothing to train",
+                 name, out)
     return earlier["folds"]
+
+
+def require_holdout_recipe(results: dict[str, dict], name: str, settings: dict[str, Any], out: Path) -> dict:
+    """The entry of the cross-validated recipe ``name`` that ``--holdout`` is to score: every fold done,
+    and trained with the settings given now, so the score is filed under the recipe that earned it."""
+    earlier = results.get(name)
+    if earlier is None or stopped_early(earlier):
+        raise PipelineError(f"crossval: no cross-validated recipe '{name}' in {out}: cross-validate it (every "
+                            "fold) before scoring it on the held-out folder")
+    differing = differing_settings(earlier, settings)
+    if differing:
+        raise PipelineError(f"crossval: recipe '{name}' in {out} was cross-validated with other settings "
+                            f"({_differ(differing)}); score it on --holdout with its own --source, --preset, --set, "
+                            "--model and --folds")
+    return earlier
+
+
+def read_results(out: Path) -> dict[str, dict]:
+    """The recipes of the results file ``out`` (none before it exists); a file that is not one is one line."""
+    if not out.exists():
+        return {}
+    try:
+        data = read_json(out)
+    except ValueError as error:        # not JSON (cut short, say), or not UTF-8
+        raise PipelineError(f"crossval: {out} is not a crossval results file (not JSON: {error}); "
+                            "give --out another file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("recipes"), dict):
+        raise PipelineError(f"crossval: {out} is not a crossval results file (no \"recipes\" in it); "
+                            "give --out another file")
+    return data["recipes"]
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the results file ``out`` (``flock`` on a lock file beside it, since
+    each write replaces the file itself): two runs writing to one file take turns."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def update_recipe(out: Path, name: str, change: Callable[[dict | None], dict]) -> dict[str, dict]:
+    """Read the results file afresh, replace recipe ``name`` with ``change(its entry)`` and write it back
+    atomically, all under the lock: the recipes another run wrote meanwhile are kept. Returns them all."""
+    with locked(out):
+        results = read_results(out)
+        results[name] = change(results.get(name))
+        write_json(out, {"recipes": results})
+    return results
 
 
 def metric_of(result: dict) -> str:
@@ -511,35 +630,36 @@ def main(args: argparse.Namespace) -> None:
     if args.report_only and not out.exists():
         raise PipelineError(f"crossval: --report-only: no results file {out} (cross-validate a recipe with "
                             f"--out {out} first)")
-    results = read_json(out)["recipes"] if out.exists() else {}
-    name = args.name or ",".join(f"{key}={value}" for key, value in overrides.items()) or "params.yaml"
-    if args.holdout:
+    results = read_results(out)
+    name = args.name or default_name(args.preset, args.model, overrides)
+    settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
+                "metric": params.gate.metric, "folds_planned": args.folds,
+                "params": resolved_settings(params, args.model)}
+    if args.report_only:       # whatever else is given: the table from the file, nothing trained
+        pass
+    elif args.holdout:
         holdout_root = Path(args.holdout).expanduser()
         if not holdout_root.is_dir():
             raise PipelineError(f"crossval: --holdout {holdout_root} is not a folder "
                                 "(expected one subfolder per class)")
-        if name not in results or stopped_early(results[name]):
-            raise PipelineError(f"crossval: no cross-validated recipe '{name}' in {out}: cross-validate it (every "
-                                "fold) before scoring it on the held-out folder")
-        results[name]["holdout"] = score_on_holdout(params, args.model, root, holdout_root, args.folds)
-        write_json(out, {"recipes": results})
-    elif not args.report_only:
-        from pipeline.devices import machine_summary
-
-        settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
-                    "metric": params.gate.metric, "folds_planned": args.folds,
-                    "params": resolved_settings(params, args.model)}
+        recipe = require_holdout_recipe(results, name, settings, out)
+        held = score_on_holdout(params, args.model, root, holdout_root, args.folds)
+        results = update_recipe(out, name, lambda current: {**(current or recipe), "holdout": held})
+    else:
         done = folds_to_keep(results, name, settings, out)
-        # Going on, the first start's time and machine describe the folds kept.
-        first = results[name] if done else {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                            "machine": machine_summary()}
-        entry = {**settings, "against": args.against, "started": first["started"], "machine": first["machine"]}
+        if not done or stopped_early(results[name]):
+            from pipeline.devices import machine_summary
 
-        def write_down(result: dict) -> None:   # after every fold: a stopped run loses only the fold it was in
-            results[name] = {**entry, **result}
-            write_json(out, {"recipes": results})
+            # Going on, the first start's time and machine describe the folds kept.
+            first = results[name] if done else {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                                "machine": machine_summary()}
+            entry = {**settings, "against": args.against, "started": first["started"], "machine": first["machine"]}
 
-        cross_validate(params, args.model, root, args.folds, done=done, on_fold=write_down)
+            def write_down(result: dict) -> None:   # after every fold: a stopped run loses only the fold it was in
+                update_recipe(out, name, lambda _: {**entry, **result})
+
+            cross_validate(params, args.model, root, args.folds, done=done, on_fold=write_down)
+            results = read_results(out)
     for line in report_lines(results, args.against):
         log.info("%s", line)
     if name in results and not stopped_early(results[name]) and metric_of(results[name]) == params.gate.metric:
@@ -554,12 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="apply presets/<NAME>.yaml to params.yaml first, e.g. photos; repeat to layer several")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key (YAML value); repeat for several")
-    parser.add_argument("--model", default="custom", choices=["custom", "resnet50"], help="which model's recipe")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=["custom", "resnet50"], help="which model's recipe")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
-    parser.add_argument("--name", help="the recipe's name in the results (default: its overrides)")
+    parser.add_argument("--name", help="the recipe's name in the results (default: its presets, model and overrides)")
     parser.add_argument("--out", default="crossval.json", help="results file; recipes accumulate in it")
     parser.add_argument("--against", help="compare every recipe with this one, image by image")
-    parser.add_argument("--report-only", action="store_true", help="print the results file's table, train nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the results file's table, train nothing (whatever else is given)")
     parser.add_argument("--holdout", metavar="DIR",
                         help="once a recipe is chosen: train it on all of --source and score this separate folder")
     return parser

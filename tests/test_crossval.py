@@ -303,3 +303,225 @@ def test_a_stopped_cross_validation_keeps_its_folds_and_the_same_command_goes_on
     assert finished["folds"][0] == stopped["folds"][0] and finished["started"] == stopped["started"]
     tested = sorted(path for fold in finished["folds"] for path in fold["test_paths"])
     assert tested == sorted(str(p.relative_to(folder).as_posix()) for p in folder.rglob("*.*"))
+
+
+def _instant_fold(params, model_name: str, root: Path, frame: pd.DataFrame, holdout=None) -> dict:
+    """``run_fold``'s outcome without training: every test image answered right, in no time."""
+    tested = holdout.subset("test") if holdout is not None else frame[frame["split"] == "test"]
+    count = len(tested)
+    answers = {f"{split}_{kind}{flip}": 1.0 for split in ("test", "train") for kind in ("accuracy", "score")
+               for flip in ("", "_flip")}
+    answers.update({f"test_{kind}{flip}": [1 if kind == "right" else 0] * count for kind in ("right", "predicted")
+                    for flip in ("", "_flip")})
+    sizes = {split: int((frame["split"] == split).sum()) for split in ("train", "validation")}
+    return {**answers, "test_label": [0] * count, "sizes": {**sizes, "test": count}, "epochs_run": 1, "fit_s": 0.0,
+            "test_paths": tested["path"].tolist(), "precision": "float32"}
+
+
+def _run(argv: list[str]) -> int:
+    return crossval.cli.run_stage("crossval", crossval.main, crossval.build_parser(), argv)
+
+
+@pytest.fixture
+def trained(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Folds answered by :func:`_instant_fold`; the list holds the folder of each fold trained."""
+    folds: list[Path] = []
+    monkeypatch.setattr(crossval, "run_fold", lambda params, model, root, *rest, **kwargs:
+                        folds.append(root) or _instant_fold(params, model, root, *rest, **kwargs))
+    monkeypatch.setattr("pipeline.devices.machine_summary", lambda: {"cpu": "test", "cpu_cores": 1})
+    return folds
+
+
+def test_going_on_is_refused_when_the_folder_changed_since_the_stopped_run(
+        tmp_path: Path, trained: list[Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    instant = crossval.run_fold
+
+    def stopped_in_the_second_fold(*args, **kwargs):
+        if len(trained) == 1:
+            raise KeyboardInterrupt
+        return instant(*args, **kwargs)
+
+    monkeypatch.setattr(crossval, "run_fold", stopped_in_the_second_fold)
+    with pytest.raises(KeyboardInterrupt):
+        crossval.main(crossval.build_parser().parse_args([*argv, "--name", "tiny"]))
+    monkeypatch.setattr(crossval, "run_fold", instant)
+    stopped = json.loads(out.read_text())["recipes"]["tiny"]
+    (folder / stopped["folds"][0]["test_paths"][0]).unlink()      # an image the kept fold tested is gone
+    before = out.read_bytes()
+    assert _run([*argv, "--name", "tiny"]) == EXIT_USER_ERROR
+    error = capsys.readouterr().err
+    assert "changed since the stopped run: its fold 1 tested other images" in error and "a new --name or --out" in error
+    assert out.read_bytes() == before and len(trained) == 1
+
+
+def test_the_holdout_scores_only_the_recipe_with_its_own_settings(tmp_path: Path, trained: list[Path],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    assert _run([*argv, "--name", "tiny"]) == 0
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    before = out.read_bytes()
+    assert _run([*argv, "--name", "tiny", "--holdout", str(holdout), "--set", "train_custom.epochs=2"]) == \
+        EXIT_USER_ERROR
+    assert "with other settings (overrides, train_custom.epochs differ)" in capsys.readouterr().err
+    assert _run([*argv, "--name", "tiny", "--holdout", str(holdout), "--folds", "3"]) == EXIT_USER_ERROR
+    assert "(folds_planned differs)" in capsys.readouterr().err
+    assert out.read_bytes() == before and len(trained) == 2
+    assert _run([*argv, "--name", "tiny", "--holdout", str(holdout)]) == 0
+    assert json.loads(out.read_text())["recipes"]["tiny"]["holdout"]["sizes"]["test"] == 6
+
+
+def test_a_finished_recipe_is_kept_and_other_settings_under_its_name_are_refused(
+        tmp_path: Path, trained: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    assert _run([*argv, "--name", "tiny"]) == 0
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    assert _run([*argv, "--name", "tiny", "--holdout", str(holdout)]) == 0
+    before, trained_before = out.read_bytes(), len(trained)
+    # The same command again trains nothing and keeps the recipe, its held-out score included.
+    assert _run([*argv, "--name", "tiny"]) == 0
+    assert out.read_bytes() == before and len(trained) == trained_before
+    assert "nothing to train" in capsys.readouterr().err
+    assert _run([*argv, "--name", "tiny", "--set", "train_custom.epochs=2"]) == EXIT_USER_ERROR
+    assert (f"recipe 'tiny' in {out} was cross-validated (every fold) with other settings "
+            "(overrides, train_custom.epochs differ); give this one another --name" in capsys.readouterr().err)
+    assert out.read_bytes() == before and len(trained) == trained_before
+
+
+def test_runs_that_differ_get_different_names_by_default() -> None:
+    names = {crossval.default_name([], "custom", {}), crossval.default_name(["photos"], "custom", {}),
+             crossval.default_name([], "resnet50", {}), crossval.default_name(["photos", "unbalanced"], "custom", {}),
+             crossval.default_name([], "custom", {"train_custom.epochs": 2})}
+    assert names == {"params.yaml", "preset=photos", "model=resnet50", "preset=photos+unbalanced",
+                     "train_custom.epochs=2"}
+    assert crossval.default_name(["photos"], "resnet50", {"augment.mixup": 0.2}) == \
+        "preset=photos,model=resnet50,augment.mixup=0.2"
+
+
+def test_a_results_file_written_before_every_setting_was_kept_matches_its_own_command() -> None:
+    """Older entries name their preset as a string and lack the planned folds: the same settings all the same."""
+    recipe = json.loads((REPO_ROOT / "bench" / "crossval-catsdogs-small.json").read_text())["recipes"][
+        "preset (baseline)"]
+    assert isinstance(recipe["preset"], str) and "folds_planned" not in recipe and "params" not in recipe
+    settings = {"preset": ["photos"], "overrides": {}, "model": "custom", "source": recipe["source"],
+                "metric": "accuracy", "folds_planned": 5, "params": {}}
+    assert crossval.differing_settings(recipe, settings) == []
+    assert crossval.differing_settings(recipe, {**settings, "model": "resnet50", "folds_planned": 3}) == \
+        ["model", "folds_planned"]
+
+
+def test_two_runs_on_one_results_file_keep_each_others_recipes(tmp_path: Path, trained: list[Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    instant = crossval.run_fold
+    one_fold = pd.DataFrame({"path": [f"red/red_00{i}.png" for i in range(4)], "split": "test"})
+    other = {"folds": [{"fold": 1, **_instant_fold(None, "custom", folder, one_fold)}], "folds_planned": 2}
+
+    def another_run_writes_meanwhile(*args, **kwargs):
+        if len(trained) == 0:    # the other run finishes a fold after this one has read the file
+            crossval.update_recipe(out, "other", lambda _: other)
+        return instant(*args, **kwargs)
+
+    monkeypatch.setattr(crossval, "run_fold", another_run_writes_meanwhile)
+    assert crossval.main(crossval.build_parser().parse_args([*argv, "--name", "tiny"])) is None
+    recipes = json.loads(out.read_text())["recipes"]
+    assert recipes["other"] == other and len(recipes["tiny"]["folds"]) == 2
+
+
+def test_a_results_file_is_written_under_an_exclusive_lock(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    out = tmp_path / "cv.json"
+    with open(tmp_path / ".cv.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # another run is writing
+        writer = threading.Thread(target=crossval.update_recipe, args=(out, "tiny", lambda _: {"folds": []}))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and not out.exists()      # it waits its turn
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    writer.join(timeout=5)
+    assert not writer.is_alive() and json.loads(out.read_text()) == {"recipes": {"tiny": {"folds": []}}}
+
+
+def test_crossval_ingests_the_folder_as_the_ingest_stage_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same arguments to ``ingest_folder`` (the SSIM confirmation of near copies included): the same groups."""
+    import argparse
+
+    from pipeline import ingest
+
+    folder = make_image_folder(tmp_path / "images", {"red": 4, "green": 4}, size=16)
+    raw = project_params()
+    raw["ingest"]["source"] = str(folder)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    calls = []
+    real = ingest.ingest_folder
+    monkeypatch.setattr(ingest, "ingest_folder", lambda *args, **kwargs: calls.append((args, kwargs)) or real(*args,
+                                                                                                             **kwargs))
+    ingest.main(argparse.Namespace(params=str(tmp_path / "params.yaml"), out=str(tmp_path / "ingest"),
+                                   metrics=str(tmp_path / "ingest.json"), verbose=False))
+    params, _ = crossval.recipe_params(tmp_path / "params.yaml", [], [])
+    crossval.ingested(params, folder)
+    (stage_args, stage_kwargs), (crossval_args, crossval_kwargs) = calls
+    assert stage_kwargs["near_duplicate_similarity"] == raw["ingest"]["near_duplicate_similarity"]
+    assert (crossval_args, crossval_kwargs) == (stage_args, stage_kwargs)
+
+
+@pytest.mark.parametrize(("per_class", "group_size", "folds", "message"), [
+    ({"cat": 12, "dog": 30}, 4, 5, "class 'cat' has 12 images in only 3 groups of copies; use fewer folds or more "
+                                   "distinct images of 'cat'"),
+    ({"cat": 12, "dog": 12}, 6, 5, "class 'cat' has 12 images in only 2 groups"),    # sklearn: a ValueError
+    ({"cat": 30, "dog": 6}, 1, 5, "smallest class has 6 images; use fewer folds or more images of 'dog'"),
+])
+def test_a_class_with_too_few_groups_of_copies_for_the_folds_is_one_clear_error(per_class, group_size, folds,
+                                                                                 message) -> None:
+    with pytest.raises(PipelineError, match=message):
+        crossval.assign_folds(_manifest(per_class, group_size=group_size), folds=folds, seed=0)
+
+
+def test_a_folder_the_ingest_stage_refuses_is_refused(tmp_path: Path, trained: list[Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    (folder / "blue").mkdir()                          # a class folder without images
+    assert _run(argv) == EXIT_USER_ERROR
+    assert f"class folder {folder / 'blue'} has no usable image" in capsys.readouterr().err
+    one = make_image_folder(tmp_path / "one", {"red": 10}, size=16)
+    assert _run([*argv, "--source", str(one)]) == EXIT_USER_ERROR
+    assert "only one class (red) has usable images" in capsys.readouterr().err
+    assert not out.exists() and trained == []
+
+
+def test_a_value_that_is_not_yaml_and_a_file_that_is_not_results_are_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(PipelineError, match=r"--set 'augment.rotation=\[0.1': the value is not YAML \(expected ',' "
+                                            r"or '\]', but got '<stream end>'\)"):
+        crossval.recipe_params(REPO_ROOT / "params.yaml", [], ["augment.rotation=[0.1"])
+    folder, out, argv = _tiny_crossval(tmp_path)
+    out.write_text('{"recipes": {"tiny": {')
+    assert _run([*argv, "--report-only"]) == EXIT_USER_ERROR
+    assert f"crossval: {out} is not a crossval results file (not JSON: Expecting property name" in \
+        capsys.readouterr().err
+    out.write_text('{"folds": []}')
+    assert _run([*argv, "--report-only"]) == EXIT_USER_ERROR
+    assert f'crossval: {out} is not a crossval results file (no "recipes" in it); give --out another file' in \
+        capsys.readouterr().err
+
+
+def test_report_only_trains_nothing_whatever_else_is_given(tmp_path: Path, trained: list[Path]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    assert _run([*argv, "--name", "tiny"]) == 0
+    holdout = make_image_folder(tmp_path / "kept_apart", {"red": 3, "green": 3}, size=16, seed=9)
+    before, folds = out.read_bytes(), len(trained)
+    assert _run([*argv, "--name", "tiny", "--report-only", "--holdout", str(holdout)]) == 0
+    assert out.read_bytes() == before and len(trained) == folds
+
+
+def test_the_printed_command_names_a_model_other_than_the_default() -> None:
+    from docs.crossval_table import command_of
+
+    recipe = {"source": "photos", "preset": ["photos"], "overrides": {}, "folds_planned": 5, "folds": [],
+              "model": "resnet50"}
+    assert command_of("r", recipe, "cv.json") == ("python -m pipeline.crossval --source photos --preset photos "
+                                                  "--model resnet50 --folds 5 --name r --out cv.json")
+    assert "--model" not in command_of("c", {**recipe, "model": "custom"}, "cv.json")
