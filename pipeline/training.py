@@ -33,7 +33,7 @@ from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
 from pipeline.model_table import ModelSpec, model_spec
-from pipeline.models import compile_model, for_inference, with_flip_averaging
+from pipeline.models import augmentation_layers, compile_model, for_inference, with_flip_averaging
 from pipeline.params import AugmentParams, BaseParams, FitParams, Params, SplitParams, load_params, to_flat_dict
 from pipeline.seeding import seed_everything
 
@@ -255,7 +255,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
     data = read_split(Path(args.ingest), Path(args.split))
     # The placement first: a multi-worker strategy must be made before TensorFlow's runtime starts,
     # and it tells a worker that records nothing from the chief.
-    placement, setup = resolve_setup(params.base, section, spec)
+    placement, setup = resolve_setup(params.base, section, spec, params.augment)
     fit_data = make_fit_data(data, params.base, section.batch_size, placement, one_batch_shape=setup.jit_compile,
                              augment=params.augment)
     log.info("%s: %d training images, %d classes, batch size %d, %d iterations per epoch, %s, XLA %s, %s on %d "
@@ -289,7 +289,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
                    if section.temperature_scaling else {"temperature": 1.0})
         mlflow.log_metrics(scaling)
         summary = _write_training_outputs(args, model, history, fit_data, data.class_names, setup, spec.stage,
-                                          scaling)
+                                          scaling, section.start_from_epoch)
         model_info = _log_model(model, data, params.base)
         RunRecord(run.info.run_id, model_info.model_uri, data.class_names, params.base.image_size,
                   params.base.channels, parent_id, scaling["temperature"]).write(Path(args.out))
@@ -398,9 +398,12 @@ def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_siz
     return {"temperature": temperature, "val_loss_before_temperature": before, "val_loss_after_temperature": after}
 
 
-def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tuple[Placement, RunSetup]:
+def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec,
+                  augment: AugmentParams | None = None) -> tuple[Placement, RunSetup]:
     """Choose the devices, the dtype policy (and set it) and XLA, and record what was chosen.
-    Several workers train without XLA (the multi-worker loop's step is not compiled with it)."""
+    Several workers train without XLA (the multi-worker loop's step is not compiled with it), and so
+    does a model that Keras compiles without it (``augment``'s layers, op determinism): the record
+    says what is in effect, not what was asked."""
     placement = choose_placement(base.distribution)
     precision = resolve_precision(section.precision, spec.name)
     keras.mixed_precision.set_global_policy(precision)
@@ -410,6 +413,14 @@ def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec) -> tupl
             raise PipelineError(f"{spec.params_section}.jit_compile: true does not apply with several workers "
                                 "(their training loop runs without XLA); set it to auto or false")
         jit_compile = False
+    if jit_compile:
+        # Keras's own rule (keras.src.trainers.trainer.model_supports_jit): every layer must support
+        # XLA, and TensorFlow's op determinism turns it off. It would switch XLA off with a warning.
+        unsupported = [layer.name for layer in augmentation_layers(augment) if not layer.supports_jit]
+        if unsupported or base.deterministic:
+            why = f"the layers {', '.join(unsupported)}" if unsupported else "base.deterministic: true"
+            log.info("%s: XLA off: Keras compiles without it with %s", spec.stage, why)
+            jit_compile = False
     setup = RunSetup(precision, jit_compile, placement.name, placement.replicas,
                      section.batch_size * placement.replicas, machine_summary())
     return placement, setup
@@ -429,12 +440,13 @@ def run_params(base: BaseParams, augment: AugmentParams, split: SplitParams, sec
 
 
 def _write_training_outputs(args: argparse.Namespace, model: keras.Model, history: History, fit_data: FitData,
-                            class_names: list[str], setup: RunSetup, stage: str, scaling: dict[str, float]) -> dict:
+                            class_names: list[str], setup: RunSetup, stage: str, scaling: dict[str, float],
+                            start_from_epoch: int = 0) -> dict:
     """The model, the curves (CSV and MLflow figure) and the summary DVC shows as metrics."""
     save_model(model, Path(args.out) / MODEL_FILE)
     frame = history.frame()
     write_frame_csv(Path(args.history), frame)
-    summary = {**_summary(frame, fit_data, class_names), "precision": setup.precision,
+    summary = {**_summary(frame, fit_data, class_names, start_from_epoch), "precision": setup.precision,
                "jit_compile": setup.jit_compile, **scaling,
                "distribution": setup.distribution, "replicas": setup.replicas, "machine": setup.machine}
     write_json(Path(args.metrics), summary)
@@ -457,8 +469,12 @@ def trainer_entry(stage: str, fit_function: FitFunction, description: str) -> No
     cli.main_entry(stage, lambda args: run_training_stage(args, spec, fit_function), parser)
 
 
-def _summary(frame: pd.DataFrame, fit_data: FitData, class_names: list[str]) -> dict:
-    best = frame.loc[frame["val_loss"].idxmin()] if frame["val_loss"].notna().any() else None
+def _summary(frame: pd.DataFrame, fit_data: FitData, class_names: list[str], start_from_epoch: int = 0) -> dict:
+    """The run's figures; its "best" epoch is the one whose weights were kept: early stopping keeps the
+    lowest validation loss of the last fit phase, from that phase's ``start_from_epoch`` on."""
+    last_phase = frame[frame["phase"] == frame["phase"].iloc[-1]] if len(frame) else frame
+    watched = last_phase.iloc[start_from_epoch:]
+    best = watched.loc[watched["val_loss"].idxmin()] if watched["val_loss"].notna().any() else None
     return {
         "epochs_run": int(len(frame)),
         "iterations_per_epoch": fit_data.iterations_per_epoch,

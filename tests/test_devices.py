@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cpu import CpuMath, cpuinfo_field
@@ -113,3 +114,40 @@ def test_machine_summary_names_the_cpu_and_its_vector_extensions() -> None:
 ])
 def test_each_process_of_a_cluster_reads_its_own_share(cluster: dict, share: tuple) -> None:
     assert worker_share(cluster) == share
+
+
+@pytest.mark.parametrize(("augment", "deterministic", "xla"), [
+    ({}, False, True),
+    ({"horizontal_flip": True}, False, True),
+    ({"horizontal_flip": True, "rotation": 0.1, "zoom": 0.1}, False, False),   # the photo preset's
+    ({}, True, False),
+])
+def test_what_is_recorded_for_xla_is_what_keras_compiles_with(augment: dict, deterministic: bool,
+                                                              xla: bool) -> None:
+    """Keras switches XLA off (with only a warning) for layers without it and under op determinism: the
+    run's record (jit_compile.in_effect) must say so, checked against the compiled model itself."""
+    import dataclasses
+
+    import keras
+
+    from pipeline.model_table import model_spec
+    from pipeline.models import build_custom_cnn, compile_model
+    from pipeline.params import load_params
+    from pipeline.training import resolve_setup
+    from tests.conftest import REPO_ROOT
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    base = dataclasses.replace(params.base, deterministic=deterministic, distribution="none")
+    section = dataclasses.replace(params.train_custom, jit_compile=True, precision="float32")
+    chosen = dataclasses.replace(params.augment, **augment)
+    _, setup = resolve_setup(base, section, model_spec("custom"), chosen)
+    assert setup.jit_compile is xla
+    if deterministic:   # op determinism cannot be switched off again in this process: Keras's rule as read
+        return
+    model = build_custom_cnn((32, 32, 1), 3, [4], [], 0.0, augment=chosen)
+    try:
+        compile_model(model, "adam", 0.001, "crossentropy", 3, jit_compile=True)
+        model.fit(np.zeros((2, 32, 32, 1)), np.zeros((2, 3)), epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.jit_compile is xla
