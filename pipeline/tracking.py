@@ -27,6 +27,7 @@ from urllib.request import url2pathname
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
 
 from pipeline import lineage
 from pipeline.errors import PipelineError, first_line
@@ -339,6 +340,15 @@ def log_params_flat(params: dict[str, Any]) -> None:
     mlflow.log_params({key: ("null" if value is None else str(value)) for key, value in params.items()})
 
 
+def class_tag(label: str) -> str:
+    """``class.<label>``, within MLflow's limit on a tag key's length: a longer label is cut, with a
+    short hash of the whole so two long labels alike at the start stay two tags."""
+    key = f"class.{label}"
+    if len(key) <= MAX_ENTITY_KEY_LENGTH:
+        return key
+    return f"{key[:MAX_ENTITY_KEY_LENGTH - 13]}...{hashlib.sha256(label.encode()).hexdigest()[:10]}"
+
+
 @dataclass(frozen=True)
 class DatasetInput:
     """One split of the training data as an MLflow dataset input: the dataset, its context, its tags."""
@@ -362,7 +372,7 @@ def dataset_inputs(data: SplitImages, source: str, manifest_sha256: str,
         digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:DATASET_DIGEST_LENGTH]
         counts = rows["label"].astype(str).value_counts().reindex(data.class_names, fill_value=0)
         tags = {"images": str(len(rows)), "split.ratios": str(list(ratios)), "manifest.sha256": manifest_sha256,
-                **{f"class.{label}": str(int(count)) for label, count in counts.items()}}
+                **{class_tag(label): str(int(count)) for label, count in counts.items()}}
         # MLflow warns of integer columns (they cannot hold a missing value): the sizes are logged as
         # floats, as its hint says. It also registers its local-file source twice and warns that a
         # folder path is ambiguous between the two, a warning no user can act on: that one is ignored.

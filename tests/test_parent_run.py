@@ -223,3 +223,23 @@ def test_models_trained_before_parent_runs_leave_the_decision_on_the_training_ru
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["run.custom"] == "r1" and parent.data.tags["run.resnet50"] == resnet50.run_id
     assert parent.data.tags["gate.deploy"] == "true" and parent.data.metrics["resnet50.test_accuracy"] == 0.4
+
+
+def test_a_class_name_longer_than_a_tag_key_allows_is_logged(store: str) -> None:
+    """A class folder's name goes into the dataset input's tags as class.<label>: a long one must not
+    stop the training stage at MLflow's limit on tag keys."""
+    import pandas as pd
+
+    from pipeline.manifest import SplitImages
+
+    long_a, long_b = "a" * 300, "a" * 299 + "b"
+    frame = pd.DataFrame({"path": [f"{label}/{i}.png" for label in (long_a, long_b) for i in range(3)],
+                          "label": [long_a] * 3 + [long_b] * 3, "split": ["train", "validation", "test"] * 2})
+    inputs = tracking.dataset_inputs(SplitImages(Path("photos"), frame), "photos", "f" * 64, (0.8, 0.1, 0.1))
+    with tracking.start_run("train_custom", {"dvc.stage": "train_custom"}) as run:
+        tracking.log_dataset_inputs(inputs)
+    (train,) = [item for item in MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+                if any(tag.key == "mlflow.data.context" and tag.value == "train" for tag in item.tags)]
+    classes = {tag.key: tag.value for tag in train.tags if tag.key.startswith("class.")}
+    assert len(classes) == 2 and set(classes.values()) == {"1"}
+    assert all(len(key) <= 250 for key in classes)
