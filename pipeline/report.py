@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,8 @@ def decision_section(gate: Mapping, scores: Mapping) -> list[str]:
     elif champion["outcome"] == "same model":
         deployed = f"**Nothing new deployed**: champion v{champion['version']} is this same model"
     elif champion["outcome"] in ("unknown", "not comparable") and champion.get("reasons"):
-        deployed = f"**Nothing deployed**: the champion check said {champion['outcome']} ({champion['reasons'][0]})"
+        deployed = (f"**Nothing deployed**: the champion check said {champion['outcome']} "
+                    f"({cell(champion['reasons'][0])})")
     else:
         deployed = "**Nothing deployed**: no model passed both thresholds"
     thresholds = ", ".join(f"{key} {value}" for key, value in gate.get("thresholds", {}).items())
@@ -52,10 +54,10 @@ def decision_section(gate: Mapping, scores: Mapping) -> list[str]:
         interval = candidate.get("test_interval")
         test = f"{candidate['test_score']:.4f}" + (f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval else "")
         lines.append(f"| {name} | {candidate['train_score']:.4f} | {shown} | {test} | {candidate['verdict']} |")
-    lines += ["", *(f"Champion: {reason}" for reason in champion.get("reasons", [])), "",
+    lines += ["", *(f"Champion: {cell(reason)}" for reason in champion.get("reasons", [])), "",
               "<details><summary>Why</summary>", ""]
     for name, candidate in gate["candidates"].items():
-        lines += [f"- **{name}**: " + "; ".join(candidate.get("reasons", []))]
+        lines += [f"- **{name}**: " + "; ".join(cell(reason) for reason in candidate.get("reasons", []))]
     lines += ["", "</details>", ""]
     return lines
 
@@ -72,9 +74,15 @@ def metrics_diff_section(base: str, diff: str | None, problem: str | None = None
     return [*lines, ""]
 
 
+def cell(text: object) -> str:
+    """Text from the user's folders (class names) or the gate's reasons, safe in a Markdown table cell
+    or list item: a pipe, a line break or HTML would break the table or the page."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
 def confusion_section(report: Mapping) -> list[str]:
     """Each model's test-set confusion matrix as a table (rows: actual class, columns: predicted)."""
-    names = [str(name) for name in report["class_names"]]
+    names = [cell(name) for name in report["class_names"]]
     lines = ["## Confusion matrices (test set)", ""]
     for model, splits in report.items():
         if model == "class_names":

@@ -29,10 +29,21 @@ def test_the_page_leads_with_the_decision_then_the_diff_the_matrices_and_the_pic
     assert page.index("## Gate") < page.index("## Metrics against `main`") < page.index("## Confusion") \
         < page.index("## Pictures")
     assert "**Nothing deployed**" in page and "| custom | 0.9500 | 0.8100 | 0.8000 [0.710, 0.870] | overfit |" in page
-    assert "test accuracy 0.8000 < min_test_score 0.85" in page and "Champion: no image-classifier@champion yet" in page
+    assert "test accuracy 0.8000 &lt; min_test_score 0.85" in page and "Champion: no image-classifier@champion yet" in page
     assert "| metrics/evaluate.json | x | 1 | 2 | 1 |" in page
     assert "| **cat** | 3 | 1 |" in page and "| **dog** | 0 | 4 |" in page
     assert 'src="data:image/png;base64,' + base64.b64encode(b"\x89PNG").decode() + '"' in page
+
+
+def test_class_names_from_folders_cannot_break_the_tables_or_inject_html() -> None:
+    """Folder names are the user's: a pipe, a line break or a tag must stay text in its cell."""
+    report = {"class_names": ["a|b", "c\nd", "<b>x</b>"],
+              "custom": {"test": {"confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}}}
+    page = build_report(GATE, SCORES, report, "main", DIFF, None, {})
+    table = page[page.index("## Confusion"):]
+    header = next(line for line in table.splitlines() if line.startswith("| |"))
+    assert header == "| | a\\|b | c d | &lt;b&gt;x&lt;/b&gt; |"
+    assert "| **&lt;b&gt;x&lt;/b&gt;** | 0 | 0 | 1 |" in table and "<b>x" not in page
 
 
 def test_a_missing_base_or_an_empty_diff_is_said_in_words() -> None:
