@@ -236,11 +236,13 @@ def with_flip_averaging(model: keras.Model) -> keras.Model:
     """
     height, width, channels = model.input_shape[1:]
     inputs = keras.Input(shape=(height, width, channels), name="image")
-    x = keras.layers.Permute((1, 3, 2), name="mirror_width_last")(inputs)
-    reverse = keras.layers.Dense(width, use_bias=False, trainable=False, name="mirror_reverse")
+    # float32 whatever the global policy (training may have set mixed_bfloat16): the mirror must not
+    # round the pixels that the float32 model then sees.
+    x = keras.layers.Permute((1, 3, 2), name="mirror_width_last", dtype="float32")(inputs)
+    reverse = keras.layers.Dense(width, use_bias=False, trainable=False, name="mirror_reverse", dtype="float32")
     reverse.build((None, width))
     reverse.set_weights([np.eye(width, dtype=np.float32)[::-1]])
-    mirrored = keras.layers.Permute((1, 3, 2), name="mirror_width_back")(reverse(x))
+    mirrored = keras.layers.Permute((1, 3, 2), name="mirror_width_back", dtype="float32")(reverse(x))
     averaged = keras.layers.Average(name="flip_average", dtype="float32")([model(inputs), model(mirrored)])
     return keras.Model(inputs, averaged, name=f"{model.name}_flip_averaged")
 

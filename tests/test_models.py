@@ -444,6 +444,24 @@ def test_flip_averaging_answers_the_mean_for_image_and_mirror_and_loads_in_safe_
     assert loaded.get_layer("mirror_reverse").trainable is False
 
 
+def test_flip_averaging_stays_float32_after_training_in_mixed_precision(tmp_path: Path) -> None:
+    """Training leaves the global policy at mixed_bfloat16 on CPUs with it: the wrapper built after it
+    must not round the pixels it mirrors (pixel values between integers, from a resize, say)."""
+    keras.utils.set_random_seed(3)
+    model = for_inference(_photo_cnn(augment=None))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        averaged = with_flip_averaging(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    computing = [layer for layer in averaged.layers if not isinstance(layer, keras.layers.InputLayer)]
+    assert {layer.dtype_policy.name for layer in computing} == {"float32"}
+    images = _raw_images(4, (24, 24, 3), seed=5).astype(np.float32) + 0.3
+    mirrors = images[:, :, ::-1, :].copy()
+    expected = (model.predict(images, verbose=0) + model.predict(mirrors, verbose=0)) / 2
+    np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_weight_decay_shrinks_kernels_but_not_biases_or_normalisation() -> None:
     keras.utils.set_random_seed(2)
     model = _photo_cnn(augment=None)
