@@ -3,7 +3,7 @@
 #   make test    set up, then run the test suite
 # Set-up is a virtual environment in .venv that uv makes exactly what uv.lock says (a sync: a
 # package that leaves the lock leaves the venv); it is redone only when uv.lock or pyproject.toml
-# changes. Bytecode is compiled at install, as pip does (with PYTHONDONTWRITEBYTECODE set, Python
+# changes, the venv's python stops running, or PYTHON= names another Python version. Bytecode is compiled at install, as pip does (with PYTHONDONTWRITEBYTECODE set, Python
 # would compile TensorFlow on every import: 8 s instead of 3.5), with compileall on every core and
 # without the packages' own test suites, which nothing here imports (uv's --compile-bytecode
 # compiles those too: make setup took 38 s instead of 28 s on 2 cores). uv comes from PATH, or is
@@ -27,6 +27,25 @@ UV_BOOTSTRAP := $(UV_HOME)/bin/uv
 UNFINISHED := .tools/set-up-unfinished
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(UV_BOOTSTRAP))
 
+# make splits words at spaces, targets and paths alike: refuse such a folder in one line.
+ifneq ($(word 2,$(CURDIR)),)
+$(error the project's path has a space ("$(CURDIR)"), which make cannot handle: move or clone it to a path without one)
+endif
+# The set-up is redone when the venv's python no longer runs (the Python it was made from was removed
+# or upgraded), or when PYTHON= on the command line names another Python version than the venv's.
+python_version = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+STALE_VENV :=
+ifneq ($(wildcard $(STAMP)),)
+VENV_PYTHON_VERSION := $(call python_version,$(BIN)/python)
+ifeq ($(VENV_PYTHON_VERSION),)
+STALE_VENV := stale-venv
+else ifeq ($(origin PYTHON),command line)
+ifneq ($(VENV_PYTHON_VERSION),$(call python_version,$(PYTHON)))
+STALE_VENV := stale-venv
+endif
+endif
+endif
+
 # Stages call `python` and `dvc`: make them the virtual environment's. uv never downloads a Python
 # of its own here (the one chosen above is used) and leaves the venv where the Makefile says.
 export PATH := $(BIN):$(PATH)
@@ -39,11 +58,11 @@ export UV_PYTHON_DOWNLOADS := never
 MLFLOW_DISABLE_TELEMETRY ?= true
 export MLFLOW_DISABLE_TELEMETRY
 
-.PHONY: setup lock upgrade repro test test-fast bench check-deploy ui docs plots plots-diff clean-venv
+.PHONY: setup lock upgrade repro test test-fast bench check-deploy ui docs plots plots-diff clean-venv stale-venv
 
 setup: $(STAMP)
 
-$(STAMP): uv.lock pyproject.toml | $(UV)
+$(STAMP): uv.lock pyproject.toml $(STALE_VENV) | $(UV)
 	@if [ -z "$(PYTHON)" ]; then echo "make: no supported Python found: install Python 3.11, 3.12 or 3.13, or set PYTHON=/path/to/python" >&2; exit 1; fi
 	@echo "set-up: $(PYTHON) ($$($(PYTHON) --version 2>&1)) -> $(VENV), with $$($(UV) --version)"
 	rm -f $(VENV)/.synced-from-lock*
@@ -51,10 +70,12 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 		echo "set-up: the last set-up stopped part-way (interrupted?): every package is installed again"; \
 		echo --reinstall > $(UNFINISHED); else : > $(UNFINISHED); fi
 	$(UV) sync --locked --python "$$(command -v $(PYTHON))" --quiet $(EXTRAS:%=--extra %) $$(cat $(UNFINISHED))
-	$(BIN)/python -m compileall -q -j 0 -x '/tests?/' "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null \
+	$(BIN)/python -m compileall -q -j 0 -x 'site-packages/.*/tests?/' "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null \
 		|| echo "set-up: some files did not compile to bytecode; Python compiles them as they are imported"
 	rm -f $(UNFINISHED)
 	touch $@
+
+stale-venv:   # a prerequisite only when the venv must be set up again (above)
 
 # Only when uv is not on PATH: this Python's pip installs it into .tools/, once.
 $(UV_BOOTSTRAP):
@@ -65,6 +86,7 @@ lock: | $(UV)  ## after editing pyproject.toml's dependencies: resolve again and
 	$(UV) lock
 
 upgrade: | $(UV)  ## PACKAGE=name: move one locked package to its newest release that pyproject.toml allows
+	@if [ -z "$(PACKAGE)" ]; then echo "make upgrade: name the package, e.g. make upgrade PACKAGE=mlflow" >&2; exit 2; fi
 	$(UV) lock --upgrade-package "$(PACKAGE)"
 
 repro: setup  ## run every stage that is out of date
