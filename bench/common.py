@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -360,14 +362,22 @@ def run_measured(command: Sequence[str], *, cwd: Path | None = None, env: dict[s
     try:
         process.wait(timeout=max(0.0, started + timeout - time.perf_counter()))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        _kill_group(process.pid)
         process.wait()
+    except BaseException:   # Ctrl-C: the command is in its own session, so it did not get the signal
+        _kill_group(process.pid)
+        raise
     wall = time.perf_counter() - started
     stop.set()
     if sample_tree:
         sampler.join()
     for reader in readers:
-        reader.join()
+        reader.join(timeout=1.0)
+    if any(reader.is_alive() for reader in readers):
+        # A descendant left running holds the output pipes open (so its group is still ours): end it.
+        _kill_group(process.pid)
+        for reader in readers:
+            reader.join()
     with os.fdopen(report_read, "rb") as report:
         reported = report.read().decode().strip()
     return Measured(process.returncode, outputs.get("stdout", b"").decode("utf-8", "replace"),
@@ -437,20 +447,31 @@ class TimedRun:
 
 
 def run_timestamped(command: Sequence[str], cwd: Path, env: dict[str, str], timeout: float = 3600) -> TimedRun:
-    """Run a command with stdout and stderr merged, each line stamped with seconds since start."""
+    """Run a command with stdout and stderr merged, each line stamped with seconds since start. At the
+    timeout, or on Ctrl-C, the command and everything it started (dvc's stage processes) are ended."""
     started = time.perf_counter()
     process = subprocess.Popen(list(command), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                               start_new_session=True)
     lines: list[tuple[float, str]] = []
-    timer = threading.Timer(timeout, process.kill)
+    timer = threading.Timer(timeout, _kill_group, args=(process.pid,))
     timer.start()
     try:
         for raw in process.stdout:
             lines.append((time.perf_counter() - started, raw.rstrip("\n")))
         process.wait()
+    except BaseException:
+        _kill_group(process.pid)
+        raise
     finally:
         timer.cancel()
     return TimedRun(process.returncode, time.perf_counter() - started, lines)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a command started in its own session), if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def stage_times(run: TimedRun) -> dict[str, dict[str, float | None]]:
