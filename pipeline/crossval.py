@@ -39,7 +39,7 @@ from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.manifest import SplitImages
-from pipeline.model_table import ModelSpec, model_spec
+from pipeline.model_table import MODEL_NAMES, ModelSpec, model_spec
 from pipeline.params import FitParams, GateParams, Params, params_from_dict, to_flat_dict
 
 log = logging.getLogger("pipeline.crossval")
@@ -49,7 +49,7 @@ STAGE = "crossval"
 # probability (a one-sided prediction bound from the folds' mean and spread), never above the worst fold.
 THRESHOLD_CONFIDENCE = 0.95
 PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"
-DEFAULT_MODEL = "custom"
+DEFAULT_MODEL = MODEL_NAMES[0]   # the custom CNN, the model table's first
 
 
 def assign_folds(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="apply presets/<NAME>.yaml to params.yaml first, e.g. photos; repeat to layer several")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one params key (YAML value); repeat for several")
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=["custom", "resnet50"], help="which model's recipe")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=MODEL_NAMES, help="which model's recipe")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--name", help="the recipe's name in the results (default: its presets, model and overrides)")
     parser.add_argument("--out", default="crossval.json", help="results file; recipes accumulate in it")
