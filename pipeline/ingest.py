@@ -631,12 +631,23 @@ def check_classes(result: IngestResult, root: Path) -> None:
     empty = [name for name in class_dirs if name not in set(labels)]
     if empty:
         raise PipelineError(f"ingest.source: class folder {root / empty[0]} has no usable image "
-                            "(remove it or add images; see the rejected-files report)")
+                            f"({_why_empty(result, empty[0])}): remove it or add images")
     alike = _alike_names(labels)
     if alike:
         raise PipelineError(f"ingest.source: class folders {' and '.join(repr(name) for name in alike)} under {root} "
                             "differ only in letter case or Unicode form, so they look like one class but would "
                             "train as two: merge them or rename one")
+
+
+def _why_empty(result: IngestResult, folder: str) -> str:
+    """What became of a class folder's files, said in the error itself: the check runs in the ingest
+    stage and in crossval, and only the stage writes a rejected-files report to look things up in."""
+    rejected = [row for row in result.rejected_files if row.path.startswith(f"{folder}/")]
+    if not rejected:
+        return "no image file in it"
+    first = rejected[0]
+    more = f", and {len(rejected) - 1} more rejected" if len(rejected) > 1 else ""
+    return f"{first.path}: {first.reason}{more}"
 
 
 def _alike_names(labels: list[str]) -> list[str]:
