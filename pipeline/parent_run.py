@@ -33,6 +33,9 @@ PARENT_ID_TAG = "mlflow.parentRunId"
 DECISION_ARTIFACT = "metrics/gate.json"
 _PARENT_LINEAGE = ("git.commit", "git.dirty", "dvc.experiment")   # no dvc.stage: a parent is no stage's run
 _RUNNING, _FINISHED = RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.FINISHED)
+_KILLED = RunStatus.to_string(RunStatus.KILLED)
+# Tag of a parent run closed because a later execution of the same split replaced it before its gate.
+SUPERSEDED_TAG = "pipeline.superseded_by"
 
 
 def execution_key(split_file: Path, environ: dict[str, str] | None = None) -> str:
@@ -71,13 +74,16 @@ def _join_or_start(experiment_id: str, key: str, stage: str) -> str:
         if not done:
             log.info("%s: joining MLflow parent run %s (%s)", stage, parent.info.run_name, parent.info.run_id)
             return parent.info.run_id
-    for parent in open_parents:   # an execution that stopped before its gate: a new one starts now
-        client.set_terminated(parent.info.run_id, _FINISHED)
     lineage = tracking.lineage_tags(stage)
     tags = {KEY_TAG: key, **{name: lineage[name] for name in _PARENT_LINEAGE if name in lineage}}
     name = parent_run_name(lineage["git.commit"])
     run = client.create_run(experiment_id, tags=tags, run_name=name)
     log.info("%s: started MLflow parent run %s (%s)", stage, name, run.info.run_id)
+    # Executions that stopped before their gate: closed as KILLED (they decided nothing, unlike a
+    # finished one), each naming the run that replaced it.
+    for parent in open_parents:
+        client.set_tag(parent.info.run_id, SUPERSEDED_TAG, run.info.run_id)
+        client.set_terminated(parent.info.run_id, _KILLED)
     return run.info.run_id
 
 

@@ -133,7 +133,9 @@ def test_a_stage_rerun_before_the_gate_starts_a_new_parent_and_closes_the_old(st
     first = train(store, "train_custom")
     second = train(store, "train_custom")   # dvc repro -f train_custom: a new execution
     assert second.parent_run_id != first.parent_run_id
-    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    # The old execution decided nothing: it is closed as stopped, naming the one that replaced it.
+    old = client.get_run(first.parent_run_id)
+    assert old.info.status == "KILLED" and old.data.tags[parent_run.SUPERSEDED_TAG] == second.parent_run_id
     assert train(store, "train_resnet50").parent_run_id == second.parent_run_id
 
 
