@@ -1,6 +1,7 @@
 """``python -m bench [--quick | --tiny] [--rows ingest,input,...] [--photos DIR] [--out FILE]``: run the suite,
-print one table, write the same figures as JSON (``bench/results.json`` for the full sizes,
-``bench/results-quick.json`` / ``bench/results-tiny.json`` otherwise)."""
+print one table, write the same figures as JSON (``bench/results.json`` for every row at full sizes,
+``bench/results-quick.json`` / ``bench/results-tiny.json`` at the others; ``--rows`` adds the rows'
+names, ``bench/results-recipe.json``, so a run of some rows never replaces a fuller run's file)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.common import RowResult, format_table, load_average, machine_info
+from bench.common import RowResult, default_results_name, format_table, load_average, machine_info
 
 ROWS = {
     "ingest": "bench.ingest",
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "$BENCH_PHOTOS; the rows are skipped when neither names one)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file (default: bench/results.json, or results-quick.json / "
-                             "results-tiny.json for --quick / --tiny)")
+                             "results-tiny.json for --quick / --tiny; with --rows, the rows' names added: "
+                             "results-recipe.json)")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "tiny" if args.tiny else "full"
     args.rows = [name.strip() for name in args.rows.split(",") if name.strip()]
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown row {unknown[0]!r} (rows: {', '.join(ROWS)})")
     if args.out is None:
-        args.out = BENCH_DIR / ("results.json" if args.mode == "full" else f"results-{args.mode}.json")
+        args.out = BENCH_DIR / default_results_name(args.mode, args.rows)
     return args
 
 

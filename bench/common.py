@@ -253,6 +253,21 @@ ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e"
                "loop": 12}
 
 
+def default_results_name(mode: str, rows: list[str]) -> str:
+    """The results file a bench run writes when no ``--out`` is given: ``results.json`` for every row
+    at full sizes (``results-quick.json``, ``results-tiny.json`` at the others); a run of some rows
+    adds their names (``results-recipe.json``), so it never replaces a fuller run's file."""
+    parts = ["results"] + ([] if mode == "full" else [mode])
+    if set(rows) != set(ROW_NUMBERS):
+        parts += [row.replace("_", "-") for row in rows]
+    return "-".join(parts) + ".json"
+
+
+def is_development_results(name: str) -> bool:
+    """A ``--quick`` or ``--tiny`` run's default results file, which git ignores."""
+    return any(name == f"results-{mode}.json" or name.startswith(f"results-{mode}-") for mode in ("quick", "tiny"))
+
+
 # --- subprocesses --------------------------------------------------------------------------------
 
 def child_env(**extra: str) -> dict[str, str]:

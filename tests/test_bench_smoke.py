@@ -115,6 +115,28 @@ def test_bench_rejects_an_unknown_row(tmp_path: Path) -> None:
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_run_of_some_rows_never_replaces_the_file_of_a_fuller_run() -> None:
+    """``make bench BENCH_ARGS="--rows recipe"`` once wrote bench/results.json with that row alone,
+    and the performance page lost every other table on its next regeneration."""
+    from bench.__main__ import BENCH_DIR, parse_args
+    from bench.common import is_development_results
+
+    assert parse_args([]).out == BENCH_DIR / "results.json"
+    assert parse_args(["--rows", ",".join(reversed(ROW_NUMBERS))]).out.name == "results.json"
+    assert parse_args(["--rows", "recipe"]).out.name == "results-recipe.json"
+    assert parse_args(["--rows", "photos,near_duplicates"]).out.name == "results-photos-near-duplicates.json"
+    assert parse_args(["--quick"]).out.name == "results-quick.json"
+    assert parse_args(["--tiny", "--rows", "ingest"]).out.name == "results-tiny-ingest.json"
+    assert parse_args(["--rows", "recipe", "--out", "x.json"]).out == Path("x.json")
+    # A development run's file stays off the page (git ignores it); a full-size run's does not.
+    assert [name for name in ("results-tiny-ingest.json", "results-quick.json", "results-recipe.json",
+                              "results-quickstart.json") if is_development_results(name)] == [
+        "results-tiny-ingest.json", "results-quick.json"]
+    ignored = subprocess.run(["git", "check-ignore", "bench/results-tiny-ingest.json", "bench/results-quick-x.json",
+                              "bench/results-recipe.json"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["bench/results-tiny-ingest.json", "bench/results-quick-x.json"]
+
+
 def test_bench_table_format() -> None:
     from bench.common import Line, RowResult, format_table, machine_info
 
