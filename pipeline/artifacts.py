@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.files import write_csv, write_json
+from pipeline.images import DEFAULT_MAX_PIXELS
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
@@ -55,21 +56,27 @@ class DeployedModel:
     channels: int
     model: str = ""
     mlflow_run_id: str = ""
+    # The largest image (width x height) predict and serving decode: ingest.max_image_pixels when the
+    # model was deployed, so a limit raised to train on large scans holds for serving them too.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def from_run(cls, model_name: str, record: RunRecord) -> DeployedModel:
-        return cls(record.class_names, record.image_size, record.channels, model_name, record.run_id)
+    def from_run(cls, model_name: str, record: RunRecord, max_image_pixels: int) -> DeployedModel:
+        return cls(record.class_names, record.image_size, record.channels, model_name, record.run_id,
+                   max_image_pixels)
 
     def write(self, path: Path) -> None:
         data = {"model": self.model, "class_names": self.class_names, "image_size": self.image_size,
-                "channels": self.channels, "mlflow_run_id": self.mlflow_run_id}
+                "channels": self.channels, "mlflow_run_id": self.mlflow_run_id,
+                "max_image_pixels": self.max_image_pixels}
         write_json(Path(path), data)
 
     @classmethod
     def read(cls, path: Path) -> DeployedModel:
         data = _read(Path(path), "run the pipeline first (make repro)")
         return cls(list(data["class_names"]), int(data["image_size"]), int(data["channels"]),
-                   str(data.get("model", "")), str(data.get("mlflow_run_id", "")))
+                   str(data.get("model", "")), str(data.get("mlflow_run_id", "")),
+                   int(data.get("max_image_pixels", DEFAULT_MAX_PIXELS)))   # written before it was kept
 
 
 @dataclass(frozen=True)

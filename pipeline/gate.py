@@ -166,7 +166,8 @@ def main(args: argparse.Namespace) -> None:
     decision = decide(candidates, comparisons, champion, gate, reuse)
     deploy_dir.mkdir(parents=True, exist_ok=True)   # dvc.yaml's output: DVC fails a stage that leaves it absent
     if decision.promoted:
-        _promote(gate, decision, run_records[decision.model], model_dirs[decision.model], deploy_dir)
+        info = DeployedModel.from_run(decision.model, run_records[decision.model], params.ingest.max_image_pixels)
+        _promote(gate, decision, info, model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
     if registry_reached:
         try:
@@ -355,16 +356,16 @@ def _test_reuse(predictions: dict[str, dict[str, SplitPredictions]], run_records
     return SplitReuse(split, len(judged), gate.max_test_reuse)
 
 
-def _promote(gate: GateParams, decision: Decision, record: RunRecord, model_dir: Path, deploy_dir: Path) -> None:
+def _promote(gate: GateParams, decision: Decision, info: DeployedModel, model_dir: Path, deploy_dir: Path) -> None:
     """Registry first, then deploy/: stage the new deploy folder beside deploy/, log it for serving,
     register it with why it was promoted, move the alias, and only then swap it into deploy/. A kill
     before the alias moves leaves the old champion in both; after, the next run restores deploy/."""
     from pipeline import tracking
 
-    staged = stage_deployment(model_dir / MODEL_FILE, DeployedModel.from_run(decision.model, record), deploy_dir)
+    staged = stage_deployment(model_dir / MODEL_FILE, info, deploy_dir)
     try:
         try:
-            version = _register(gate, decision, record, staged)
+            version = _register(gate, decision, info.mlflow_run_id, staged)
             _fault_point("after-register")
             tracking.move_champion_alias(gate.registered_model_name, version)
         except Exception as error:   # refused (permissions, a name) or the store went away: one line
@@ -379,17 +380,17 @@ def _promote(gate: GateParams, decision: Decision, record: RunRecord, model_dir:
     _fault_point("after-deploy")
 
 
-def _register(gate: GateParams, decision: Decision, record: RunRecord, staged: Path) -> str:
+def _register(gate: GateParams, decision: Decision, run_id: str, staged: Path) -> str:
     """Log the staged deploy folder for serving and register it with why it was promoted."""
     from pipeline import tracking
     from pipeline.serving import log_serving_model
 
     chosen, champion = decision.candidates[decision.model], decision.champion
-    with tracking.resume_run(record.run_id):
+    with tracking.resume_run(run_id):
         serving_model = log_serving_model(staged)
     why = "; ".join([*chosen.reasons, *champion.reasons])
     description = f"Promoted by the gate: {decision.model}, test {gate.metric} {chosen.test.text()}. {why}"
-    tags = {"gate.verdict": DEPLOY, "source.run_id": record.run_id, "model": decision.model,
+    tags = {"gate.verdict": DEPLOY, "source.run_id": run_id, "model": decision.model,
             "gate.metric": gate.metric, "gate.test_score": f"{chosen.test.score:.4f}", "gate.champion": champion.outcome}
     if champion.version:
         tags["gate.replaced_version"] = champion.version

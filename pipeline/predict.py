@@ -19,7 +19,7 @@ from pipeline import cli
 from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.errors import PipelineError
 from pipeline.files import printable
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
+from pipeline.images import ImageRejected, load_pixels
 from pipeline.serving import classify, decoder_pool
 
 log = logging.getLogger("pipeline.predict")
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
 
     def decoded(path: Path) -> np.ndarray | ImageRejected:
         try:
-            return load_pixels(path, info.image_size, info.channels, DEFAULT_MAX_PIXELS)
+            return load_pixels(path, info.image_size, info.channels, info.max_image_pixels)
         except ImageRejected as rejected:
             return rejected
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline.artifacts import DEPLOY_INFO_FILE, MODEL_FILE, DeployedModel
 from pipeline.errors import first_line
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels_from_bytes
+from pipeline.images import ImageRejected, load_pixels_from_bytes
 
 log = logging.getLogger("pipeline.serving")
 
@@ -114,7 +114,7 @@ def _decode_row(row: tuple[int, Any], info: DeployedModel) -> np.ndarray:
     """One request row's image, decoded and resized by the training rules; ``ValueError`` names the row."""
     number, value = row
     try:
-        return load_pixels_from_bytes(_as_bytes(value), info.image_size, info.channels, DEFAULT_MAX_PIXELS)
+        return load_pixels_from_bytes(_as_bytes(value), info.image_size, info.channels, info.max_image_pixels)
     except ImageRejected as rejected:
         raise ValueError(f"row {number}: {rejected.reason}") from None
     except Exception as error:   # a decoder's own failure on a damaged file: the client's bad row, not a 500

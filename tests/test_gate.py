@@ -109,12 +109,12 @@ def test_deploy_model_copies_the_model_and_writes_model_json(tmp_path: Path) -> 
     record = RunRecord("abc123", "runs:/abc123/model", ["cat", "dog"], 32, 1)
     deploy_dir = tmp_path / "deploy"
 
-    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record), deploy_dir)
+    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record, 10_000), deploy_dir)
 
     assert (deploy_dir / MODEL_FILE).read_bytes() == payload
     info = json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())
     assert info == {"model": "custom", "class_names": ["cat", "dog"], "image_size": 32, "channels": 1,
-                    "mlflow_run_id": "abc123"}
+                    "mlflow_run_id": "abc123", "max_image_pixels": 10_000}
     # No temporary file left behind; the source untouched.
     assert sorted(p.name for p in deploy_dir.iterdir()) == [DEPLOY_INFO_FILE, MODEL_FILE]
     assert (model_dir / MODEL_FILE).read_bytes() == payload
@@ -130,7 +130,7 @@ def test_deploy_model_replaces_an_earlier_deployment(tmp_path: Path) -> None:
     (model_dir / MODEL_FILE).write_bytes(b"new model")
     record = RunRecord("r2", "runs:/r2/model", ["a", "b", "c"], 48, 3)
 
-    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record), deploy_dir)
+    deploy_model(model_dir / MODEL_FILE, DeployedModel.from_run("custom", record, 10_000), deploy_dir)
 
     assert (deploy_dir / MODEL_FILE).read_bytes() == b"new model"
     assert json.loads((deploy_dir / DEPLOY_INFO_FILE).read_text())["model"] == "custom"
@@ -140,5 +140,5 @@ def test_deploy_model_without_a_model_file_fails(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         deploy_model(tmp_path / "empty" / MODEL_FILE,
-                     DeployedModel.from_run("custom", RunRecord("x", "runs:/x/model", [], 32, 1)), tmp_path / "deploy")
+                     DeployedModel.from_run("custom", RunRecord("x", "runs:/x/model", [], 32, 1), 10_000), tmp_path / "deploy")
     assert not (tmp_path / "deploy" / MODEL_FILE).exists()

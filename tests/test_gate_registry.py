@@ -106,7 +106,7 @@ def project(tmp_path: Path, raw_params: dict, monkeypatch: pytest.MonkeyPatch) -
     return GateProject(tmp_path, raw_params)
 
 
-def test_the_champion_moves_only_forward(project: GateProject) -> None:
+def test_the_champion_moves_only_forward(project: GateProject, raw_params: dict) -> None:
     # First run: no champion, so no comparison; the better of the two is promoted.
     project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
     first = project.gate()
@@ -129,9 +129,13 @@ def test_the_champion_moves_only_forward(project: GateProject) -> None:
     assert project.deployed() == deployed_first
     assert "champion v1 stays" in champion["reasons"][0]
 
-    # A better third run replaces it: a new version, the alias moved, deploy/ updated, the reason kept.
+    # A better third run replaces it: a new version, the alias moved, deploy/ updated, the reason kept;
+    # deploy/ carries the pixel limit predict and serving will decode under (the params' of this run).
     project.train(custom=PERFECT)
+    raw_params["ingest"]["max_image_pixels"] = 123_456
+    (project.root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
     third = project.gate()
+    assert json.loads((project.root / "deploy/model.json").read_text())["max_image_pixels"] == 123_456
     assert third["deploy"] is True and third["model"] == "custom"
     assert third["champion"]["outcome"] == "replaced" and third["champion"]["difference"] > 0
     promoted = project.champion()

@@ -67,6 +67,25 @@ def test_a_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path, capsys: pyte
     assert f"{photos}/not\\xff.jpg\terror: not an image" in err
 
 
+def test_the_deployed_pixel_limit_holds_for_prediction(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The limit is ingest.max_image_pixels as the gate deployed it, not Pillow's default: images the
+    model was allowed to train on are allowed to it, and a lowered limit refuses what it refused."""
+    deploy = _deploy(tmp_path / "deploy")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("L", (20, 10), 200).save(photos / "wide.png")      # 200 pixels
+    args = argparse.Namespace(paths=[str(photos)], model_dir=str(deploy))
+    main(args)                                                   # a model.json from before the limit was kept
+    assert capsys.readouterr().out.startswith(f"{photos}/wide.png\t")
+    info = json.loads((deploy / "model.json").read_text())
+    (deploy / "model.json").write_text(json.dumps({**info, "max_image_pixels": 199}))
+    with pytest.raises(PipelineError, match="1 of 1 files could not be read as images"):
+        main(args)
+    assert "wide.png\terror: too large: 20x10 pixels is over the limit of 199" in capsys.readouterr().err
+    (deploy / "model.json").write_text(json.dumps({**info, "max_image_pixels": 200}))
+    main(args)
+
+
 @pytest.mark.slow  # two real CLI runs, each loading TensorFlow
 def test_predicts_good_images_and_reports_bad_ones(tmp_path: Path) -> None:
     _deploy(tmp_path / "deploy")

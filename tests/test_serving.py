@@ -76,6 +76,15 @@ def test_a_bad_request_says_what_is_wrong(request_body, message: str) -> None:
     assert message in str(raised.value)
 
 
+def test_the_deployed_pixel_limit_holds_for_serving() -> None:
+    """Twenty by twelve is 240 pixels: over a model deployed with ingest.max_image_pixels 239, not 240."""
+    limited = DeployedModel(class_names=["cat", "dog"], image_size=8, channels=3, max_image_pixels=239)
+    with pytest.raises(ValueError, match="row 0: too large: 20x12 pixels is over the limit of 239"):
+        pixels_from_request(pd.DataFrame({"image": [_png()]}), limited)
+    at_limit = DeployedModel(class_names=["cat", "dog"], image_size=8, channels=3, max_image_pixels=240)
+    assert pixels_from_request(pd.DataFrame({"image": [_png()]}), at_limit).shape == (1, 8, 8, 3)
+
+
 def test_a_row_the_decoder_fails_on_is_a_bad_request_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pillow's decoders raise more than the types pipeline.images turns into reasons."""
     def failing(*args, **kwargs):
