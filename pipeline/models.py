@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.fused_batch_norm import FusedBatchNormalization, as_plain_config, uses_fused
 from pipeline.params import AugmentParams
 
 log = logging.getLogger("pipeline.models")
@@ -72,7 +73,8 @@ def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks
                      augment: AugmentParams | None = None) -> keras.Model:
     """The deck's CNN: per block two 3x3 ReLU convolutions and a 2x2 max pooling; Flatten; dense layers.
 
-    ``batch_norm`` puts BatchNormalization between each convolution and its ReLU; ``pooling``
+    ``batch_norm`` puts BatchNormalization between each convolution and its ReLU (trained by
+    TensorFlow's fused kernel, saved as Keras's own layer: :mod:`pipeline.fused_batch_norm`); ``pooling``
     ``global_average`` replaces Flatten; ``residual`` adds each block's input to its second
     convolution's output before that ReLU (ResNet's shortcut, through a 1x1 convolution where the
     number of filters changes); ``separable`` makes every convolution but the first on the pixels a
@@ -95,7 +97,7 @@ def build_custom_cnn(input_shape: tuple[int, int, int], num_classes: int, blocks
             # The convolution's bias is redundant before a normalisation.
             x = convolution(filters, (3, 3), padding="same", use_bias=not batch_norm, name=name)(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = FusedBatchNormalization(name=f"{name}_bn")(x)
             if joined:
                 x = keras.layers.Add(name=f"block{number}_add")([x, _projected(shortcut, filters, number,
                                                                                 batch_norm)])
@@ -115,7 +117,7 @@ def _projected(shortcut, filters: int, number: int, batch_norm: bool):
         return shortcut
     name = f"block{number}_shortcut"
     shortcut = keras.layers.Conv2D(filters, (1, 1), use_bias=not batch_norm, name=name)(shortcut)
-    return keras.layers.BatchNormalization(name=f"{name}_bn")(shortcut) if batch_norm else shortcut
+    return FusedBatchNormalization(name=f"{name}_bn")(shortcut) if batch_norm else shortcut
 
 
 def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights: str | None,
@@ -132,7 +134,7 @@ def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights:
     if input_shape[-1] == 1:
         x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
     x = imagenet_preprocessing_layer()(x)
-    base = _resnet50_base((input_shape[0], input_shape[1], 3), weights)
+    base = with_fused_batch_norm(_resnet50_base((input_shape[0], input_shape[1], 3), weights))
     if weights is not None:
         base.trainable = False
         x = base(x, training=False)
@@ -141,6 +143,19 @@ def build_resnet50(input_shape: tuple[int, int, int], num_classes: int, weights:
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     outputs = _classifier_head(x, num_classes, dense_units, dropout)
     return keras.Model(inputs, outputs, name="resnet50_transfer"), base
+
+
+def with_fused_batch_norm(base: keras.Model) -> keras.Model:
+    """``base`` with each of Keras's BatchNormalization layers trained by the fused kernel: the same
+    layers, names, settings and weights (ResNet50's 53 normalizations are half its training step on a
+    CPU in float32); saved as Keras's own layers again by :func:`for_inference`."""
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        kind = FusedBatchNormalization if type(layer) is keras.layers.BatchNormalization else type(layer)
+        return kind.from_config(layer.get_config())
+
+    fused = keras.models.clone_model(base, clone_function=clone)
+    fused.set_weights(base.get_weights())
+    return fused
 
 
 def imagenet_preprocessing_layer() -> keras.layers.Layer:
@@ -211,7 +226,7 @@ def _accuracy_of_rounded_targets(targets, predictions):
 
 def for_inference(model: keras.Model) -> keras.Model:
     """The same layers and weights, in float32, without the optimizer, loss and metrics that
-    training attached.
+    training attached, and with Keras's own BatchNormalization where training used the fused one.
 
     This is what is saved and logged: a model file is for predicting, and Adam's two moment
     estimates per weight would triple it (ResNet50: 284 MB instead of 94 MB, and every save, log
@@ -221,9 +236,9 @@ def for_inference(model: keras.Model) -> keras.Model:
     within bfloat16's rounding (the weights themselves are float32 under mixed precision).
     """
     mixed = any(layer.dtype_policy.name != "float32" for layer in model.layers)
-    if not model.compiled and not mixed:
+    if not model.compiled and not mixed and not uses_fused(model):
         return model
-    copy = model.__class__.from_config(_float32_policies(model.get_config()))
+    copy = model.__class__.from_config(as_plain_config(_float32_policies(model.get_config())))
     copy.set_weights(model.get_weights())
     return copy
 
