@@ -31,6 +31,7 @@ ROWS = {
     "sweep": "bench.sweep",
     "utilisation": "bench.utilisation",
     "loop": "bench.training_loop",
+    "batch_norm": "bench.batch_norm",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

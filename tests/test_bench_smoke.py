@@ -1,7 +1,7 @@
 """The benchmark suite (``python -m bench``) runs end to end at its smallest sizes and writes its
 table and JSON. No timing is asserted: these tests only check that every row runs and reports.
 
-Each row that runs for real at --tiny sizes (ingest, input, numerics, utilisation, near duplicates)
+Each row that runs for real at --tiny sizes (ingest, input, numerics, batch_norm, utilisation, near duplicates)
 is a test of its own, so the two workers of ``make test`` can take them side by side; e2e, photos,
 recipe and sweep report themselves skipped at --tiny sizes. The orchestration row needs a full
 ``dvc repro`` of a project copy (minutes), so its smoke test runs only with ``BENCH_SMOKE_ALL=1``.
@@ -67,7 +67,7 @@ def test_bench_tiny_ingest(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["input", "numerics"])
+@pytest.mark.parametrize("key", ["input", "numerics", "batch_norm"])
 def test_bench_tiny_training_rows(tmp_path: Path, key: str) -> None:
     row = _tiny_row(tmp_path, key, timeout=600)
     assert any(line["ratio"] for line in row["lines"]), row["lines"]
