@@ -3,10 +3,9 @@
 Keras 3 computes batch normalization from separate operations (the batch's moments, then the
 normalization, each in float32 after a cast from mixed precision), and their gradients are as many
 more passes over every activation. On a CPU those memory-bound passes, not the convolutions, were
-most of the photo preset's training step: on a 2-core Intel Xeon with AMX, 172 ms a batch of 32
-with Keras's layer against 79 ms with ``FusedBatchNormV3`` (one pass forward, one backward, bfloat16
-in and out, statistics in float32) and 57 ms with no normalization at all; in float32 (a CPU
-without AVX-512 BF16) 254 ms against 193 ms.
+most of the photo preset's training step; TensorFlow's ``FusedBatchNormV3`` makes one pass forward
+and one backward (bfloat16 in and out, statistics in float32). The ``batch_norm`` benchmark row
+measures the two side by side (docs/performance.md).
 
 :class:`FusedBatchNormalization` is a subclass that changes only how ``call`` computes: the same
 weights, the same configuration, the same moving-average update (Keras's momentum, the batch's
