@@ -76,19 +76,28 @@ def test_killed_training_recovers_and_a_worse_retrained_model_stays_out(reproduc
     assert leftovers(project) == []
 
     # The new model passes the (zero) thresholds but loses to the champion on the same test images,
-    # so the alias and deploy/ stay put.
+    # so it is never deployed.
     gate = json.loads((project / "metrics/gate.json").read_text())
     champion = gate["champion"]
-    assert champion["outcome"] == "stays", champion
-    assert champion["score"] == pytest.approx(first_gate["candidates"][first_gate["model"]]["test_score"])
-    assert champion["challenger_score"] < champion["score"]
-    assert gate["deploy"] is False
-    assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
+    assert gate["candidates"]["custom"]["test_score"] < champion["score"] and gate["model"] != "custom"
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("image-classifier", "champion")
-    assert str(version.version) == "1"
-    assert version.tags["source.run_id"] == json.loads(deployed["model.json"])["mlflow_run_id"]
     summary = recovery.stdout + recovery.stderr
     assert "champion: challenger" in summary and "McNemar p = " in summary
-    assert "deployed: no, champion v1 stays (deploy/ unchanged)" in summary
+    first = first_gate["candidates"]
+    if first_gate["model"] == "custom" and first["resnet50"]["test_score"] >= first["custom"]["test_score"]:
+        # On these few test images ResNet50 (not retrained) tied the custom CNN the first time, which won the
+        # tie-break; judged again against it as champion, "at least as good" promotes it: the gate's rule.
+        assert champion["outcome"] == "replaced" and champion["challenger"] == "resnet50", champion
+        assert gate["deploy"] is True and str(version.version) == "2"
+        assert json.loads((project / "deploy/model.json").read_text())["mlflow_run_id"] == version.tags["source.run_id"]
+    else:   # the champion is the better model: it stays, and so do the alias and deploy/
+        assert champion["outcome"] == "stays", champion
+        assert champion["score"] == pytest.approx(first[first_gate["model"]]["test_score"])
+        assert champion["challenger_score"] < champion["score"]
+        assert gate["deploy"] is False
+        assert {name: (project / "deploy" / name).read_bytes() for name in deployed} == deployed
+        assert str(version.version) == "1"
+        assert version.tags["source.run_id"] == json.loads(deployed["model.json"])["mlflow_run_id"]
+        assert "deployed: no, champion v1 stays (deploy/ unchanged)" in summary
     keras.models.load_model(project / "deploy/model.keras", safe_mode=True)
