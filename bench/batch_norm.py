@@ -2,8 +2,8 @@
 (``pipeline.fused_batch_norm``) against Keras's own BatchNormalization, on the same network, weights,
 batch and process.
 
-Two networks: the photo preset's custom CNN (four blocks of 32-256 filters, normalization after
-every convolution, global average pooling) in each precision a CPU trains it in (``mixed_bfloat16``
+Two networks: the photo preset's custom CNN (its blocks, normalization and pooling read from
+``presets/photos.yaml``) in each precision a CPU trains it in (``mixed_bfloat16``
 where ``precision: auto`` picks it, float32 everywhere, as on a CPU without AVX-512 BF16), and
 ResNet50 from scratch in float32 (what ``auto`` picks for it on a CPU). Each pair runs in its own
 process: the fused network is built by the pipeline's builder, Keras's from the same configuration
@@ -44,15 +44,19 @@ def worker(spec: dict) -> dict:
     import keras
     import numpy as np
 
+    from bench.common import REPO_ROOT
+    from bench.photo_recipe import PHOTO_PRESET
+    from pipeline.crossval import recipe_params
     from pipeline.fused_batch_norm import as_plain_config, uses_fused
     from pipeline.models import build_custom_cnn, build_resnet50, compile_model
 
     keras.mixed_precision.set_global_policy(spec["policy"])
     keras.utils.set_random_seed(0)
     shape = (spec["size"], spec["size"], 3)
-    if spec["network"] == "custom":
-        fused = build_custom_cnn(shape, 2, blocks=[32, 64, 128, 256], dense_units=[], dropout=0.0, batch_norm=True,
-                                 pooling="global_average")
+    if spec["network"] == "custom":   # the photo preset's network, as presets/photos.yaml says it today
+        recipe = recipe_params(REPO_ROOT / "params.yaml", [PHOTO_PRESET], [])[0].train_custom
+        fused = build_custom_cnn(shape, 2, blocks=recipe.blocks, dense_units=recipe.dense_units, dropout=0.0,
+                                 batch_norm=recipe.batch_norm, pooling=recipe.pooling)
     else:
         fused, _ = build_resnet50(shape, 2, None, dense_units=[], dropout=0.0)
     plain = keras.Model.from_config(as_plain_config(fused.get_config()))
