@@ -183,6 +183,20 @@ def test_the_learning_curve_gain_per_doubling_is_the_slope_over_every_fold() -> 
     assert rate["low"] < 0.05 < rate["high"] and rate["high"] - rate["low"] < 0.02
 
 
+def test_networks_vote_image_by_image_and_the_majority_answers() -> None:
+    """Three networks: on the first fold each is wrong on a different photo, and voting outvotes every
+    mistake; on the second, one network alone is right on a photo, and the majority's mistake stands."""
+    def recipe(first: list[int], second: list[int]) -> dict:
+        return {"folds": [{"test_right_flip": first}, {"test_right_flip": second}]}
+
+    recipes = {"a": recipe([0, 1, 1, 1], [1, 0, 0]), "b": recipe([1, 0, 1, 1], [1, 0, 0]),
+               "c": recipe([1, 1, 0, 1], [1, 1, 0])}
+    (together,) = crossval_table.votes(recipes, 3)
+    assert together == {"mean": pytest.approx((1.0 + 1 / 3) / 2), "worst": pytest.approx(1 / 3)}
+    alone = crossval_table.votes(recipes, 1)
+    assert [group["mean"] for group in alone] == pytest.approx([(0.75 + 1 / 3) / 2] * 2 + [(0.75 + 2 / 3) / 2])
+
+
 def test_a_stopped_cross_validation_is_listed_fold_by_fold_beside_its_reference_not_in_the_table() -> None:
     def fold(number: int, test: float, flip: float, train: float) -> dict:
         return {"fold": number, "test_score": test, "test_score_flip": flip, "train_score": train, "fit_s": 500.0}
