@@ -32,6 +32,7 @@ ROWS = {
     "utilisation": "bench.utilisation",
     "loop": "bench.training_loop",
     "batch_norm": "bench.batch_norm",
+    "filters": "bench.filters",
 }
 BENCH_DIR = Path(__file__).resolve().parent
 

@@ -250,7 +250,7 @@ def format_table(rows: Sequence[RowResult], info: dict, mode: str, started: str)
 
 ROW_NUMBERS = {"ingest": 1, "input": 2, "numerics": 3, "orchestration": 4, "e2e": 5, "photos": 6, "recipe": 7,
                "near_duplicates": 8, "serving": 9, "sweep": 10, "utilisation": 11,
-               "loop": 12, "batch_norm": 13}
+               "loop": 12, "batch_norm": 13, "filters": 14}
 
 
 def default_results_name(mode: str, rows: list[str]) -> str:

@@ -97,6 +97,21 @@ def resolve_precision(setting: str, model_name: str, cpu_bfloat16: bool | None =
     return "float32"
 
 
+# oneDNN's bfloat16 convolutions on a CPU work on channels in groups of 16: a layer whose filters are
+# not a multiple of 16 leaves that path. Measured by `make bench` (row 14, filters) on a 2-core Intel
+# Xeon with AMX: the photo preset's network with 24 filters in its first block instead of 32 trained
+# 0.35 times as many images a second in mixed_bfloat16, and 1.08 times in float32 (docs/performance.md).
+BFLOAT16_CHANNEL_GROUP = 16
+
+
+def slow_bfloat16_widths(filters: tuple[int, ...] | list[int], precision: str) -> list[int]:
+    """The convolution widths that leave oneDNN's fast bfloat16 path on a CPU (none in any other
+    precision, or on a GPU), each once, in order."""
+    if precision != "mixed_bfloat16" or tf.config.get_visible_devices("GPU"):
+        return []
+    return list(dict.fromkeys(width for width in filters if width % BFLOAT16_CHANNEL_GROUP))
+
+
 def resolve_jit_compile(setting: bool | str, model_name: str, math: CpuMath | None = None) -> bool:
     """Whether the training step is compiled with XLA. ``jit_compile: auto`` follows measurement
     (docs/performance.md): on a CPU whose TensorFlow runs without oneDNN, XLA's own kernels beat

@@ -27,8 +27,8 @@ import tensorflow as tf
 from pipeline import calibration, cli, figures, parent_run, stage_runs, tracking, training_loop
 from pipeline.artifacts import MODEL_FILE, RunRecord
 from pipeline.dataset import load_images, training_dataset
-from pipeline.devices import (Placement, choose_placement, machine_summary, resolve_jit_compile, resolve_precision,
-                              tf_config)
+from pipeline.devices import (BFLOAT16_CHANNEL_GROUP, Placement, choose_placement, machine_summary,
+                              resolve_jit_compile, resolve_precision, slow_bfloat16_widths, tf_config)
 from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, write_frame_csv, write_json
 from pipeline.manifest import MANIFEST_FILE, SplitImages, read_split, source_setting
@@ -262,6 +262,13 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,
              setup.replicas)
+    slow = slow_bfloat16_widths(getattr(section, "blocks", ()), setup.precision)
+    if slow:
+        log.warning("%s.blocks: %s filters are not a multiple of %d: in %s on this CPU a training step can "
+                    "take up to three times as long as with the next multiple of %d (oneDNN works on channels in "
+                    "groups of %d; docs/performance.md, row 14 filters)", spec.params_section,
+                    ", ".join(map(str, slow)), BFLOAT16_CHANNEL_GROUP, setup.precision, BFLOAT16_CHANNEL_GROUP,
+                    BFLOAT16_CHANNEL_GROUP)
     trained_section = dataclasses.replace(section, jit_compile=setup.jit_compile)
     if placement.num_workers > 1:
         check_same_inputs(placement, params, spec, Path(args.split))

@@ -4,7 +4,8 @@ table and JSON. No timing is asserted: these tests only check that every row run
 Each row that runs for real at --tiny sizes (ingest, input, numerics, utilisation, near duplicates)
 is a test of its own, so the two workers of ``make test`` can take them side by side; e2e, photos,
 recipe and sweep report themselves skipped at --tiny sizes; batch_norm (two ResNet50s traced, 25 s) is
-left out: its comparison is tests/test_fused_batch_norm.py's. The orchestration row needs a full
+left out: its comparison is tests/test_fused_batch_norm.py's; so is filters (six networks traced, 20 s),
+whose rule is tests/test_devices.py's. The orchestration row needs a full
 ``dvc repro`` of a project copy (minutes), so its smoke test runs only with ``BENCH_SMOKE_ALL=1``.
 """
 

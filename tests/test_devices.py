@@ -154,3 +154,11 @@ def test_what_is_recorded_for_xla_is_what_keras_compiles_with(augment: dict, det
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.jit_compile is xla
+
+
+def test_widths_off_onednns_bfloat16_channel_groups_are_named_only_in_bfloat16() -> None:
+    from pipeline.devices import slow_bfloat16_widths
+
+    assert slow_bfloat16_widths([24, 48, 24, 72, 256], "mixed_bfloat16") == [24, 72]
+    assert slow_bfloat16_widths([32, 64, 128, 256], "mixed_bfloat16") == []
+    assert slow_bfloat16_widths([24, 72], "float32") == [] and slow_bfloat16_widths([24], "mixed_float16") == []
