@@ -14,7 +14,8 @@ a warm-up step each (tracing). The figure is images per second, median over the 
 
 from __future__ import annotations
 
-from bench.common import Line, RowResult, fmt_stats, paired_ratios, run_worker, stats, worker_main
+from bench.common import (Line, RowResult, fmt_stats, paired_ratios, run_worker, stats,
+                          training_steps_in_rounds, worker_main)
 
 # (image size, batch, steps per round, rounds) per mode.
 SIZES = {"full": (64, 32, 10, 4), "quick": (64, 32, 4, 2), "tiny": (32, 4, 1, 1)}   # ResNet50 takes 32x32 and up
@@ -39,8 +40,6 @@ def run(mode: str) -> RowResult:
 
 
 def worker(spec: dict) -> dict:
-    import time
-
     import keras
     import numpy as np
 
@@ -68,16 +67,7 @@ def worker(spec: dict) -> dict:
     sides = {"fused": fused, "keras": plain}
     for model in sides.values():
         compile_model(model, "adam", 0.001, "crossentropy", 2)
-        model.train_on_batch(images, labels)          # tracing
-    per_round: dict[str, list[float]] = {"fused": [], "keras": []}
-    for number in range(spec["rounds"]):
-        for name in ("fused", "keras") if number % 2 == 0 else ("keras", "fused"):
-            seconds = []
-            for _ in range(spec["steps"]):
-                started = time.perf_counter()
-                sides[name].train_on_batch(images, labels)
-                seconds.append(time.perf_counter() - started)
-            per_round[name].append(spec["batch"] / float(np.median(seconds)))
+    per_round = training_steps_in_rounds(sides, images, labels, spec["steps"], spec["rounds"])
     return {"fused_images_per_s": per_round["fused"], "keras_images_per_s": per_round["keras"], "spec": spec}
 
 

@@ -442,6 +442,27 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
+def training_steps_in_rounds(models: dict[str, Any], images: Any, labels: Any, steps: int, rounds: int,
+                             warmup: int = 1) -> dict[str, list[float]]:
+    """Compiled Keras models trained side by side in one process on the same batch: ``warmup`` steps
+    each out of the timing (the first traces), then ``rounds`` rounds of ``steps`` ``train_on_batch``
+    steps each, the models taking turns in one order and then the other; each model's images per
+    second per round (the median step of the round)."""
+    for model in models.values():
+        for _ in range(warmup):
+            model.train_on_batch(images, labels)
+    per_round: dict[str, list[float]] = {name: [] for name in models}
+    for number in range(rounds):
+        for name in list(models) if number % 2 == 0 else list(reversed(models)):
+            seconds = []
+            for _ in range(steps):
+                started = time.perf_counter()
+                models[name].train_on_batch(images, labels)
+                seconds.append(time.perf_counter() - started)
+            per_round[name].append(len(images) / statistics.median(seconds))
+    return per_round
+
+
 # --- DVC runs in a project copy ------------------------------------------------------------------
 
 STAGE_DONE = re.compile(r"stage (\w+): done in ([0-9.]+) s")

@@ -13,7 +13,8 @@ second, median over a round's steps; the ratio is the network's against the pres
 
 from __future__ import annotations
 
-from bench.common import Line, RowResult, fmt_stats, machine_info, paired_ratios, run_worker, stats, worker_main
+from bench.common import (Line, RowResult, fmt_stats, machine_info, paired_ratios, run_worker, stats,
+                          training_steps_in_rounds, worker_main)
 
 # (image size, batch, steps per round, rounds) per mode.
 SIZES = {"full": (64, 32, 8, 4), "quick": (64, 32, 3, 2), "tiny": (32, 4, 1, 1)}
@@ -43,8 +44,6 @@ def run(mode: str) -> RowResult:
 
 
 def worker(spec: dict) -> dict:
-    import time
-
     import keras
     import numpy as np
 
@@ -66,19 +65,9 @@ def worker(spec: dict) -> dict:
         model = build_custom_cnn(shape, 2, blocks=blocks[name], dense_units=recipe.dense_units, dropout=0.0,
                                  batch_norm=recipe.batch_norm, pooling=recipe.pooling)
         compile_model(model, "adam", 0.001, "crossentropy", 2)
-        for _ in range(2):
-            model.train_on_batch(images, labels)      # tracing, then one more step out of the timing
         models[name] = model
-    per_round: dict[str, list[float]] = {name: [] for name in models}
-    for number in range(spec["rounds"]):
-        order = list(models) if number % 2 == 0 else list(reversed(models))
-        for name in order:
-            seconds = []
-            for _ in range(spec["steps"]):
-                started = time.perf_counter()
-                models[name].train_on_batch(images, labels)
-                seconds.append(time.perf_counter() - started)
-            per_round[name].append(spec["batch"] / float(np.median(seconds)))
+    # Two warm-up steps each, the first of which traces.
+    per_round = training_steps_in_rounds(models, images, labels, spec["steps"], spec["rounds"], warmup=2)
     return {"images_per_s": per_round, "blocks": {name: str(value) for name, value in blocks.items()}, "spec": spec}
 
 
