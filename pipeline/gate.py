@@ -101,6 +101,16 @@ def swap_in(staged: Path, deploy_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _holds(deploy_dir: Path, model: str) -> bool:
+    """Whether ``deploy_dir`` holds a model and its ``model.json`` names ``model`` (or no model, as files
+    deployed before the name was recorded)."""
+    try:
+        info = DeployedModel.read(deploy_dir / DEPLOY_INFO_FILE)
+    except Exception:   # missing or unreadable: nothing deployed
+        return False
+    return (deploy_dir / MODEL_FILE).is_file() and info.model in ("", model)
+
+
 def deployed_run_id(deploy_dir: Path) -> str:
     """The training run that ``deploy/model.json`` names; empty when there is none or it cannot be read."""
     try:
@@ -129,14 +139,22 @@ def read_calibration(report_file: Path) -> dict[str, CalibrationNote]:
     return notes
 
 
-def check(gate_file: Path) -> int:
-    """Exit status for CI: 0 if the gate allowed deployment, 1 if not."""
+def check(gate_file: Path, deploy_dir: Path = Path("deploy")) -> int:
+    """Exit status for CI: 0 if the gate allowed deployment, 1 if not; 2 when there is no decision, or
+    it promoted a model that ``deploy_dir`` does not hold (the decision committed with the project, on
+    a clone where the gate has not run: nothing here to deploy)."""
     if not gate_file.exists():
         print(f"{gate_file} is missing: run the pipeline first (dvc repro)", file=sys.stderr)
         return 2
     decision = read_json(gate_file)
     if decision.get("deploy"):
-        compare_only = "" if decision.get("promoted", True) else " (compare only, gate.promote: false: not promoted)"
+        promoted = decision.get("promoted", True)
+        if promoted and not _holds(deploy_dir, decision["model"]):
+            print(f"{gate_file} allows deploying {decision['model']}, but {deploy_dir}/ does not hold that model: "
+                  "the decision is from another run of the pipeline than this workspace's (a fresh clone, or "
+                  f"{deploy_dir}/ removed); run the pipeline first (dvc repro, or dvc pull)", file=sys.stderr)
+            return 2
+        compare_only = "" if promoted else " (compare only, gate.promote: false: not promoted)"
         print(f"deploy allowed: {decision['model']}{compare_only}")
         return 0
     verdicts = ", ".join(f"{name} {c['verdict']}" for name, c in decision.get("candidates", {}).items())
@@ -449,8 +467,9 @@ def _check_main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.gate --check")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--out", default="metrics/gate.json")
+    parser.add_argument("--deploy", default="deploy")
     args, _ = parser.parse_known_args()
-    sys.exit(check(Path(args.out)))
+    sys.exit(check(Path(args.out), Path(args.deploy)))
 
 
 if __name__ == "__main__":

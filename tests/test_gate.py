@@ -62,10 +62,40 @@ def _write_decision(path: Path, decision: Decision) -> Path:
     return path
 
 
+def _deployed(deploy_dir: Path, model: str) -> Path:
+    """``deploy_dir`` holding a model file and a model.json that names ``model``."""
+    deploy_dir.mkdir(parents=True, exist_ok=True)
+    (deploy_dir / MODEL_FILE).write_bytes(b"model")
+    DeployedModel(["a", "b", "c"], 32, 3, model, "run-1").write(deploy_dir / DEPLOY_INFO_FILE)
+    return deploy_dir
+
+
 def test_check_returns_0_when_deploy_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gate_file = _write_decision(tmp_path / "gate.json", decision_of(custom=(0.95, 0.9)))
-    assert check(gate_file) == 0
+    assert check(gate_file, _deployed(tmp_path / "deploy", "custom")) == 0
     assert "deploy allowed: custom" in capsys.readouterr().out
+
+
+def test_check_returns_2_when_deploy_does_not_hold_the_promoted_model(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh clone: the committed decision promoted custom, but this workspace deployed nothing (or
+    another model): no decision of this workspace's to pass on."""
+    gate_file = _write_decision(tmp_path / "gate.json", decision_of(custom=(0.95, 0.9)))
+    assert check(gate_file, tmp_path / "deploy") == 2
+    err = capsys.readouterr().err
+    assert "allows deploying custom, but" in err and "does not hold that model" in err and "dvc repro" in err
+    assert check(gate_file, _deployed(tmp_path / "deploy", "resnet50")) == 2
+    (tmp_path / "deploy" / MODEL_FILE).unlink()
+    _deployed(tmp_path / "deploy", "custom")
+    assert check(gate_file, tmp_path / "deploy") == 0
+
+
+def test_check_of_a_compare_only_decision_needs_nothing_deployed(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    decision = {**decision_of(custom=(0.95, 0.9)).to_json(), "promoted": False}   # gate.promote: false
+    (tmp_path / "gate.json").write_text(json.dumps(decision))
+    assert check(tmp_path / "gate.json", tmp_path / "deploy") == 0
+    assert "deploy allowed: custom (compare only" in capsys.readouterr().out
 
 
 def test_check_returns_1_when_deploy_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +123,8 @@ def test_check_command_line_exit_codes(tmp_path: Path, deploy: bool | None, code
     gate_file = tmp_path / "gate.json"
     if deploy is not None:
         _write_decision(gate_file, decision_of(custom=(0.95, 0.9) if deploy else (0.1, 0.1)))
-    completed = subprocess.run([sys.executable, "-m", "pipeline.gate", "--check", "--out", str(gate_file)],
+    completed = subprocess.run([sys.executable, "-m", "pipeline.gate", "--check", "--out", str(gate_file),
+                                "--deploy", str(_deployed(tmp_path / "deploy", "custom"))],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == code, completed.stderr
     assert "Traceback" not in completed.stderr
