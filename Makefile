@@ -101,7 +101,7 @@ test-fast: setup  ## the edit loop: unit and failure-case tests, no training run
 bench: setup  ## the benchmark suite: one table, figures in bench/results.json (run it on a quiet machine)
 	python -m bench $(BENCH_ARGS)
 
-check-deploy: setup  ## exit 1 unless the gate allowed deployment (used by CI)
+check-deploy: setup  ## exit 1 unless the gate allowed deployment (2: no decision, or deploy/ lacks its model; used by CI)
 	python -m pipeline.gate --check --out metrics/gate.json
 
 UI_PORT ?= 5000
