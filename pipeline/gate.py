@@ -101,22 +101,25 @@ def swap_in(staged: Path, deploy_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _holds(deploy_dir: Path, model: str) -> bool:
-    """Whether ``deploy_dir`` holds a model and its ``model.json`` names ``model`` (or no model, as files
-    deployed before the name was recorded)."""
+def deployed_info(deploy_dir: Path) -> DeployedModel | None:
+    """``deploy/model.json``; None when there is none or it cannot be read."""
     try:
-        info = DeployedModel.read(deploy_dir / DEPLOY_INFO_FILE)
-    except Exception:   # missing or unreadable: nothing deployed
-        return False
-    return (deploy_dir / MODEL_FILE).is_file() and info.model in ("", model)
+        return DeployedModel.read(deploy_dir / DEPLOY_INFO_FILE)
+    except Exception:   # missing, half-written by an old pipeline, not JSON: nothing deployed
+        return None
 
 
 def deployed_run_id(deploy_dir: Path) -> str:
     """The training run that ``deploy/model.json`` names; empty when there is none or it cannot be read."""
-    try:
-        return DeployedModel.read(deploy_dir / DEPLOY_INFO_FILE).mlflow_run_id
-    except Exception:   # missing, half-written by an old pipeline, not JSON: nothing deployed
-        return ""
+    info = deployed_info(deploy_dir)
+    return info.mlflow_run_id if info else ""
+
+
+def _holds(deploy_dir: Path, model: str) -> bool:
+    """Whether ``deploy_dir`` holds a model and its ``model.json`` names ``model`` (or no model, as files
+    deployed before the name was recorded)."""
+    info = deployed_info(deploy_dir)
+    return info is not None and (deploy_dir / MODEL_FILE).is_file() and info.model in ("", model)
 
 
 def read_calibration(report_file: Path) -> dict[str, CalibrationNote]:
