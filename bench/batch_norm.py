@@ -14,7 +14,7 @@ a warm-up step each (tracing). The figure is images per second, median over the 
 
 from __future__ import annotations
 
-from bench.common import (Line, RowResult, fmt_stats, paired_ratios, run_worker, stats,
+from bench.common import (Line, RowResult, fmt_stats, paired_ratios, random_training_batch, run_worker, stats,
                           training_steps_in_rounds, worker_main)
 
 # (image size, batch, steps per round, rounds) per mode.
@@ -41,29 +41,22 @@ def run(mode: str) -> RowResult:
 
 def worker(spec: dict) -> dict:
     import keras
-    import numpy as np
 
-    from bench.common import REPO_ROOT
-    from bench.photo_recipe import PHOTO_PRESET
-    from pipeline.crossval import recipe_params
+    from bench.photo_recipe import preset_cnn
     from pipeline.fused_batch_norm import as_plain_config, uses_fused
-    from pipeline.models import build_custom_cnn, build_resnet50, compile_model
+    from pipeline.models import build_resnet50, compile_model
 
     keras.mixed_precision.set_global_policy(spec["policy"])
     keras.utils.set_random_seed(0)
     shape = (spec["size"], spec["size"], 3)
     if spec["network"] == "custom":   # the photo preset's network, as presets/photos.yaml says it today
-        recipe = recipe_params(REPO_ROOT / "params.yaml", [PHOTO_PRESET], [])[0].train_custom
-        fused = build_custom_cnn(shape, 2, blocks=recipe.blocks, dense_units=recipe.dense_units, dropout=0.0,
-                                 batch_norm=recipe.batch_norm, pooling=recipe.pooling)
+        fused = preset_cnn(shape)
     else:
         fused, _ = build_resnet50(shape, 2, None, dense_units=[], dropout=0.0)
     plain = keras.Model.from_config(as_plain_config(fused.get_config()))
     plain.set_weights(fused.get_weights())
     assert uses_fused(fused) and not uses_fused(plain)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, size=(spec["batch"], *shape)).astype("float32")
-    labels = (np.arange(spec["batch"]) % 2).astype("float32")
+    images, labels = random_training_batch(spec["batch"], shape)
     sides = {"fused": fused, "keras": plain}
     for model in sides.values():
         compile_model(model, "adam", 0.001, "crossentropy", 2)

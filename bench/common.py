@@ -442,6 +442,14 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
+def random_training_batch(batch: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """A fixed batch of random pixels (0-255, float32) and alternating labels of two classes."""
+    import numpy as np
+
+    images = np.random.default_rng(0).uniform(0, 255, size=(batch, *shape)).astype("float32")
+    return images, (np.arange(batch) % 2).astype("float32")
+
+
 def training_steps_in_rounds(models: dict[str, Any], images: Any, labels: Any, steps: int, rounds: int,
                              warmup: int = 1) -> dict[str, list[float]]:
     """Compiled Keras models trained side by side in one process on the same batch: ``warmup`` steps

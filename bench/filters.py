@@ -13,8 +13,8 @@ second, median over a round's steps; the ratio is the network's against the pres
 
 from __future__ import annotations
 
-from bench.common import (Line, RowResult, fmt_stats, machine_info, paired_ratios, run_worker, stats,
-                          training_steps_in_rounds, worker_main)
+from bench.common import (Line, RowResult, fmt_stats, machine_info, paired_ratios, random_training_batch,
+                          run_worker, stats, training_steps_in_rounds, worker_main)
 
 # (image size, batch, steps per round, rounds) per mode.
 SIZES = {"full": (64, 32, 8, 4), "quick": (64, 32, 3, 2), "tiny": (32, 4, 1, 1)}
@@ -45,31 +45,23 @@ def run(mode: str) -> RowResult:
 
 def worker(spec: dict) -> dict:
     import keras
-    import numpy as np
 
-    from bench.common import REPO_ROOT
-    from bench.photo_recipe import PHOTO_PRESET
-    from pipeline.crossval import recipe_params
-    from pipeline.models import build_custom_cnn, compile_model
+    from bench.photo_recipe import preset_cnn, preset_train_custom
+    from pipeline.models import compile_model
 
     keras.mixed_precision.set_global_policy(spec["policy"])
     keras.utils.set_random_seed(0)
-    recipe = recipe_params(REPO_ROOT / "params.yaml", [PHOTO_PRESET], [])[0].train_custom
     shape = (spec["size"], spec["size"], 3)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, size=(spec["batch"], *shape)).astype("float32")
-    labels = (np.arange(spec["batch"]) % 2).astype("float32")
-    models, blocks = {}, {}
-    for name, first in FIRST_BLOCKS.items():
-        blocks[name] = list(recipe.blocks) if first is None else [first, *recipe.blocks[1:]]
-        model = build_custom_cnn(shape, 2, blocks=blocks[name], dense_units=recipe.dense_units, dropout=0.0,
-                                 batch_norm=recipe.batch_norm, pooling=recipe.pooling)
+    images, labels = random_training_batch(spec["batch"], shape)
+    preset_blocks = list(preset_train_custom().blocks)
+    blocks = {name: preset_blocks if first is None else [first, *preset_blocks[1:]]
+              for name, first in FIRST_BLOCKS.items()}
+    models = {name: preset_cnn(shape, blocks[name]) for name in blocks}
+    for model in models.values():
         compile_model(model, "adam", 0.001, "crossentropy", 2)
-        models[name] = model
     # Two warm-up steps each, the first of which traces.
     per_round = training_steps_in_rounds(models, images, labels, spec["steps"], spec["rounds"], warmup=2)
     return {"images_per_s": per_round, "blocks": {name: str(value) for name, value in blocks.items()}, "spec": spec}
-
 
 if __name__ == "__main__":
     worker_main(worker)

@@ -85,6 +85,24 @@ def run(mode: str) -> RowResult:
     return row
 
 
+def preset_train_custom():
+    """The photo preset's ``train_custom`` section, as presets/photos.yaml says it today."""
+    from pipeline.crossval import recipe_params
+
+    return recipe_params(REPO_ROOT / "params.yaml", [PHOTO_PRESET], [])[0].train_custom
+
+
+def preset_cnn(shape: tuple[int, int, int], blocks: list[int] | None = None):
+    """The photo preset's custom CNN for two classes (its blocks, or ``blocks`` instead; its dense layers,
+    normalization and pooling), without dropout, uncompiled."""
+    from pipeline.models import build_custom_cnn
+
+    recipe = preset_train_custom()
+    return build_custom_cnn(shape, 2, blocks=list(recipe.blocks if blocks is None else blocks),
+                            dense_units=recipe.dense_units, dropout=0.0, batch_norm=recipe.batch_norm,
+                            pooling=recipe.pooling)
+
+
 def steady_epoch_s(curve: list[list[float]]) -> float:
     """The median seconds of an epoch after the first (which also traces and compiles the step)."""
     import statistics

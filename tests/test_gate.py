@@ -85,9 +85,9 @@ def test_check_returns_2_when_deploy_does_not_hold_the_promoted_model(tmp_path: 
     err = capsys.readouterr().err
     assert "allows deploying custom, but" in err and "does not hold that model" in err and "dvc repro" in err
     assert check(gate_file, _deployed(tmp_path / "deploy", "resnet50")) == 2
-    (tmp_path / "deploy" / MODEL_FILE).unlink()
-    _deployed(tmp_path / "deploy", "custom")
-    assert check(gate_file, tmp_path / "deploy") == 0
+    assert check(gate_file, _deployed(tmp_path / "deploy", "custom")) == 0
+    (tmp_path / "deploy" / MODEL_FILE).unlink()     # model.json without its model
+    assert check(gate_file, tmp_path / "deploy") == 2
 
 
 def test_check_of_a_compare_only_decision_needs_nothing_deployed(tmp_path: Path,
