@@ -213,6 +213,7 @@ def score_on_holdout(params: Params, model_name: str, root: Path, holdout_root: 
         raise PipelineError(f"crossval: --holdout {holdout_root} has classes the training folder lacks: {unknown}")
     parts = assign_folds(manifest, folds, params.base.seed)
     frame = manifest.assign(split=np.where(parts == 0, "validation", "train"))
+    warn_of_slow_widths(params, model_name)
     outcome = run_fold(params, model_name, root, frame, holdout=SplitImages(holdout_root, holdout.assign(split="test")))
     log.info("holdout %s: %s %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s", holdout_root,
              params.gate.metric, outcome["test_score"], outcome["test_score_flip"], outcome["train_score"],
@@ -231,6 +232,8 @@ def cross_validate(params: Params, model_name: str, root: Path, folds: int, done
     parts = assign_folds(manifest, folds, params.base.seed)
     require_same_deal(done, manifest, parts, folds, root)
     outcomes = list(done)
+    if len(outcomes) < folds:
+        warn_of_slow_widths(params, model_name)
     for fold in range(len(outcomes), folds):
         outcome = run_fold(params, model_name, root, fold_split(manifest, parts, fold, folds))
         log.info("fold %d/%d: test %s %.3f (%.3f with flip averaging), train %.3f, %d epochs, %.0f s",
@@ -241,6 +244,16 @@ def cross_validate(params: Params, model_name: str, root: Path, folds: int, done
         if on_fold is not None:
             on_fold(_folds_result(manifest, outcomes))
     return _folds_result(manifest, outcomes)
+
+
+def warn_of_slow_widths(params: Params, model_name: str) -> None:
+    """The training stage's warning about slow block widths, once per command, not once per fold."""
+    from pipeline import training
+    from pipeline.devices import resolve_precision
+
+    spec = model_spec(model_name)
+    section = getattr(params, spec.params_section)
+    training.warn_of_slow_widths(spec, section, resolve_precision(section.precision, spec.name))
 
 
 def require_same_deal(done: Sequence[dict], manifest: pd.DataFrame, parts: np.ndarray, folds: int,

@@ -262,13 +262,7 @@ def run_training_stage(args: argparse.Namespace, spec: ModelSpec, fit_function: 
              "replica(s)", spec.stage, fit_data.train_size, fit_data.num_classes, fit_data.batch_size,
              fit_data.iterations_per_epoch, setup.precision, "on" if setup.jit_compile else "off", setup.distribution,
              setup.replicas)
-    slow = slow_bfloat16_widths(getattr(section, "blocks", ()), setup.precision)
-    if slow:
-        log.warning("%s.blocks: %s filters are not a multiple of %d: in %s on this CPU a training step can "
-                    "take up to three times as long as with the next multiple of %d (oneDNN works on channels in "
-                    "groups of %d; docs/performance.md, row 14 filters)", spec.params_section,
-                    ", ".join(map(str, slow)), BFLOAT16_CHANNEL_GROUP, setup.precision, BFLOAT16_CHANNEL_GROUP,
-                    BFLOAT16_CHANNEL_GROUP)
+    warn_of_slow_widths(spec, section, setup.precision)
     trained_section = dataclasses.replace(section, jit_compile=setup.jit_compile)
     if placement.num_workers > 1:
         check_same_inputs(placement, params, spec, Path(args.split))
@@ -403,6 +397,18 @@ def calibrate(model: keras.Model, data: SplitImages, base: BaseParams, batch_siz
     log.info("temperature scaling: T = %.3f fitted on %d validation images (their log loss %.4f -> %.4f)",
              temperature, len(labels), before, after)
     return {"temperature": temperature, "val_loss_before_temperature": before, "val_loss_after_temperature": after}
+
+
+def warn_of_slow_widths(spec: ModelSpec, section: FitParams, precision: str) -> None:
+    """One warning, before training, for block widths that leave the CPU's fast bfloat16 path
+    (:func:`pipeline.devices.slow_bfloat16_widths`)."""
+    slow = slow_bfloat16_widths(getattr(section, "blocks", ()), precision)
+    if slow:
+        log.warning("%s.blocks: %s filters are not a multiple of %d: in %s on this CPU a training step can "
+                    "take up to three times as long as with the next multiple of %d (oneDNN works on channels in "
+                    "groups of %d; docs/performance.md, row 14 filters)", spec.params_section,
+                    ", ".join(map(str, slow)), BFLOAT16_CHANNEL_GROUP, precision, BFLOAT16_CHANNEL_GROUP,
+                    BFLOAT16_CHANNEL_GROUP)
 
 
 def resolve_setup(base: BaseParams, section: FitParams, spec: ModelSpec,

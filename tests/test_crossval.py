@@ -215,6 +215,9 @@ def test_a_real_cross_validation_on_a_tiny_folder_writes_every_fold(tmp_path: Pa
                                   [*argv, "--name", "tiny"]) == 0
     recipe = json.loads(out.read_text())["recipes"]["tiny"]
     assert recipe["images"] == 20 and len(recipe["folds"]) == 2
+    # 4 filters leave a CPU's fast bfloat16 path: said once for the command, not once per fold.
+    in_bfloat16 = recipe["folds"][0]["precision"] == "mixed_bfloat16"
+    assert capsys.readouterr().err.count("train_custom.blocks: 4 filters are not a multiple of 16") == in_bfloat16
     # Every setting the folds trained with is kept, whatever the params or a preset say later.
     assert recipe["params"]["base.image_size"] == 32 and recipe["params"]["train_custom.blocks"] == [4]
     assert "augment.rand_augment" in recipe["params"] and "ingest.source" not in recipe["params"]
