@@ -290,6 +290,17 @@ def test_every_link_resolves(document: Path) -> None:
             assert anchor in heading_anchors(linked), f"{document.name}: {target}: no such anchor"
 
 
+def test_the_layout_names_every_module_of_pipeline_and_docs() -> None:
+    """docs/pipeline.md's layout, which the README points to for the shared modules, leaves none out."""
+    page = (REPO_ROOT / "docs" / "pipeline.md").read_text(encoding="utf-8")
+    layout = re.search(r"^```\ndvc\.yaml .*?^```", page, flags=re.MULTILINE | re.DOTALL).group(0)
+    modules = [path for folder in ("pipeline", "docs") for path in sorted((REPO_ROOT / folder).glob("*.py"))
+               if path.name != "__init__.py"]
+    missing = [path.relative_to(REPO_ROOT).as_posix() for path in modules
+               if not re.search(rf"(?<![\w.]){re.escape(path.name)}\b", layout)]
+    assert not missing, f"docs/pipeline.md's layout leaves out: {missing}"
+
+
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
 def test_every_file_path_named_exists(document: Path) -> None:
     files, made = tracked_and_made_paths()
