@@ -304,7 +304,9 @@ def render(folder: str) -> str:
     # A cross-validation stopped part-way is not one: its folds are listed after the table, not in it.
     recipes = {name: recipe for name, recipe in everything.items() if not stopped_early(recipe)}
     reference = FOLDERS[folder].reference
-    metric = metric_of(next(iter(recipes.values()))).replace("_", " ")
+    if not everything:
+        raise ValueError(f"{out} holds no recipe: cross-validate one into it, or take it out of FOLDERS")
+    metric = metric_of(next(iter(recipes.values()), None) or next(iter(everything.values()))).replace("_", " ")
     lines = [begin(folder), "",
              f"| recipe | test {metric}: mean | spread (sd) | worst fold | pooled 95 % CI "
              f"| with flip averaging: mean / worst (against as trained) | train mean | s per fold | epochs "

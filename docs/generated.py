@@ -7,11 +7,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+BEGIN_PREFIX = "<!-- begin:"   # how every generated block's first marker starts
+
 
 def replaced(page: str, block: str, begin: str, end: str) -> str:
-    """``page`` with the text from ``begin`` to ``end`` (markers included) replaced by ``block``."""
-    start, stop = page.index(begin), page.index(end, page.index(begin)) + len(end)
-    return page[:start] + block + page[stop:]
+    """``page`` with the text from ``begin`` to ``end`` (markers included) replaced by ``block``.
+    Refused when the next begin marker comes first: blocks share one end marker, so a block whose own
+    end was deleted would otherwise take the hand-written text and the next block with it."""
+    start = page.index(begin)
+    stop = page.index(end, start)
+    if BEGIN_PREFIX in page[start + len(begin):stop]:
+        raise ValueError(f"the generated block {begin!r} has lost its end marker {end!r}: put it back before "
+                         "the next block begins")
+    return page[:start] + block + page[stop + len(end):]
 
 
 def write_or_check(page_path: Path, rewrite: Callable[[str], str], command: str, check: bool) -> int:

@@ -40,7 +40,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
 from pipeline.manifest import SplitImages
 from pipeline.model_table import MODEL_NAMES, ModelSpec, model_spec
-from pipeline.params import FitParams, GateParams, Params, params_from_dict, to_flat_dict
+from pipeline.params import FitParams, GateParams, Params, load_params, params_from_dict, to_flat_dict
 
 log = logging.getLogger("pipeline.crossval")
 
@@ -100,7 +100,8 @@ def recipe_params(params_path: Path, presets: Sequence[str], overrides: Sequence
     checked as the stages check them; also returns the overrides as a flat mapping, for the record."""
     from pipeline.preset import apply_preset, layered, read_preset
 
-    raw = yaml.safe_load(Path(params_path).read_text())
+    load_params(params_path)   # a missing or broken params file fails here, in one line
+    raw = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
     if presets:
         raw, _ = apply_preset(raw, layered([read_preset(PRESET_FOLDER, preset) for preset in presets]))
     changes: dict[str, Any] = {}
@@ -563,11 +564,16 @@ def as_percent(probability: float) -> str:
     return "over 99%" if probability > 0.99 else "under 1%" if probability < 0.01 else f"{probability:.0%}"
 
 
+def same_folds(first: dict, second: dict) -> bool:
+    """Whether two recipes were tested on the same folds. Every image is tested once whatever the
+    folds, so the same images are not enough: one folder, one seed and one ``--folds`` are what make
+    two recipes' answers on an image a paired comparison."""
+    return [set(fold["test_paths"]) for fold in first["folds"]] == [set(fold["test_paths"]) for fold in second["folds"]]
+
+
 def require_same_folds(first: dict, second: dict) -> None:
-    """Refuse to pair two recipes' answers unless they were tested on the same folds. Every image is
-    tested once whatever the folds, so the same images are not enough: one folder, one seed and one
-    ``--folds`` are what make two recipes' answers on an image a paired comparison."""
-    if [set(fold["test_paths"]) for fold in first["folds"]] != [set(fold["test_paths"]) for fold in second["folds"]]:
+    """Refuse to pair two recipes' answers unless they were tested on the same folds."""
+    if not same_folds(first, second):
         raise PipelineError("crossval: the two recipes were not tested on the same folds (other folder, "
                             "seed or --folds); compare only results of one folder, one seed and one --folds")
 
@@ -620,8 +626,14 @@ def report_lines(results: dict[str, dict], reference: str | None) -> list[str]:
         if stopped_early(result):
             against = f"stopped after {len(folds)} of {result['folds_planned']} folds"
         elif reference and reference in results and reference != name and not stopped_early(results[reference]):
-            comparison = compare_recipes(result, results[reference])
-            against = f"{comparison['difference'] * 100:+.1f} pts, p={comparison['mcnemar_p_value']:.3f}"
+            if same_folds(result, results[reference]):
+                comparison = compare_recipes(result, results[reference])
+                # McNemar pairs right and wrong answers: a difference in accuracy, whatever the gate's metric.
+                against = (f"{comparison['difference'] * 100:+.1f} pts"
+                           f"{' of accuracy' if metric_of(result) != 'accuracy' else ''}, "
+                           f"p={comparison['mcnemar_p_value']:.3f}")
+            else:
+                against = "other folds (folder, seed or --folds): not compared"
         if metric_of(result) != "accuracy":
             name = f"{name} ({metric_of(result)})"
         lines.append(f"{name:<28} {test['mean']:>6.3f} {test['std']:>6.3f} {test['min']:>6.3f} "
@@ -645,6 +657,9 @@ def main(args: argparse.Namespace) -> None:
                             f"--out {out} first)")
     results = read_results(out)
     name = args.name or default_name(args.preset, args.model, overrides)
+    if args.against and args.against != name and args.against not in results:   # before hours of training
+        raise PipelineError(f"crossval: --against {args.against!r}: no such recipe in {out} "
+                            f"(it has: {', '.join(map(repr, results)) or 'none'})")
     settings = {"preset": args.preset, "overrides": overrides, "model": args.model, "source": str(root),
                 "metric": params.gate.metric, "folds_planned": args.folds,
                 "params": resolved_settings(params, args.model)}

@@ -177,6 +177,43 @@ def test_recipes_are_compared_image_by_image_only_on_the_same_folds() -> None:
         crossval.compare_recipes(same_deal, dealt_otherwise)
 
 
+def test_the_report_marks_a_recipe_of_other_folds_and_says_what_mcnemar_compares() -> None:
+    """A results file can hold a run on another folder or seed: its row says so, the others are
+    still compared and printed. The comparison counts right and wrong answers, so under another
+    gate metric its difference is in accuracy, and says so."""
+    results = json.loads((REPO_ROOT / "bench" / "crossval-catsdogs-small.json").read_text())["recipes"]
+    reference, other = "preset (baseline)", "+ EMA of the weights"
+    elsewhere = {**results[other], "folds": [{**fold, "test_paths": [f"elsewhere/{path}" for path in fold["test_paths"]]}
+                                             for fold in results[other]["folds"]]}
+    lines = crossval.report_lines({reference: results[reference], other: results[other], "elsewhere": elsewhere},
+                                  reference)
+    row = {line.split("  ")[0]: line for line in lines[1:] if not line.startswith(" ")}
+    assert "pts, p=" in row[other]
+    assert row["elsewhere"].endswith("other folds (folder, seed or --folds): not compared")
+    unbalanced = json.loads((REPO_ROOT / "bench" / "crossval-unbalanced.json").read_text())["recipes"]
+    first = next(iter(unbalanced))
+    compared = [line for line in crossval.report_lines(unbalanced, first)[1:] if not line.startswith(first)]
+    assert compared and all("balanced_accuracy" in line and "pts of accuracy, p=" in line for line in compared
+                            if "pts" in line)
+
+
+def test_an_unknown_reference_is_refused_before_anything_trains(tmp_path: Path, trained: list[Path]) -> None:
+    folder, out, argv = _tiny_crossval(tmp_path)
+    assert _run([*argv, "--name", "tiny"]) == 0
+    folds, before = len(trained), out.read_bytes()
+    assert _run([*argv, "--name", "other", "--against", "tinny"]) == EXIT_USER_ERROR
+    assert len(trained) == folds and out.read_bytes() == before
+    assert _run([*argv, "--name", "other", "--against", "tiny", "--set", "train_custom.epochs=2"]) == 0
+
+
+def test_a_broken_params_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("base:\n  seed: [1\n")
+    with pytest.raises(PipelineError, match="not valid YAML at line 3"):
+        crossval.recipe_params(tmp_path / "params.yaml", [], [])
+    with pytest.raises(PipelineError, match="no such params file"):
+        crossval.recipe_params(tmp_path / "absent.yaml", [], [])
+
+
 def test_repetitions_are_compared_fold_by_fold_with_the_corrected_t_test() -> None:
     def result(scores: list[float], deals: list[list[str]]) -> dict:
         return {"folds": [{"test_paths": deal, "test_score": score, "sizes": {"train": 7, "validation": 1, "test": 2}}

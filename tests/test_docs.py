@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -217,6 +218,33 @@ def test_a_stopped_cross_validation_is_listed_fold_by_fold_beside_its_reference_
             ) in line
     assert "fold 3" not in line
     assert crossval_table.stopped_lines({"preset": recipes["preset"]}, "cv.json") == []
+
+
+def test_a_results_file_with_only_a_stopped_run_lists_it_and_an_empty_one_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crossval_table, "ROOT", tmp_path)
+    monkeypatch.setitem(crossval_table.FOLDERS, "trial", crossval_table.Folder("photos", ("photos",), "r", None))
+    (tmp_path / "bench").mkdir()
+    fold = {"fold": 1, "test_score": 0.7, "test_score_flip": 0.71, "train_score": 0.9, "fit_s": 100.0}
+    stopped = {"folds": [fold], "folds_planned": 5, "machine": {"cpu": "AMD EPYC", "cpu_cores": 2},
+               "started": "now", "source": "photos", "overrides": {}}
+    (tmp_path / "bench" / "crossval-trial.json").write_text(json.dumps({"recipes": {"r": stopped}}))
+    block = crossval_table.render("trial")
+    assert "- **r**, stopped after 1 of 5 folds" in block and "\n| r |" not in block
+    (tmp_path / "bench" / "crossval-trial.json").write_text(json.dumps({"recipes": {}}))
+    with pytest.raises(ValueError, match="bench/crossval-trial.json holds no recipe"):
+        crossval_table.render("trial")
+
+
+def test_a_block_that_lost_its_end_marker_is_refused_not_swallowing_the_next() -> None:
+    end = "<!-- end: generated -->"
+    page = ("intro\n<!-- begin: generated A -->\nold A\n\nprose about B\n<!-- begin: generated B -->\nold B\n"
+            f"{end}\noutro\n")
+    with pytest.raises(ValueError, match="lost its end marker"):
+        generated.replaced(page, "new A", "<!-- begin: generated A -->", end)
+    whole = page.replace("old A\n", f"old A\n{end}\n")
+    assert generated.replaced(whole, "new A", "<!-- begin: generated A -->", end) == whole.replace(
+        f"<!-- begin: generated A -->\nold A\n{end}", "new A")
 
 
 def test_the_params_reference_is_what_its_command_writes() -> None:
