@@ -360,6 +360,11 @@ def require_holdout_recipe(results: dict[str, dict], name: str, settings: dict[s
         raise PipelineError(f"crossval: recipe '{name}' in {out} was cross-validated with other settings "
                             f"({_differ(differing)}); score it on --holdout with its own --source, --preset, --set, "
                             "--model and --folds")
+    if "holdout" in earlier:   # scored again, the kept-apart folder would start to choose the recipe
+        held = earlier["holdout"]
+        raise PipelineError(f"crossval: recipe '{name}' in {out} was scored on its held-out folder {held['folder']} "
+                            f"already ({metric_of(earlier)} {held[score_key(held)]:.3f}); a held-out folder is "
+                            "scored once, so that no choice follows from it: keep that figure")
     return earlier
 
 

@@ -410,6 +410,11 @@ def test_the_holdout_scores_only_the_recipe_with_its_own_settings(tmp_path: Path
     assert out.read_bytes() == before and len(trained) == 2
     assert _run([*argv, "--name", "tiny", "--holdout", str(holdout)]) == 0
     assert json.loads(out.read_text())["recipes"]["tiny"]["holdout"]["sizes"]["test"] == 6
+    # Once: a second score would overwrite the first and let the kept-apart folder choose.
+    scored, trained_before = out.read_bytes(), len(trained)
+    assert _run([*argv, "--name", "tiny", "--holdout", str(holdout)]) == EXIT_USER_ERROR
+    assert "scored on its held-out folder" in capsys.readouterr().err
+    assert out.read_bytes() == scored and len(trained) == trained_before
 
 
 def test_a_finished_recipe_is_kept_and_other_settings_under_its_name_are_refused(
