@@ -165,7 +165,9 @@ def write_preset(params_path: Path, preset: dict, out: Path, name: str = "preset
     """Apply ``preset`` (called ``name`` in messages) to the params file at ``params_path``, validate
     the result, and write it to ``out`` atomically; return what changed."""
     load_params(params_path)   # a missing or broken params file fails here, in one line
-    text = Path(params_path).read_text(encoding="utf-8")
+    with open(params_path, encoding="utf-8", newline="") as file:   # as written: "\r\n" kept where it is used
+        written = file.read()
+    text = written.replace("\r\n", "\n")
     try:
         merged, changes = apply_preset(yaml.safe_load(text), preset)
     except PresetError as error:
@@ -179,7 +181,7 @@ def write_preset(params_path: Path, preset: dict, out: Path, name: str = "preset
         raise PresetError(f"{params_path}: could not rewrite the values in place; "
                           "is every changed key on a line of its own?")
     params_from_dict(merged, source=f"{params_path} with preset {name}")
-    atomic_write_text(out, rewritten)
+    atomic_write_text(out, rewritten.replace("\n", "\r\n") if "\r\n" in written else rewritten)
     return changes
 
 

@@ -117,6 +117,16 @@ def test_applying_twice_changes_nothing(project: Path) -> None:
     assert (project / "params.yaml").read_text() == once
 
 
+def test_a_params_file_with_windows_line_ends_keeps_them(project: Path) -> None:
+    params = project / "params.yaml"
+    lf = params.read_bytes()
+    params.write_bytes(lf.replace(b"\n", b"\r\n"))
+    assert run(["photos"]) == 0
+    written = params.read_bytes()
+    assert written.count(b"\r\n") == lf.count(b"\n") and b"\n" not in written.replace(b"\r\n", b"")
+    assert load_params(params).base.image_size == 64
+
+
 def test_out_writes_elsewhere_and_leaves_params_yaml_alone(project: Path) -> None:
     before = (project / "params.yaml").read_bytes()
     assert run(["photos", "--out", "trial/params.yaml"]) == 0
