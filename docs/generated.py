@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.files import atomic_write_text
+
 BEGIN_PREFIX = "<!-- begin:"   # how every generated block's first marker starts
 
 
@@ -31,7 +33,7 @@ def write_or_check(page_path: Path, rewrite: Callable[[str], str], command: str,
             print(f"{page_path} is stale: run {command}", file=sys.stderr)
             return 1
         return 0
-    page_path.write_text(wanted, encoding="utf-8")
+    atomic_write_text(page_path, wanted)   # a page cut short by Ctrl-C would lose hand-written text
     print(f"written: {page_path}")
     return 0
 
