@@ -120,15 +120,17 @@ def curve_points() -> list[tuple[str, dict]]:
 
 def doubling_rate(points: list[tuple[str, dict]]) -> dict[str, float]:
     """How much the flip-averaged test accuracy gains per doubling of the photos trained on: the
-    least-squares slope over every fold's score against log2 of its training photos
-    (``scipy.stats.linregress``), with its 95 % interval (t with n - 2 degrees of freedom)."""
+    least-squares slope of each share's mean score against log2 of its mean training photos
+    (``scipy.stats.linregress``), with its 95 % interval (t with shares - 2 degrees of freedom).
+    One point per share, not per fold: a share's folds train on mostly the same photos, so their
+    scores are not independent draws, and counting them as such would narrow the interval."""
     from scipy import stats
 
-    x = [np.log2(fold["sizes"]["train"]) for _, recipe in points for fold in recipe["folds"]]
-    y = [fold[figure(recipe, flip=True)] for _, recipe in points for fold in recipe["folds"]]
+    x = [np.mean([np.log2(fold["sizes"]["train"]) for fold in recipe["folds"]]) for _, recipe in points]
+    y = [np.mean([fold[figure(recipe, flip=True)] for fold in recipe["folds"]]) for _, recipe in points]
     fit = stats.linregress(x, y)
     half_width = stats.t.ppf(0.975, len(x) - 2) * fit.stderr
-    return {"slope": fit.slope, "low": fit.slope - half_width, "high": fit.slope + half_width, "folds": len(x)}
+    return {"slope": fit.slope, "low": fit.slope - half_width, "high": fit.slope + half_width, "shares": len(x)}
 
 
 def render_learning_curve() -> str:
@@ -153,8 +155,9 @@ def render_learning_curve() -> str:
     reached = summarise(whole["folds"], figure(whole, flip=True))["mean"]
     lines += ["", f"Per doubling of the photos trained on, the test accuracy with flip averaging rose by "
                   f"**{rate['slope'] * 100:.1f} points** (95 % interval {rate['low'] * 100:.1f} to "
-                  f"{rate['high'] * 100:.1f}; least squares over the {rate['folds']} folds' scores against log2 "
-                  f"of the photos, `scipy.stats.linregress`)."]
+                  f"{rate['high'] * 100:.1f}; least squares over the {rate['shares']} shares' mean scores against "
+                  f"log2 of the photos, `scipy.stats.linregress`: one point per share, since a share's folds "
+                  f"train on mostly the same photos)."]
     if rate["slope"] > 0 and reached < CURVE_TARGET:
         def photos_for(slope: float) -> str:     # to the hundred: an extrapolation has no more digits than that
             return f"{round(whole['images'] * 2 ** ((CURVE_TARGET - reached) / slope), -2):,.0f}"
