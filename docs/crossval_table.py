@@ -56,6 +56,11 @@ class Folder:
 
 CATSDOGS_SMALL = Folder("two classes of photos, about as many of each", ("photos",),
                         "+ 60 epochs, early stopping from epoch 45", "preset (baseline)")
+# The preset again after a change of code, not of settings (the fused batch normalization), on the
+# folder as today's ingest deals it: other folds than the first file's, so compared by its summary only.
+# Recipes run on it since are compared with that preset image by image, on the same folds.
+FUSED = replace(CATSDOGS_SMALL, recipe="preset, fused batch normalization", reference="preset, fused batch normalization",
+                with_presets=False)
 FOLDERS = {
     "catsdogs-small": CATSDOGS_SMALL,
     "unbalanced": Folder("two classes of photos, one with far fewer (here 40 % fewer)", ("photos", "unbalanced"),
@@ -65,11 +70,9 @@ FOLDERS = {
                            "photos + many-classes, 60 epochs", "photos"),
     # The same photos dealt into other folds (base.seed 1): the preset, and the candidates, again.
     "catsdogs-small-seed1": replace(CATSDOGS_SMALL, reference=CATSDOGS_SMALL.recipe, repeat_of="catsdogs-small"),
-    # The preset again after a change of code, not of settings (the fused batch normalization), on the
-    # folder as today's ingest deals it: other folds than the first file's, so compared by its summary only.
-    # Recipes run on it since are compared with that preset image by image, on the same folds.
-    "catsdogs-small-fused": replace(CATSDOGS_SMALL, recipe="preset, fused batch normalization",
-                                    reference="preset, fused batch normalization", with_presets=False),
+    "catsdogs-small-fused": FUSED,
+    # The fused preset and its candidates on the photos dealt into other folds (base.seed 1).
+    "catsdogs-small-fused-seed1": replace(FUSED, repeat_of="catsdogs-small-fused"),
 }
 
 
