@@ -35,13 +35,14 @@ MISCALIBRATED = "miscalibrated"     # only with gate.max_calibration_error set
 # What became of the registered champion.
 NO_CHAMPION = "none"                # the first promotion: nothing to compare with
 SAME_MODEL = "same model"           # the challenger is the champion already: nothing new to deploy
+RESTORED = "restored"               # the challenger is the champion, which deploy/ lacked: this run put it back
 NOT_COMPARABLE = "not comparable"   # other classes or input shape: replaced only if gate.replace_incomparable
 UNKNOWN = "unknown"                 # the registry or the champion's files cannot be used: nothing is deployed
 STAYS, REPLACED = "stays", "replaced"
 # Scores are fractions of images, so two that should tie can differ in the last bits (188/200 - 190/200
 # is -0.010000000000000009): a bound is met within this much, far below one image in a million.
 SCORE_TOLERANCE = 1e-9
-_CHALLENGER_DEPLOYS = (NO_CHAMPION, REPLACED)
+_CHALLENGER_DEPLOYS = (NO_CHAMPION, REPLACED, RESTORED)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Decision:
     champion: ChampionCheck
     test_reuse: SplitReuse | None = None     # None when the registry could not be asked
     promote: bool = True                     # gate.promote: false decides without registering or deploying
+    run_id: str = ""                         # the chosen model's training run, which the gate records
 
     @property
     def promoted(self) -> bool:
@@ -172,7 +174,8 @@ class Decision:
         return self.deploy and self.promote
 
     def to_json(self) -> dict:
-        return {"deploy": self.deploy, "promoted": self.promoted, "model": self.model, "metric": self.metric,
+        return {"deploy": self.deploy, "promoted": self.promoted, "model": self.model, "run_id": self.run_id or None,
+                "metric": self.metric,
                 "confidence": self.confidence,
                 "thresholds": self.thresholds,
                 "candidates": {name: verdict.to_json() for name, verdict in self.candidates.items()},
@@ -312,6 +315,16 @@ def not_comparable(challenger: str, champion_version: str, champion_model: str |
         f"champion v{champion_version} cannot be compared with {challenger}: {why}; {then}"])
 
 
+def restored(same: ChampionCheck, challenger: str) -> ChampionCheck:
+    """The champion is this challenger (``same``, outcome same model), and deploy/ did not hold it until
+    this run put it back from the registry: a gate killed after moving the alias, or deploy/ changed by
+    hand. The model is deployed by this run, so the decision says so (and CI ships it), without
+    registering it again."""
+    return replace(same, outcome=RESTORED, reasons=[
+        f"champion v{same.version} is this {challenger} model already (same training run), and deploy/ did not "
+        "hold it (a gate stopped half-way, or deploy/ changed by hand): put back from the registry"])
+
+
 def cannot_score(champion_version: str, champion_model: str | None, why: str, registered_name: str) -> ChampionCheck:
     """A champion that exists but whose files cannot be fetched or loaded: nothing is deployed (fail closed)."""
     return ChampionCheck(UNKNOWN, champion_version, champion_model, reasons=[
@@ -387,6 +400,8 @@ def _deployed_line(decision: Decision) -> str:
     if decision.deploy and not decision.promoted:
         return (f"deployed: nothing, compare only (gate.promote: false): {decision.model} would be promoted{where} "
                 "(nothing registered, deploy/ unchanged)")
+    if decision.deploy and champion.outcome == RESTORED:
+        return f"deployed: {decision.model} -> deploy/, put back from champion v{champion.version} (this same model)"
     if decision.deploy:
         return f"deployed: {decision.model} -> deploy/{where}"
     if champion.outcome == SAME_MODEL:

@@ -35,6 +35,7 @@ from pipeline.artifacts import (
 from pipeline.decision import (
     DEPLOY,
     NO_CHAMPION,
+    RESTORED,
     SAME_MODEL,
     STAYS,
     UNKNOWN,
@@ -49,6 +50,7 @@ from pipeline.decision import (
     decide,
     judge_all,
     not_comparable,
+    restored,
     split_fingerprint,
     summary_lines,
 )
@@ -115,11 +117,13 @@ def deployed_run_id(deploy_dir: Path) -> str:
     return info.mlflow_run_id if info else ""
 
 
-def _holds(deploy_dir: Path, model: str) -> bool:
+def _holds(deploy_dir: Path, model: str, run_id: str | None = None) -> bool:
     """Whether ``deploy_dir`` holds a model and its ``model.json`` names ``model`` (or no model, as files
-    deployed before the name was recorded)."""
+    deployed before the name was recorded) trained by ``run_id`` (any run, for decisions written
+    before the run was recorded)."""
     info = deployed_info(deploy_dir)
-    return info is not None and (deploy_dir / MODEL_FILE).is_file() and info.model in ("", model)
+    return (info is not None and (deploy_dir / MODEL_FILE).is_file() and info.model in ("", model)
+            and run_id in (None, "", info.mlflow_run_id))
 
 
 def read_calibration(report_file: Path) -> dict[str, CalibrationNote]:
@@ -152,10 +156,11 @@ def check(gate_file: Path, deploy_dir: Path = Path("deploy")) -> int:
     decision = read_json(gate_file)
     if decision.get("deploy"):
         promoted = decision.get("promoted", True)
-        if promoted and not _holds(deploy_dir, decision["model"]):
+        if promoted and not _holds(deploy_dir, decision["model"], decision.get("run_id")):
             print(f"{gate_file} allows deploying {decision['model']}, but {deploy_dir}/ does not hold that model: "
-                  "the decision is from another run of the pipeline than this workspace's (a fresh clone, or "
-                  f"{deploy_dir}/ removed); run the pipeline first (dvc repro, or dvc pull)", file=sys.stderr)
+                  "the decision is from another run of the pipeline than this workspace's (a fresh clone, "
+                  f"{deploy_dir}/ removed, or an older model left in it); run the pipeline first (dvc repro, "
+                  "or dvc pull)", file=sys.stderr)
             return 2
         compare_only = "" if promoted else " (compare only, gate.promote: false: not promoted)"
         print(f"deploy allowed: {decision['model']}{compare_only}")
@@ -179,14 +184,19 @@ def main(args: argparse.Namespace) -> None:
     deploy_dir = Path(args.deploy)
     _sweep_leftovers(deploy_dir)
     registry_reached = _connect(params)
-    if registry_reached and gate.promote:   # compare only leaves deploy/ as it is, repaired or not
-        _restore_champion(gate.registered_model_name, deploy_dir)
-    champion = (_check_champion(best_passing(candidates), predictions, run_records, params, Path(args.ingest))
+    # compare only leaves deploy/ as it is, repaired or not
+    put_back = bool(registry_reached) and gate.promote and _restore_champion(gate.registered_model_name, deploy_dir)
+    chosen = best_passing(candidates)
+    champion = (_check_champion(chosen, predictions, run_records, params, Path(args.ingest))
                 if registry_reached else ChampionCheck(UNKNOWN, reasons=[registry_reached.problem]))
+    if put_back and champion.outcome == SAME_MODEL:
+        champion = restored(champion, chosen)
     reuse = _test_reuse(predictions, run_records, gate, registry_reached.experiment_id) if registry_reached else None
     decision = decide(candidates, comparisons, champion, gate, reuse)
+    if decision.model:
+        decision = dataclasses.replace(decision, run_id=run_records[decision.model].run_id)
     deploy_dir.mkdir(parents=True, exist_ok=True)   # dvc.yaml's output: DVC fails a stage that leaves it absent
-    if decision.promoted:
+    if decision.promoted and champion.outcome != RESTORED:
         info = DeployedModel.from_run(decision.model, run_records[decision.model], params.ingest.max_image_pixels)
         _promote(gate, decision, info, model_dirs[decision.model], deploy_dir)
     write_json(Path(args.out), decision.to_json())
@@ -440,30 +450,37 @@ def _sweep_leftovers(deploy_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _restore_champion(registered_name: str, deploy_dir: Path) -> None:
+def _restore_champion(registered_name: str, deploy_dir: Path) -> bool:
     """When the alias names another run than deploy/model.json (a gate killed after moving the alias),
-    put the champion's registered files back into deploy/ before deciding anything."""
+    or deploy/ lacks its model file, put the champion's registered files back into deploy/ before
+    deciding anything; whether it did."""
     from pipeline import tracking
     from pipeline.serving import read_logged_serving_model
 
     try:
         version = tracking.find_champion(registered_name)
     except PipelineError:
-        return   # the champion check says why, and nothing is deployed
+        return False   # the champion check says why, and nothing is deployed
     run_id = (version.tags or {}).get("source.run_id", "") if version is not None else ""
     deployed = deployed_run_id(deploy_dir)
-    if not run_id or run_id == deployed:
-        return
-    log.warning("deploy/ holds run %s but %s@%s is run %s (a gate stopped half-way): restoring deploy/ from "
-                "version %s", deployed or "(none)", registered_name, tracking.CHAMPION_ALIAS, run_id, version.version)
+    if not run_id or (run_id == deployed and (deploy_dir / MODEL_FILE).is_file()):
+        return False
+    if run_id == deployed:
+        log.warning("deploy/ holds run %s without its model file: restoring deploy/ from %s@%s, version %s",
+                    run_id, registered_name, tracking.CHAMPION_ALIAS, version.version)
+    else:
+        log.warning("deploy/ holds run %s but %s@%s is run %s (a gate stopped half-way): restoring deploy/ from "
+                    "version %s", deployed or "(none)", registered_name, tracking.CHAMPION_ALIAS, run_id,
+                    version.version)
     with tempfile.TemporaryDirectory(prefix="champion-") as folder:
         try:
             model_dir = tracking.download_model_version(registered_name, str(version.version), Path(folder))
             keras_file, info = read_logged_serving_model(model_dir)
         except Exception as error:   # the champion check meets the same problem and fails closed
             log.warning("deploy/ could not be restored: %s", first_line(error))
-            return
+            return False
         deploy_model(keras_file, info, deploy_dir)
+    return True
 
 
 def _check_main() -> None:

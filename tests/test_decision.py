@@ -17,6 +17,7 @@ from pipeline.decision import (
     NOT_COMPARABLE,
     OVERFIT,
     REPLACED,
+    RESTORED,
     SAME_MODEL,
     STAYS,
     UNDERFIT,
@@ -36,6 +37,7 @@ from pipeline.decision import (
     judge,
     judge_all,
     not_comparable,
+    restored,
     split_fingerprint,
     summary_lines,
 )
@@ -379,6 +381,10 @@ def test_the_champion_decides_whether_a_passing_model_deploys() -> None:
     same = decision_of(champion=ChampionCheck(SAME_MODEL, "3"), custom=(0.95, 0.9))
     assert same.deploy is False and same.model is None
     assert summary_lines(same)[-1] == "deployed: nothing new, champion v3 is this same model (deploy/ unchanged)"
+    put_back = decision_of(champion=restored(ChampionCheck(SAME_MODEL, "3"), "custom"), custom=(0.95, 0.9))
+    assert put_back.deploy is True and put_back.model == "custom" and put_back.champion.outcome == RESTORED
+    assert summary_lines(put_back)[-1] == "deployed: custom -> deploy/, put back from champion v3 (this same model)"
+    assert "deploy/ did not hold it" in put_back.champion.reasons[0]
     unknown = decision_of(champion=ChampionCheck(UNKNOWN, reasons=["the registry cannot be reached"]),
                           custom=(0.95, 0.9))
     assert unknown.deploy is False
@@ -412,7 +418,7 @@ def test_an_incomparable_champion_is_replaced_only_when_the_user_opted_in() -> N
 def test_decision_json_names_the_metric_the_intervals_and_the_champion() -> None:
     challenged = challenge("custom", answers(180, 200), "3", "resnet50", champion_answers(190), GATE, 0)
     data = decision_of(champion=challenged, custom=(0.95, 0.9), resnet50=(0.5, 0.4)).to_json()
-    assert set(data) == {"deploy", "promoted", "model", "metric", "confidence", "thresholds", "candidates",
+    assert set(data) == {"deploy", "promoted", "model", "run_id", "metric", "confidence", "thresholds", "candidates",
                          "comparisons", "champion", "test_reuse"}
     assert data["metric"] == "accuracy" and data["confidence"] is None
     assert data["thresholds"] == {"min_train_score": 0.9, "min_test_score": 0.85, "max_regression": 0.0}

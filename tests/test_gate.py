@@ -3,6 +3,7 @@ registry in tests/test_gate_registry.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -88,6 +89,20 @@ def test_check_returns_2_when_deploy_does_not_hold_the_promoted_model(tmp_path: 
     assert check(gate_file, _deployed(tmp_path / "deploy", "custom")) == 0
     (tmp_path / "deploy" / MODEL_FILE).unlink()     # model.json without its model
     assert check(gate_file, tmp_path / "deploy") == 2
+
+
+def test_check_returns_2_when_deploy_holds_an_older_run_of_the_promoted_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pulled decision that promoted a newer custom, beside a deploy/ of last week's custom."""
+    promoted = dataclasses.replace(decision_of(custom=(0.95, 0.9)), run_id="run-2")
+    gate_file = _write_decision(tmp_path / "gate.json", promoted)
+    assert json.loads(gate_file.read_text())["run_id"] == "run-2"
+    assert check(gate_file, _deployed(tmp_path / "deploy", "custom")) == 2      # deploy/ holds run-1
+    assert "or an older model left in it" in capsys.readouterr().err
+    assert check(_write_decision(gate_file, dataclasses.replace(promoted, run_id="run-1")), tmp_path / "deploy") == 0
+    earlier = {key: value for key, value in promoted.to_json().items() if key != "run_id"}   # before run_id was kept
+    gate_file.write_text(json.dumps(earlier))
+    assert check(gate_file, tmp_path / "deploy") == 0
 
 
 def test_check_of_a_compare_only_decision_needs_nothing_deployed(tmp_path: Path,

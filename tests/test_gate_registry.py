@@ -287,6 +287,22 @@ GATE_ARGUMENTS = ("--predictions", "data/predictions", "--ingest", "data/ingest"
                   "--deploy", "deploy", "--out", "metrics/gate.json")
 
 
+def test_a_deploy_folder_without_its_model_file_gets_the_champion_back(project: GateProject) -> None:
+    """A partial checkout left deploy/model.json without the model: the gate puts the champion back,
+    says so, and registers nothing new."""
+    project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
+    first = project.gate()
+    assert first["run_id"] == RunRecord.read(project.root / "models/custom").run_id
+    deployed = project.deployed()
+    (project.root / "deploy" / MODEL_FILE).unlink()
+    again = project.gate()
+    assert again["champion"]["outcome"] == "restored" and again["deploy"] is True and again["model"] == "custom"
+    assert project.deployed() == deployed and project.versions() == 1
+    assert gate.check(project.root / "metrics/gate.json", project.root / "deploy") == 0
+    once_more = project.gate()       # now whole: nothing to put back, nothing new
+    assert once_more["champion"]["outcome"] == "same model" and once_more["deploy"] is False
+
+
 @pytest.mark.parametrize("step", ["after-register", "after-alias", "between-renames", "after-deploy"])
 def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(project: GateProject, step: str) -> None:
     project.train(custom=TWO_RIGHT, resnet50=ONE_RIGHT)
@@ -317,6 +333,15 @@ def test_a_gate_killed_during_a_promotion_leaves_alias_and_deploy_agreeing(proje
     assert agree()
     new_run = RunRecord.read(project.root / "models/custom").run_id
     assert project.champion().tags["source.run_id"] == new_run
+    # The rerun's decision says what it did: promoted afresh where the alias had not moved, deployed
+    # by putting the champion back where this run did so (CI ships it), nothing new where the killed
+    # run had finished deploy/.
+    outcome = {"after-register": "replaced", "after-alias": "restored", "between-renames": "restored",
+               "after-deploy": "same model"}[step]
+    decided = json.loads((project.root / "metrics/gate.json").read_text())
+    assert decided["champion"]["outcome"] == outcome
+    assert decided["deploy"] is (outcome != "same model")
+    assert gate.check(project.root / "metrics/gate.json", project.root / "deploy") == (outcome == "same model")
     trained = (project.root / "models/custom" / MODEL_FILE).read_bytes()
     assert (project.root / "deploy" / MODEL_FILE).read_bytes() == trained
     assert sorted(path.name for path in project.root.iterdir() if path.name.startswith(".deploy")) == []
