@@ -153,7 +153,14 @@ def check(gate_file: Path, deploy_dir: Path = Path("deploy")) -> int:
     if not gate_file.exists():
         print(f"{gate_file} is missing: run the pipeline first (dvc repro)", file=sys.stderr)
         return 2
-    decision = read_json(gate_file)
+    try:
+        decision = read_json(gate_file)
+        problem = "" if isinstance(decision, dict) else "not a JSON object"
+    except (OSError, ValueError) as error:   # a merge conflict in it, a half-written copy
+        problem = first_line(error)
+    if problem:
+        print(f"{gate_file} is not a gate decision ({problem}): run the gate again (dvc repro gate)", file=sys.stderr)
+        return 2
     if decision.get("deploy"):
         promoted = decision.get("promoted", True)
         if promoted and not _holds(deploy_dir, decision["model"], decision.get("run_id")):

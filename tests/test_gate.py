@@ -91,6 +91,14 @@ def test_check_returns_2_when_deploy_does_not_hold_the_promoted_model(tmp_path: 
     assert check(gate_file, tmp_path / "deploy") == 2
 
 
+def test_check_returns_2_on_a_damaged_decision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gate_file = tmp_path / "gate.json"
+    for text in ('<<<<<<< HEAD\n{"deploy": true}\n=======\n', "[]"):   # a merge conflict; not an object
+        gate_file.write_text(text)
+        assert check(gate_file, tmp_path / "deploy") == 2
+        assert "is not a gate decision" in capsys.readouterr().err
+
+
 def test_check_returns_2_when_deploy_holds_an_older_run_of_the_promoted_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A pulled decision that promoted a newer custom, beside a deploy/ of last week's custom."""
