@@ -59,8 +59,8 @@ CATSDOGS_SMALL = Folder("two classes of photos, about as many of each", ("photos
 # The preset again after a change of code, not of settings (the fused batch normalization), on the
 # folder as today's ingest deals it: other folds than the first file's, so compared by its summary only.
 # Recipes run on it since are compared with that preset image by image, on the same folds.
-FUSED = replace(CATSDOGS_SMALL, recipe="preset, fused batch normalization", reference="preset, fused batch normalization",
-                with_presets=False)
+FUSED = replace(CATSDOGS_SMALL, recipe="preset, fused batch normalization",
+                reference="preset, fused batch normalization", with_presets=False)
 FOLDERS = {
     "catsdogs-small": CATSDOGS_SMALL,
     "unbalanced": Folder("two classes of photos, one with far fewer (here 40 % fewer)", ("photos", "unbalanced"),

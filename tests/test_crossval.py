@@ -183,8 +183,9 @@ def test_the_report_marks_a_recipe_of_other_folds_and_says_what_mcnemar_compares
     gate metric its difference is in accuracy, and says so."""
     results = json.loads((REPO_ROOT / "bench" / "crossval-catsdogs-small.json").read_text())["recipes"]
     reference, other = "preset (baseline)", "+ EMA of the weights"
-    elsewhere = {**results[other], "folds": [{**fold, "test_paths": [f"elsewhere/{path}" for path in fold["test_paths"]]}
-                                             for fold in results[other]["folds"]]}
+    elsewhere = {**results[other],
+                 "folds": [{**fold, "test_paths": [f"elsewhere/{path}" for path in fold["test_paths"]]}
+                           for fold in results[other]["folds"]]}
     lines = crossval.report_lines({reference: results[reference], other: results[other], "elsewhere": elsewhere},
                                   reference)
     row = {line.split("  ")[0]: line for line in lines[1:] if not line.startswith(" ")}
